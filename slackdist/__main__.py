@@ -1,0 +1,5 @@
+import sys
+
+from slackdist.cli import main
+
+sys.exit(main())

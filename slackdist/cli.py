@@ -1,0 +1,89 @@
+"""`slackdist <command>`: one function per command; `main.py` calls this too.
+
+Heavy imports (torch, transformers) happen inside the command that needs them,
+so `slackdist prepare --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from slackdist.config import ConfigError, add_section_args, config_from_args
+from slackdist.errors import SlackdistError
+
+# command -> (module that has `main(args, cfg) -> int`, config sections exposed as flags, summary)
+COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "prepare": ("slackdist.data.prepare", ("data",), "Slack export (folder or .zip) -> train/validation/test JSONL"),
+    "tiny-model": ("slackdist.model.tiny", (), "Write a tiny random Llama-3-architecture model for tests and demos"),
+    "train": ("slackdist.train.loop", ("model", "lora", "train"), "QLoRA fine-tuning on prepared data"),
+    "merge": ("slackdist.train.merge", (), "Merge an adapter into its 16-bit base; sharded safetensors"),
+    "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
+    "eval": ("slackdist.eval", ("chat",), "Held-out loss/perplexity and sample replies, base vs tuned"),
+    "serve": ("slackdist.serve", ("chat", "serve"), "OpenAI-compatible /v1/chat/completions server"),
+}
+
+
+def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
+    """Arguments that are not config fields (paths, one-off switches)."""
+    if name == "prepare":
+        p.add_argument("export", help="Slack export folder or .zip")
+        p.add_argument("--out", required=False, default=None, help="Output folder (required unless --dry-run)")
+    elif name == "tiny-model":
+        p.add_argument("output", help="Folder to write the model and tokenizer to")
+        p.add_argument("--hidden-size", type=int, default=64)
+        p.add_argument("--layers", type=int, default=2)
+        p.add_argument("--heads", type=int, default=4)
+        p.add_argument("--kv-heads", type=int, default=2)
+        p.add_argument("--intermediate-size", type=int, default=128)
+        p.add_argument("--seed", type=int, default=0)
+    elif name == "merge":
+        p.add_argument("--adapter", required=True, help="Adapter folder (training output or a checkpoint)")
+        p.add_argument("--output", required=True, help="Folder for the merged model")
+        p.add_argument("--base", default=None, help="Base model (default: from adapter_config.json)")
+        p.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard (default: 2GB)")
+        p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="Merged dtype")
+    elif name == "chat":
+        p.add_argument("--prompt", default=None, help="Answer this once and exit")
+    elif name == "eval":
+        p.add_argument("--data", default=None, help="Prepared data folder with test.jsonl (default: from training)")
+        p.add_argument("--num-samples", type=int, default=5, help="Sample generations to write")
+        p.add_argument("--out", default=None, help="Where eval.json / eval.md go (default: MODEL_DIR)")
+        p.add_argument("--max-batches", type=int, default=0, help="Cap on loss batches (0: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slackdist", description="Turn a Slack export into a chat model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, sections, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        _add_command_args(name, p)
+        p.add_argument("--config", default=None, help="YAML config (sections: data, model, lora, train, chat, serve)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="Override any config key")
+        for section in sections:
+            add_section_args(p, section)
+    return parser
+
+
+def _load_main(name: str) -> Callable[[argparse.Namespace, object], int]:
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        return int(_load_main(args.command)(args, cfg) or 0)
+    except (ConfigError, SlackdistError) as e:
+        print(f"slackdist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
