@@ -82,6 +82,7 @@ class DataConfig:
     dry_run: bool = opt(False, "Write the report only (to stdout); no dataset files.")
     strict: bool = opt(False, "Turn warnings (skipped files, unknown users) into errors.")
     seed: int = opt(0, "Seed of the hash split.")
+    workers: int = opt(0, "Processes that read and clean channels in parallel (0: one per CPU core, 1: serial).")
 
 
 @dataclass
@@ -167,6 +168,9 @@ class ChatConfig:
     repetition_penalty: float = opt(1.1, "Repetition penalty.")
     seed: int | None = opt(None, "Seed for sampling.")
     load_in_4bit: bool | None = opt(None, "Load the base in 4-bit (default: on GPU yes, on CPU no).")
+    max_context_tokens: int = opt(
+        0, "Prompt + reply token budget; older turns are dropped to fit (0: the model's limit, at most 4096)."
+    )
 
 
 @dataclass

@@ -14,7 +14,11 @@ from slackdist.config import Config, ConfigError, config_from_args, load_config,
 def test_recipe_defaults():
     cfg = Config()
     assert cfg.model.base_model == "meta-llama/Llama-3.2-3B-Instruct"
-    assert cfg.model.load_in_4bit and cfg.model.bnb_4bit_quant_type == "nf4" and cfg.model.bnb_4bit_use_double_quant
+    assert (
+        cfg.model.load_in_4bit
+        and cfg.model.bnb_4bit_quant_type == "nf4"
+        and cfg.model.bnb_4bit_use_double_quant
+    )
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init) == (64, 128, 0.05, "gaussian")
     assert set(cfg.lora.target_modules) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"

@@ -100,7 +100,9 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
             tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
         else:
             if tokenizer.eos_token is None:
-                raise ValueError("tokenizer has no Llama 3 special tokens and no eos token: cannot build chats")
+                raise ValueError(
+                    "tokenizer has no Llama 3 special tokens and no eos token: cannot build chats"
+                )
             logger.warning(
                 "tokenizer has no Llama 3 header tokens; using a plain-text chat template ('### role:') "
                 "ending each turn with %s",

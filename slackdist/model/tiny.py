@@ -35,6 +35,7 @@ LLAMA3_SPLIT_PATTERN = (
 )
 
 _CORPUS = """\
+system: You are a member of the team. user: hi! assistant: Hello, how can I help you today?
 Hey team, the deploy to production is done. Let me know if you see anything weird in the dashboards.
 Thanks! I'll check the logs after lunch. The error rate went up a little around 3pm yesterday.
 Can someone review my pull request? It fixes the flaky test in the billing service.
@@ -185,7 +186,9 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
         [
             processors.ByteLevel(trim_offsets=False),
             processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, tok.token_to_id(bos))],
             ),
         ]
     )
@@ -206,7 +209,12 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     names |= {"fp16": torch.float16, "float16": torch.float16}
     if dtype not in names:
         raise SlackdistError(f"tiny model: unknown dtype {dtype!r} (use fp32, bf16 or fp16)")
@@ -287,7 +295,7 @@ def write_tiny_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=8192,
+        max_position_embeddings=131072,  # as Llama 3.2; rope is computed per position, nothing is allocated
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         rope_parameters={

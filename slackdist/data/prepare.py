@@ -1,0 +1,547 @@
+"""`slackdist prepare EXPORT --out DIR`: a Slack export becomes train/validation/test JSONL and a report.
+
+Streams the export channel by channel, day file by day file: read -> clean -> redact -> group ->
+window -> record -> split. Everything is written into ``DIR.tmp-XXXX`` next to DIR and moved into
+place at the end, so an error leaves nothing behind and DIR never holds half-written files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from slackdist.config import Config, DataConfig, split_fractions
+from slackdist.data.conversations import ChannelGrouper, Conversation, Post, split_windows
+from slackdist.data.records import (
+    SPLIT_NAMES,
+    PersonaMatcher,
+    RecordBuilder,
+    group_of,
+    hash_split,
+    load_token_counter,
+    time_split,
+)
+from slackdist.data.report import ReportBuilder, render_markdown, report_json, write_plots
+from slackdist.errors import SlackdistError
+from slackdist.slack.export import (
+    Channel,
+    ExportSource,
+    Message,
+    UserInfo,
+    Warnings,
+    count_day_files,
+    drop_reason,
+    iter_messages,
+    list_channels,
+    load_users,
+    open_export,
+)
+from slackdist.slack.markup import MarkupContext, clean_text, code_blocks, decode_entities, format_reactions
+from slackdist.slack.redact import Redactor
+
+OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md")
+
+
+@dataclass
+class Report:
+    """What `prepare` produced: the report dict (as in report.json) and where the files went."""
+
+    data: dict[str, Any]
+    out_dir: Path | None
+
+    @property
+    def quality(self) -> dict[str, Any]:
+        return self.data["quality"]
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        return self.data["totals"]
+
+    def markdown(self) -> str:
+        return render_markdown(self.data)
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+class Cleaner:
+    """Raw Message -> cleaned, redacted Post (mentions, links, emoji, files, reactions)."""
+
+    def __init__(self, cfg: DataConfig, ctx: MarkupContext, redactions: Counter) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.redactor = Redactor(keep_emails=cfg.keep_emails, keep_phones=cfg.keep_phones)
+        self.redactions = redactions
+
+    def __call__(self, msg: Message) -> Post | None:
+        """The post of a human message, or None when nothing is left after cleaning."""
+        text = clean_text(msg.text, self.ctx).strip() if msg.text else ""
+        parts = [text] if text else []
+        parts += [f"[file: {name}]" for name in msg.files]
+        if self.cfg.reactions and msg.reactions:
+            line = format_reactions(msg.reactions, self.cfg.min_reaction_count, self.cfg.emoji_unicode)
+            if line:
+                parts.append(line)
+        if not parts:
+            return None
+        full, counts = self.redactor.redact("\n".join(parts))
+        if counts:
+            self.redactions.update(counts)
+        code: tuple[str, ...] = ()
+        if "```" in msg.text:
+            # What the quality check looks for: each block as written, entities decoded, secrets redacted.
+            code = tuple(self.redactor.redact(decode_entities(b))[0] for b in code_blocks(msg.text))
+        return Post.from_message(msg, text=full, code=code)
+
+
+def resolve_persona(name: str, users: dict[str, UserInfo]) -> PersonaMatcher:
+    """``--as NAME``: the user ids whose id, display, real or user name is NAME (case-insensitive)."""
+    key = name.strip().lstrip("@").casefold()
+    ids = frozenset(
+        u.id
+        for u in users.values()
+        if key in {n.casefold() for n in (u.id, u.name, u.real_name, u.display_name, u.username) if n}
+    )
+    return PersonaMatcher(name.strip().lstrip("@"), ids)
+
+
+# ---------------------------------------------------------------- output
+
+
+class PartWriter:
+    """Writes one channel's records: straight into its split (hash) or into a spool (time).
+
+    Each channel writes its own part files (``parts/<channel index>.<split>.jsonl``), so channels
+    can be processed in parallel and still be joined in a fixed order; on a dry run it only counts.
+    """
+
+    def __init__(
+        self, parts: Path | None, index: int, fractions: tuple[float, float, float], by: str, seed: int
+    ):
+        self.parts, self.index, self.fractions, self.by, self.seed = parts, index, fractions, by, seed
+        self.counts = [0, 0, 0]
+        self.starts: dict[str, float] = {}  # time split: conversation group -> start
+        self.group_records: Counter = Counter()
+        self._group_split: dict[str, int] = {}
+        self._files: dict[str, IO[str]] = {}
+
+    def _file(self, suffix: str) -> IO[str] | None:
+        if self.parts is None:
+            return None
+        fh = self._files.get(suffix)
+        if fh is None:
+            fh = self._files[suffix] = open(self.parts / f"{self.index:06d}.{suffix}", "w", encoding="utf-8")  # noqa: SIM115
+        return fh
+
+    def add(self, record: dict[str, Any]) -> None:
+        group = group_of(record)
+        if self.by == "time":
+            start = record["meta"]["start"]
+            if start < self.starts.get(group, float("inf")):
+                self.starts[group] = start
+            self.group_records[group] += 1
+            suffix = "spool"
+        else:
+            split = self._group_split.get(group)
+            if split is None:
+                split = self._group_split[group] = hash_split(group, self.fractions, self.seed)
+            self.counts[split] += 1
+            suffix = SPLIT_NAMES[split]
+        fh = self._file(suffix)
+        if fh is not None:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+
+
+def join_parts(tmp: Path, n_channels: int, by: str, fractions, starts: dict[str, float]) -> None:
+    """Concatenate the channels' part files, in channel order, into DIR/{train,validation,test}.jsonl."""
+    parts = tmp / "parts"
+    outs = [open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in SPLIT_NAMES]  # noqa: SIM115
+    try:
+        assign = time_split(starts, fractions) if by == "time" else {}
+        for index in range(n_channels):
+            if by == "time":
+                spool = parts / f"{index:06d}.spool"
+                if spool.exists():
+                    with open(spool, encoding="utf-8") as f:
+                        for line in f:
+                            group = json.loads(line)["meta"]["conversation_id"].rsplit("-", 1)[0]
+                            outs[assign[group]].write(line)
+                continue
+            for split, name in enumerate(SPLIT_NAMES):
+                part = parts / f"{index:06d}.{name}"
+                if part.exists():
+                    with open(part, encoding="utf-8") as f:
+                        shutil.copyfileobj(f, outs[split], 1 << 20)
+    finally:
+        for fh in outs:
+            fh.close()
+    shutil.rmtree(parts)
+
+
+def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
+    """``OUT.tmp-XXXX`` next to OUT; also returns the parent folders it had to create."""
+    created = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for folder in reversed(created):
+        folder.mkdir()
+    return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent)), created
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished files into place: the folder itself when new, else file by file (each atomic)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    for path in sorted(tmp.iterdir()):
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SlackdistError(f"{out}: --out must be a folder, and this is a file")
+
+
+# ---------------------------------------------------------------- one channel (in-process or in a worker)
+
+
+@dataclass
+class _Job:
+    """What processing a channel needs; shared with worker processes by fork."""
+
+    export: Path
+    cfg: DataConfig
+    users: dict[str, UserInfo]
+    channels: list[Channel]
+    builder: RecordBuilder
+    workspace: str
+    parts: Path | None
+    fractions: tuple[float, float, float]
+
+
+@dataclass
+class ChannelResult:
+    """One channel's counts, warnings and split bookkeeping (its records are in its part files)."""
+
+    index: int
+    report: ReportBuilder
+    warnings: Warnings
+    counts: list[int]
+    starts: dict[str, float]
+    group_records: Counter
+
+
+def run_channel(job: _Job, src: ExportSource, index: int) -> ChannelResult:
+    """Read, clean, group and write one channel.
+
+    Every channel starts from the export's users (names learnt from ``user_profile`` stay within the
+    channel), so the output does not depend on channel order or on the number of workers.
+    """
+    cfg = job.cfg
+    channel = job.channels[index]
+    users = dict(job.users)
+    ctx = MarkupContext.from_users(users, job.channels, emoji_unicode=cfg.emoji_unicode)
+    report = ReportBuilder(
+        export=src.name, workspace=job.workspace, persona_mode=job.builder.persona_mode, preview=cfg.preview
+    )
+    warnings = Warnings()
+    cleaner = Cleaner(cfg, ctx, report.redactions)
+    writer = PartWriter(job.parts, index, job.fractions, cfg.split_by, cfg.seed)
+    try:
+        for conv in _channel_conversations(src, channel, users, warnings, cleaner, report):
+            _emit(conv, cfg, job.builder, report, writer)
+    finally:
+        writer.close()
+    return ChannelResult(index, report, warnings, writer.counts, writer.starts, writer.group_records)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(job: _Job) -> None:
+    # Each worker opens the export itself: a zip's file handle must not be shared across processes.
+    _WORKER["job"] = job
+    _WORKER["ctx"] = open_export(job.export)
+    _WORKER["src"] = _WORKER["ctx"].__enter__()
+
+
+def _worker_run(index: int) -> ChannelResult:
+    return run_channel(_WORKER["job"], _WORKER["src"], index)
+
+
+def _results(job: _Job, src: ExportSource, workers: int) -> Iterator[ChannelResult]:
+    """Channel results in channel order: in-process, or from a pool of forked workers."""
+    n = len(job.channels)
+    if workers <= 1 or n <= 1 or "fork" not in mp.get_all_start_methods():
+        for index in range(n):
+            yield run_channel(job, src, index)
+        return
+    with mp.get_context("fork").Pool(min(workers, n), initializer=_worker_init, initargs=(job,)) as pool:
+        yield from pool.imap(_worker_run, range(n))
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def prepare(
+    export: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None, cfg: DataConfig
+) -> Report:
+    """Run the whole data build; write DIR/{train,validation,test}.jsonl, report.json/.md and plots.
+
+    Args:
+        export: export folder or .zip.
+        out_dir: output folder (None only with ``cfg.dry_run``); its files are replaced atomically.
+        cfg: the data section of the config. ``cfg.persona`` implies persona roles.
+
+    Returns:
+        The report.
+
+    Raises:
+        SlackdistError: bad input (one line naming the file), no conversation left, or a warning
+            under ``cfg.strict``. Nothing is written then.
+    """
+    started = time.perf_counter()
+    if cfg.persona and cfg.roles != "persona":
+        cfg.roles = "persona"
+    out = None if cfg.dry_run or out_dir is None else Path(out_dir)
+    if out is None and not cfg.dry_run:
+        raise SlackdistError("--out DIR is required (or use --dry-run)")
+    if out is not None:
+        _check_out(out)
+    fractions = split_fractions(cfg.split)
+    counter = load_token_counter(cfg.tokenizer)
+    warnings = Warnings()
+    tmp: Path | None = None
+    created: list[Path] = []
+    try:
+        with open_export(export) as src:
+            users = load_users(src, warnings)
+            _strict(cfg, warnings)
+            channels = list_channels(
+                src,
+                include_dms=cfg.include_dms,
+                include_private=cfg.include_private,
+                channels=cfg.channels,
+                exclude_channels=cfg.exclude_channels,
+                warnings=warnings,
+            )
+            if not channels:
+                raise SlackdistError(f"{src.path}: no channel left after --channels / --exclude-channels")
+            workspace = cfg.workspace or src.name
+            persona = resolve_persona(cfg.persona, users) if cfg.persona else None
+            builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona)
+            report = ReportBuilder(
+                export=src.name, workspace=workspace, persona_mode=builder.persona_mode, preview=cfg.preview
+            )
+            if out is not None:
+                tmp, created = _make_temp_dir(out)
+                (tmp / "parts").mkdir()
+            job = _Job(
+                Path(export),
+                cfg,
+                users,
+                channels,
+                builder,
+                workspace,
+                None if tmp is None else tmp / "parts",
+                fractions,
+            )
+            counts = [0, 0, 0]
+            starts: dict[str, float] = {}
+            group_records: Counter = Counter()
+            workers = cfg.workers or os.cpu_count() or 1
+            with _progress(count_day_files(src, channels)) as bar:
+                for result in _results(job, src, workers):
+                    report.merge(result.report)
+                    _merge_warnings(warnings, result.warnings)
+                    _strict(cfg, warnings)
+                    counts = [a + b for a, b in zip(counts, result.counts, strict=True)]
+                    starts.update(result.starts)
+                    group_records.update(result.group_records)
+                    bar.update(result.report.day_files)
+            if report.quality.records == 0:
+                raise SlackdistError(_nothing_left(src.path, report, cfg))
+            if cfg.split_by == "time":
+                assign = time_split(starts, fractions)
+                for group, n in group_records.items():
+                    counts[assign[group]] += n
+            report.splits.update(dict(zip(SPLIT_NAMES, counts, strict=True)))
+            data = report.finish(
+                warnings=_warnings_summary(warnings),
+                config=_public_config(cfg),
+                output=None if out is None else str(out),
+                seconds=time.perf_counter() - started,
+            )
+            if tmp is not None:
+                assert out is not None
+                join_parts(tmp, len(channels), cfg.split_by, fractions, starts)
+                (tmp / "report.json").write_text(report_json(data), encoding="utf-8")
+                (tmp / "report.md").write_text(render_markdown(data), encoding="utf-8")
+                write_plots(report.turn_counts, report.token_counts, tmp)
+                _install(tmp, out)
+                tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Report(data=data, out_dir=out)
+
+
+def _merge_warnings(into: Warnings, other: Warnings) -> None:
+    into.counts.update(other.counts)
+    into.notes.update(other.notes)
+    for kind, examples in other.examples.items():
+        mine = into.examples.setdefault(kind, [])
+        mine.extend(examples[: max(0, into.max_examples - len(mine))])
+
+
+def _channel_conversations(src, channel, users, warnings, cleaner, report) -> Iterator[Conversation]:
+    """Whole conversations of one channel, counting every message's fate on the way."""
+    stats = report.channel(channel.name, channel.kind)
+    grouper = ChannelGrouper(channel, gap_hours=cleaner.cfg.gap_hours)
+    source = None
+    for msg in iter_messages(src, channel, users, warnings):
+        if msg.source_file != source:
+            source = msg.source_file
+            report.day_files += 1
+        reason = drop_reason(msg)
+        post = cleaner(msg) if reason is None else None
+        if reason is None and post is None:
+            reason = "empty_after_cleaning"
+        report.message(stats, reason)
+        if post is None:
+            grouper.note_dropped(msg.ts, msg.thread_ts)
+            continue
+        yield from grouper.add(post)
+    yield from grouper.finish()
+    report.quality.threads_reopened += grouper.threads_reopened
+
+
+def _emit(conv: Conversation, cfg: DataConfig, builder: RecordBuilder, report: ReportBuilder, writer) -> None:
+    """Window one whole conversation, build and write its records, account for it in the report."""
+    _, base_cost = builder.system(conv.channel.name)
+    plan = split_windows(
+        conv,
+        min_turns=cfg.min_turns,
+        max_turns=cfg.max_turns,
+        overlap=cfg.window_overlap,
+        max_tokens=cfg.max_tokens,
+        turn_cost=builder.turn_cost,
+        base_cost=base_cost,
+    )
+    built = [(window, builder.build(window)) for window in plan.windows]
+    report.conversation(conv, plan, built)
+    for window, b in built:
+        if b.record is not None:
+            report.record(window, b)
+            writer.add(b.record)
+
+
+def _strict(cfg: DataConfig, warnings: Warnings) -> None:
+    if cfg.strict and warnings:
+        warnings.raise_if_any()
+
+
+def _nothing_left(path: Path, report: ReportBuilder, cfg: DataConfig) -> str:
+    human = sum(s.human_messages for s in report.channels.values())
+    if cfg.persona and human:
+        return f"{path}: --as {cfg.persona!r}: that person answers in no conversation ({human} human messages read)"
+    top = ", ".join(f"{k} {v}" for k, v in report.dropped.most_common(3))
+    return f"{path}: no conversation left ({human} human messages; most dropped: {top or 'none'})"
+
+
+def _warnings_summary(warnings: Warnings) -> dict[str, Any]:
+    summary = warnings.summary()
+    return {
+        "count": warnings.total,
+        "by_kind": summary["counts"],
+        "examples": [e for examples in summary["examples"].values() for e in examples],
+        "notes": summary["notes"],
+    }
+
+
+def _public_config(cfg: DataConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+class _progress:
+    """A tqdm bar over day files on an interactive stderr (disable=None: off when not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            return _NoBar()
+        self.bar = tqdm(total=self.total, unit="file", desc="day files", file=sys.stderr, disable=None)
+        return self.bar
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def summary_lines(report: Report) -> list[str]:
+    """The short summary `prepare` prints."""
+    t, q = report.totals, report.quality
+    s = t["splits"]
+    lines = [
+        f"read {t['messages']} messages ({t['human_messages']} human) from {t['channels']} channels, "
+        f"{t['day_files']} day files in {t['seconds']:.1f} s",
+        f"{t['records']} conversations -> train {s['train']}, validation {s['validation']}, test {s['test']}; "
+        f"coverage {100 * (t['coverage'] or 0):.1f}% of human messages",
+        f"quality: mixing channels {q['conversations_mixing_channels']}, raw markup {q['turns_with_raw_markup']}, "
+        f"escapes {q['turns_with_html_escapes']}, code blocks intact {q['code_blocks_intact']}/{q['code_blocks']}",
+    ]
+    if report.data["warnings"]["count"]:
+        lines.append(f"{report.data['warnings']['count']} warnings (see the report)")
+    if report.out_dir is not None:
+        lines.append(f"wrote {', '.join(OUTPUT_FILES)} and plots to {report.out_dir}")
+    return lines
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    """`slackdist prepare EXPORT --out DIR`.
+
+    Raises:
+        SlackdistError: bad input; cli.py prints it as one line and exits 2.
+    """
+    data = cfg.data
+    if args.out is None and not data.dry_run:
+        raise SlackdistError("--out DIR is required (or use --dry-run to print the report only)")
+    report = prepare(args.export, args.out, data)
+    if data.dry_run:
+        print(report.markdown())
+    print("\n".join(summary_lines(report)))
+    return 0

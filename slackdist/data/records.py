@@ -1,0 +1,384 @@
+"""Conversation -> chat record (roles, persona, system prompt), token budget, train/validation/test split.
+
+A record is ``{"messages": [{"role", "content"}, ...], "meta": {...}}``: the system prompt first,
+then user / assistant alternating, user first, assistant last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
+from slackdist.data.conversations import Conversation, Turn
+from slackdist.errors import SlackdistError
+
+CHARS_PER_TOKEN = 4
+# Llama 3 template: "<|start_header_id|>role<|end_header_id|>\n\n" + content + "<|eot_id|>" ~ 5 tokens a message.
+ESTIMATED_MESSAGE_OVERHEAD = 5
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def format_system_prompt(template: str, *, workspace: str, channel: str, persona: str | None = None) -> str:
+    """Fill ``{workspace}``, ``{channel}`` and ``{persona}`` into a system prompt template.
+
+    With a persona and the stock template, the stock persona template is used instead, so training,
+    chat, eval and serve build the same prompt from the same config. Other braces in a custom
+    template are left alone (no ``str.format``).
+
+    Args:
+        template: the template (``data.system_prompt``).
+        workspace: workspace name.
+        channel: channel name, with or without the leading ``#``.
+        persona: the person the assistant speaks as, if any.
+    """
+    if persona and template == DEFAULT_SYSTEM_PROMPT:
+        template = PERSONA_SYSTEM_PROMPT
+    values = {"workspace": workspace, "channel": channel.lstrip("#"), "persona": persona or ""}
+    out = template
+    for key, value in values.items():
+        out = out.replace("{" + key + "}", value)
+    return out
+
+
+# ---------------------------------------------------------------- token counting
+
+
+class TokenCounter(Protocol):
+    """Tokens a record costs; the window planner and the budget check use the same counter."""
+
+    def turn(self, content: str) -> int:
+        """Tokens one message with this content adds to a record."""
+
+    def base(self, system: str) -> int:
+        """Tokens of a record holding only this system prompt."""
+
+    def record(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of the whole rendered record."""
+
+
+class CharTokenCounter:
+    """~4 characters a token plus the Llama 3 template's per-message overhead (no tokenizer needed)."""
+
+    def turn(self, content: str) -> int:
+        return math.ceil(len(content) / CHARS_PER_TOKEN) + ESTIMATED_MESSAGE_OVERHEAD
+
+    def base(self, system: str) -> int:
+        return 1 + self.turn(system)
+
+    def record(self, messages: list[dict[str, str]]) -> int:
+        return 1 + sum(self.turn(m["content"]) for m in messages)
+
+
+class HFTokenCounter:
+    """Counts with a real tokenizer: the full record through its chat template.
+
+    Per-turn costs (used to plan windows) are the content's tokens plus the template's
+    per-message overhead, measured once; the final check renders the whole record.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        probe = "x"
+        one = self.record([{"role": "system", "content": probe}])
+        two = self.record([{"role": "system", "content": probe}, {"role": "user", "content": probe}])
+        self.overhead = max(0, two - one - self._encode(probe))
+
+    def _encode(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def turn(self, content: str) -> int:
+        return self._encode(content) + self.overhead
+
+    def base(self, system: str) -> int:
+        return self.record([{"role": "system", "content": system}])
+
+    def record(self, messages: list[dict[str, str]]) -> int:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+        return len(out["input_ids"])
+
+
+def load_token_counter(tokenizer: str | None) -> TokenCounter:
+    """A counter for ``--tokenizer ID|DIR``, or the ~4 characters a token estimate when None.
+
+    Raises:
+        SlackdistError: the tokenizer cannot be loaded.
+    """
+    if not tokenizer:
+        return CharTokenCounter()
+    # prepare may fork workers after the tokenizer has run; without this, Rust tokenizers warn on fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers import AutoTokenizer  # only when asked: data prep must stay light
+
+        from slackdist.model.template import ensure_chat_template
+
+        tok = ensure_chat_template(AutoTokenizer.from_pretrained(tokenizer))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlackdistError(f"{tokenizer}: cannot load tokenizer ({first})") from None
+    return HFTokenCounter(tok)
+
+
+# ---------------------------------------------------------------- roles
+
+
+@dataclass
+class PersonaMatcher:
+    """Who ``--as NAME`` is: a user id, or a name (case-insensitive) among the person's names."""
+
+    name: str
+    user_ids: frozenset[str] = frozenset()
+
+    def __call__(self, turn: Turn) -> bool:
+        if turn.speaker_id is not None and (turn.speaker_id in self.user_ids or turn.speaker_id == self.name):
+            return True
+        return turn.speaker.casefold() == self.name.casefold()
+
+
+@dataclass
+class BuiltRecord:
+    """A record (or why there is none) and which turns of the conversation reached it.
+
+    Attributes:
+        record: the chat record, or None when the conversation gives none.
+        reason: why there is no record (or why turns were trimmed), else None.
+        used_turns: ``Turn.index`` of each turn whose text is in the record.
+        tokens: tokens of the record (0 when none).
+    """
+
+    record: dict[str, Any] | None
+    reason: str | None = None
+    used_turns: list[int] = field(default_factory=list)
+    tokens: int = 0
+
+
+def _prefixed(turn: Turn, speaker_names: bool) -> str:
+    return f"{turn.speaker}: {turn.text}" if speaker_names else turn.text
+
+
+def _alternate(turns: list[Turn], speaker_names: bool) -> list[tuple[str, str, list[int]]]:
+    """user, assistant, user, ... ; a trailing user turn is dropped."""
+    usable = turns[: len(turns) - len(turns) % 2]
+    return [
+        ("user" if i % 2 == 0 else "assistant", _prefixed(t, speaker_names), [t.index])
+        for i, t in enumerate(usable)
+    ]
+
+
+def _persona(
+    turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_names: bool
+) -> list[tuple[str, str, list[int]]]:
+    """The persona's turns are the assistant, everyone else the user; same-role runs merged."""
+    runs: list[tuple[str, list[Turn]]] = []
+    for t in turns:
+        role = "assistant" if is_persona(t) else "user"
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(t)
+        else:
+            runs.append((role, [t]))
+    while runs and runs[0][0] == "assistant":  # the record must open with a user turn
+        runs.pop(0)
+    if runs and runs[-1][0] == "user":  # ... and end with the persona answering
+        runs.pop()
+    out = []
+    for role, group in runs:
+        # The persona's own words are not prefixed: the model should answer as them, not write "Name:".
+        names = speaker_names and role == "user"
+        out.append((role, "\n".join(_prefixed(t, names) for t in group), [t.index for t in group]))
+    return out
+
+
+class RecordBuilder:
+    """Turns conversation windows into records, with the config's roles, names and token budget."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        workspace: str,
+        counter: TokenCounter | None = None,
+        persona: PersonaMatcher | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.workspace = workspace
+        self.counter = counter or CharTokenCounter()
+        self.persona_mode = cfg.roles == "persona" or bool(cfg.persona)
+        if self.persona_mode and persona is None:
+            if not cfg.persona:
+                raise SlackdistError("persona roles need --as NAME")
+            persona = PersonaMatcher(cfg.persona)
+        self.persona = persona
+        self._system_cache: dict[str, tuple[str, int]] = {}
+
+    def system(self, channel: str) -> tuple[str, int]:
+        """(system prompt, its base token cost) for a channel."""
+        if channel not in self._system_cache:
+            prompt = format_system_prompt(
+                self.cfg.system_prompt,
+                workspace=self.workspace,
+                channel=channel,
+                persona=self.cfg.persona if self.persona_mode else None,
+            )
+            self._system_cache[channel] = (prompt, self.counter.base(prompt))
+        return self._system_cache[channel]
+
+    def turn_cost(self, turn: Turn) -> int:
+        """What one turn costs in a record (for window planning)."""
+        return self.counter.turn(_prefixed(turn, self.cfg.speaker_names))
+
+    def build(self, conv: Conversation) -> BuiltRecord:
+        """One record from one conversation window.
+
+        Reasons when there is no record: ``too_short`` (fewer than two turns left after the role
+        rules), ``persona_never_answers``, ``over_token_budget``.
+        """
+        if self.persona_mode:
+            assert self.persona is not None
+            parts = _persona(conv.turns, self.persona, self.cfg.speaker_names)
+            if not any(role == "assistant" for role, _, _ in parts):
+                return BuiltRecord(None, "persona_never_answers")
+        else:
+            parts = _alternate(conv.turns, self.cfg.speaker_names)
+        if len(parts) < 2:
+            return BuiltRecord(None, "too_short")
+        system, _ = self.system(conv.channel.name)
+        messages = [{"role": "system", "content": system}] + [{"role": r, "content": c} for r, c, _ in parts]
+        tokens = self.counter.record(messages)
+        reason = None
+        # The planner's per-turn estimate can differ a little from the rendered template:
+        # drop whole user/assistant pairs from the end until the record fits.
+        while tokens > self.cfg.max_tokens and len(parts) > 2:
+            parts = parts[:-2]
+            messages = messages[:-2]
+            tokens = self.counter.record(messages)
+            reason = "trimmed_to_token_budget"
+        if tokens > self.cfg.max_tokens:
+            return BuiltRecord(None, "over_token_budget")
+        used = [i for _, _, idx in parts for i in idx]
+        by_index = {t.index: t for t in conv.turns}
+        used_turns = [by_index[i] for i in used]
+        record = {
+            "messages": messages,
+            "meta": {
+                "conversation_id": conv.id,
+                "channel": conv.channel.name,
+                "thread_ts": conv.thread_ts,
+                "start": used_turns[0].start,
+                "end": used_turns[-1].end,
+                "speakers": list(dict.fromkeys(t.speaker for t in used_turns)),
+            },
+        }
+        return BuiltRecord(record, reason, used, tokens)
+
+
+def to_record(
+    conversation: Conversation,
+    cfg: DataConfig,
+    *,
+    workspace: str = "",
+    counter: TokenCounter | None = None,
+    persona: PersonaMatcher | None = None,
+) -> dict[str, Any] | None:
+    """The chat record of one conversation window, or None when it gives none.
+
+    Raises:
+        SlackdistError: persona roles without a persona name.
+    """
+    return (
+        RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona).build(conversation).record
+    )
+
+
+def validate_record(record: Any) -> list[str]:
+    """Problems with one record's shape (empty when it is valid)."""
+    problems = []
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        return ["not an object with a 'messages' list"]
+    msgs = record["messages"]
+    if len(msgs) < 3:
+        problems.append("fewer than 3 messages")
+    for i, m in enumerate(msgs):
+        want = "system" if i == 0 else ("user" if i % 2 == 1 else "assistant")
+        if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
+            problems.append(f"message {i}: expected role {want!r} with string content")
+    if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != "assistant":
+        problems.append("last message is not the assistant")
+    meta = record.get("meta")
+    keys = {"conversation_id", "channel", "thread_ts", "start", "end", "speakers"}
+    if not isinstance(meta, dict) or set(meta) != keys:
+        problems.append(f"meta must have exactly {sorted(keys)}")
+    return problems
+
+
+# ---------------------------------------------------------------- split
+
+
+def group_of(record: dict[str, Any]) -> str:
+    """The key every window of one conversation shares (the split keeps them together)."""
+    return record["meta"]["conversation_id"].rsplit("-", 1)[0]
+
+
+def hash_split(group: str, fractions: Sequence[float], seed: int) -> int:
+    """Index of the split (0 train, 1 validation, 2 test) of a conversation, stable across runs."""
+    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    x = int.from_bytes(digest[:8], "big") / 2**64
+    acc = 0.0
+    for i, frac in enumerate(fractions):
+        acc += frac
+        if x < acc:
+            return i
+    return len(fractions) - 1 if fractions[-1] > 0 else 0
+
+
+def time_split(group_starts: dict[str, float], fractions: Sequence[float]) -> dict[str, int]:
+    """Split by time: the newest conversations go to test, the next newest to validation.
+
+    Args:
+        group_starts: conversation group -> its start time.
+        fractions: (train, validation, test) fractions summing to 1.
+    """
+    order = sorted(group_starts, key=lambda g: (group_starts[g], g))
+    n = len(order)
+    n_test = round(n * fractions[2])
+    n_val = round(n * fractions[1])
+    n_train = max(0, n - n_test - n_val)
+    out = {}
+    for i, g in enumerate(order):
+        out[g] = 0 if i < n_train else (1 if i < n_train + n_val else 2)
+    return out
+
+
+def split_records(
+    records: Iterable[dict[str, Any]], fractions: Sequence[float], by: str = "hash", seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split records into (train, validation, test) by conversation; windows of one stay together.
+
+    Args:
+        records: chat records.
+        fractions: (train, validation, test), summing to 1.
+        by: ``hash`` (stable hash of the conversation id, with ``seed``) or ``time`` (newest last).
+        seed: seed of the hash split.
+
+    Raises:
+        ValueError: an unknown ``by``.
+    """
+    records = list(records)
+    if by == "hash":
+        assign = {g: hash_split(g, fractions, seed) for g in {group_of(r) for r in records}}
+    elif by == "time":
+        starts: dict[str, float] = {}
+        for r in records:
+            g = group_of(r)
+            starts[g] = min(starts.get(g, math.inf), r["meta"]["start"])
+        assign = time_split(starts, fractions)
+    else:
+        raise ValueError(f"split by {by!r}: expected 'hash' or 'time'")
+    out: tuple[list, list, list] = ([], [], [])
+    for r in records:
+        out[assign[group_of(r)]].append(r)
+    return out

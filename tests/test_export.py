@@ -1,0 +1,497 @@
+"""slackdist.slack.export: folders and zips, metadata, streaming day files, speakers, bots, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from slackdist.errors import SlackdistError
+from slackdist.slack.export import (
+    BOT_SUBTYPES,
+    HUMAN_SUBTYPES,
+    SYSTEM_SUBTYPES,
+    Channel,
+    Message,
+    Warnings,
+    count_day_files,
+    drop_reason,
+    is_human,
+    iter_export,
+    iter_messages,
+    list_channels,
+    load_users,
+    open_export,
+)
+
+
+def read_all(path, *, include_dms: bool = True, **kwargs) -> tuple[list[Message], Warnings]:
+    warnings = Warnings()
+    with open_export(path) as src:
+        users = load_users(src, warnings)
+        channels = list_channels(src, include_dms=include_dms, warnings=warnings, **kwargs)
+        messages = [m for c in channels for m in iter_messages(src, c, users, warnings)]
+    return messages, warnings
+
+
+def write_export(root: Path, files: dict[str, object]) -> Path:
+    """A small export from {relative path: JSON data (or raw bytes)}."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+    return root
+
+
+USERS = [{"id": "U1", "name": "ada", "real_name": "Ada Lovelace", "profile": {"display_name": ""}}]
+CHANNELS = [{"id": "C1", "name": "general"}]
+
+
+def msg(ts: str, text: str = "hello", user: str = "U1", **extra) -> dict:
+    return {"type": "message", "user": user, "text": text, "ts": ts, **extra}
+
+
+# ---- the shipped sample export ---------------------------------------------------------------------
+
+
+def by_text(messages: list[Message], fragment: str) -> Message:
+    found = [m for m in messages if fragment in m.text]
+    assert len(found) == 1, fragment
+    return found[0]
+
+
+def test_sample_export_counts(sample_export_dir: Path) -> None:
+    messages, warnings = read_all(sample_export_dir)
+    reasons = Counter(drop_reason(m) or "human" for m in messages)
+    assert len(messages) == 77
+    assert reasons["human"] == 53
+    assert reasons["bot"] == 8
+    assert sum(n for r, n in reasons.items() if r.startswith("system:")) == 13
+    assert reasons["subtype:file_comment"] == 1 and reasons["empty"] == 2
+    assert warnings.counts == {"unknown_user": 1}  # U0GHOST02: not in users.json, no user_profile
+    assert warnings.notes["non_day_files_skipped"] == 1  # random/canvas_in_the_conversation.json
+    assert len({m.key for m in messages}) == len(messages)
+
+
+def test_sample_export_channels_and_privacy(sample_export_dir: Path) -> None:
+    with open_export(sample_export_dir) as src:
+        every = {c.folder: c for c in list_channels(src, include_dms=True)}
+        assert {c.kind for c in every.values()} == {"public", "private", "dm", "mpim"}
+        assert every["D0DMADAGR1"] == Channel("D0DMADAGR1", "D0DMADAGR1", "dm", "D0DMADAGR1")
+        assert every["mpdm-ada--grace--alan-1"].kind == "mpim"
+        assert every["secret-project"] == Channel("G0PRIVATE1", "secret-project", "private", "secret-project")
+        fc = every["FC:F0CANVAS1:Team notes #1"]  # no metadata entry: public, named after its folder
+        assert (fc.kind, fc.name) == ("public", fc.folder)
+        assert "no-messages" not in {c.name for c in every.values()}  # in channels.json, no folder
+        default = {c.name for c in list_channels(src)}
+        assert default == {"general", "engineering", "random", "international", "secret-project", fc.name}
+        assert "secret-project" not in {c.name for c in list_channels(src, include_private=False)}
+        only = list_channels(src, channels=["#general", "C0ENGINEE1"])
+        assert [c.name for c in only] == ["general", "engineering"]
+        assert "random" not in {c.name for c in list_channels(src, exclude_channels=["random"])}
+        with pytest.raises(SlackdistError, match="no channel named nope"):
+            list_channels(src, channels=["nope"])
+        assert count_day_files(src, list_channels(src, include_dms=True)) == 10
+
+
+def test_sample_export_threads_and_order(sample_export_dir: Path) -> None:
+    messages, _ = read_all(sample_export_dir, channels=["general", "engineering"])
+    for channel in ("general", "engineering"):
+        times = [m.time for m in messages if m.channel.name == channel]
+        assert times == sorted(times)
+    parent = by_text(messages, "Should we ship on Friday?")
+    assert parent.thread_ts == parent.ts and not parent.is_reply and parent.reply_count == 4
+    replies = [m for m in messages if m.thread_ts == parent.ts and m.is_reply]
+    assert len(replies) == 4
+    assert {Path(m.source_file).name for m in replies} == {
+        "2021-03-01.json",
+        "2021-03-03.json",
+    }  # late replies
+    broadcast = by_text(messages, "sharing with the channel")
+    assert (
+        broadcast.subtype == "thread_broadcast" and broadcast.thread_ts == parent.ts and is_human(broadcast)
+    )
+    old = by_text(messages, "Old-style thread")  # `replies: [{user, ts}]` format
+    assert old.thread_ts == old.ts and old.reply_count == 2
+    assert len([m for m in messages if m.thread_ts == old.ts and m.is_reply]) == 2
+    orphans = [m for m in messages if m.thread_ts == "1614500000.000100"]  # parent missing from the export
+    assert len(orphans) == 2 and all(m.is_reply for m in orphans)
+    late = by_text(messages, "Late note")  # 17:30 in Los Angeles: UTC date is a day after the file's name
+    assert Path(late.source_file).name == "2021-03-01.json" and late.time > 1614643200  # 2021-03-02 00:00 UTC
+
+
+def test_sample_export_speakers(sample_export_dir: Path) -> None:
+    messages, _ = read_all(sample_export_dir)
+    assert by_text(messages, "Morning").user_name == "Ada Lovelace"  # display_name
+    assert by_text(messages, "Anyone up for coffee").user_name == "Grace Hopper"  # empty display -> real_name
+    assert by_text(messages, "Sure!").user_name == "alan.t"  # display_name wins over real_name
+    assert by_text(messages, "what do you think about").user_name == "linus"  # only the user name
+    assert by_text(messages, "Looks good to me").user_name == "casper"  # not in users.json: user_profile
+    ghost = by_text(messages, "Who am I?")
+    assert (ghost.user_id, ghost.user_name) == ("U0GHOST02", "unknown-user")
+    assert by_text(messages, "確認しました").user_name == "佐藤 由紀"
+    comment = by_text(messages, "line 42 is the culprit")  # file_comment: speaker in comment.user
+    assert comment.user_id == "U0ALAN001" and drop_reason(comment) == "subtype:file_comment"
+
+
+def test_sample_export_bots_in_every_form(sample_export_dir: Path) -> None:
+    messages, _ = read_all(sample_export_dir, channels=["random"])
+    bots = [m for m in messages if drop_reason(m) == "bot"]
+    assert {m.user_name for m in bots} == {"ci", "Deploy Bot", "Standup App", "Slackbot", "Digest"}
+    assert len(bots) == 8
+    assert all(m.is_bot for m in bots)
+    ci = by_text(
+        messages, "All 128 tests passed"
+    )  # bot_message with only bot_id/username, text in attachments
+    assert (
+        ci.user_id is None
+        and ci.text == "Build <https://ci.example.org/42|#42>\nAll 128 tests passed\nBranch: main"
+    )
+    assert by_text(messages, "Build #43 failed").subtype == "bot_message"  # attachment fallback only
+    added = by_text(messages, "added an integration")  # bot_add carries the added bot's id, a person speaks
+    assert not added.is_bot and drop_reason(added) == "system:bot_add"
+    human = by_text(messages, "Release notes for")  # content only in rich_text blocks
+    assert human.text == (
+        "Release notes for <@U0ADA0001>: see <https://example.org/release|release page> &amp; enjoy :sparkles:\n"
+        "```make release VERSION=1.4 &amp;&amp; echo &lt;done&gt;```\n"
+    )
+    assert is_human(human)
+
+
+def test_sample_export_files_reactions_edits(sample_export_dir: Path) -> None:
+    messages, _ = read_all(sample_export_dir)
+    assert by_text(messages, "Architecture diagram").files == ["architecture.png"]  # hidden_by_limit skipped
+    assert by_text(messages, "uploaded a file").files == ["build.log"]  # legacy `file`
+    tomb = [m for m in messages if m.subtype == "file_share" and not m.text]
+    assert len(tomb) == 1 and tomb[0].files == [] and drop_reason(tomb[0]) == "empty"
+    morning = by_text(messages, "Morning")
+    assert morning.reactions == [("+1", 3), ("tada", 1)] and not morning.edited
+    assert by_text(messages, "I'll check").edited
+    deleted = by_text(messages, "This message was deleted.")
+    assert drop_reason(deleted) == "system:tombstone"
+
+
+def test_zip_and_nested_zip_read_like_the_folder(
+    sample_export_dir: Path, sample_export_zip: Path, sample_export_zip_nested: Path
+) -> None:
+    def summary(path):
+        messages, warnings = read_all(path)
+        return [(m.channel, m.ts, m.user_name, m.text, m.files) for m in messages], dict(warnings.counts)
+
+    expected = summary(sample_export_dir)
+    assert summary(sample_export_zip) == expected
+    assert summary(sample_export_zip_nested) == expected
+    with open_export(sample_export_zip_nested) as src:
+        assert src.name == "sample_export_nested"
+        assert "sample_export_nested.zip:Sample Workspace Slack export/general/" in src.where("general/x")
+
+
+def test_reading_streams_one_day_file_at_a_time(sample_export_dir: Path) -> None:
+    warnings = Warnings()
+    with open_export(sample_export_dir) as src:
+        users = load_users(src, warnings)
+        general = list_channels(src, channels=["general"])[0]
+        reads: list[str] = []
+        original = src.read_bytes
+        src.read_bytes = lambda rel: reads.append(rel) or original(rel)  # type: ignore[method-assign]
+        stream = iter_messages(src, general, users, warnings)
+        first = next(stream)
+        assert reads == ["general/2021-03-01.json"] and Path(first.source_file).name == "2021-03-01.json"
+        rest = list(stream)
+        assert reads == ["general/2021-03-01.json", "general/2021-03-03.json"]
+        assert len(rest) == 23
+
+
+# ---- subtypes and the keep/drop decision -------------------------------------------------------------
+
+
+CH = Channel("C1", "general", "public", "general")
+
+
+def make(text: str = "hi", **kw) -> Message:
+    return Message(channel=CH, ts="1.000001", thread_ts=None, user_id="U1", user_name="Ada", text=text, **kw)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (make(), None),
+        (make(subtype="thread_broadcast"), None),
+        (make(subtype="me_message"), None),
+        (make("", subtype="file_share", files=["a.png"]), None),
+        (make(is_bot=True), "bot"),
+        (make(subtype="bot_message"), "bot"),
+        (make(subtype="channel_join"), "system:channel_join"),
+        (make(subtype="tombstone", is_bot=True), "system:tombstone"),
+        (make(subtype="huddle_thread"), "system:huddle_thread"),
+        (make(subtype="file_comment"), "subtype:file_comment"),
+        (make(" \n "), "empty"),
+        (make(""), "empty"),
+    ],
+)
+def test_drop_reason(message: Message, reason: str | None) -> None:
+    assert drop_reason(message) == reason
+    assert is_human(message) == (reason is None)
+
+
+def test_subtype_sets_are_disjoint() -> None:
+    assert {None, "thread_broadcast", "me_message", "file_share"} <= HUMAN_SUBTYPES
+    assert not (HUMAN_SUBTYPES & SYSTEM_SUBTYPES) and not (HUMAN_SUBTYPES & BOT_SUBTYPES)
+    assert not (SYSTEM_SUBTYPES & BOT_SUBTYPES)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+
+def test_missing_path_and_not_an_export(tmp_path: Path) -> None:
+    with pytest.raises(SlackdistError, match="no such file"):
+        with open_export(tmp_path / "nope"):
+            pass
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("hi")
+    with pytest.raises(SlackdistError, match=r"not a Slack export") as err:
+        with open_export(tmp_path / "notes"):
+            pass
+    assert str(tmp_path / "notes") in str(err.value)
+    (tmp_path / "file.txt").write_text("not a zip")
+    with pytest.raises(SlackdistError, match="not a folder or a .zip"):
+        with open_export(tmp_path / "file.txt"):
+            pass
+    bogus = tmp_path / "bogus.zip"
+    with zipfile.ZipFile(bogus, "w") as zf:
+        zf.writestr("hello.txt", "hi")
+    with pytest.raises(SlackdistError, match="bogus.zip: not a Slack export"):
+        with open_export(bogus):
+            pass
+
+
+def test_folder_with_one_top_folder(tmp_path: Path, sample_export_dir: Path) -> None:
+    shutil.copytree(sample_export_dir, tmp_path / "unzipped" / "Sample Workspace Slack export")
+    messages, _ = read_all(tmp_path / "unzipped")
+    assert len(messages) == 77
+
+
+def test_empty_export(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "empty", {"users.json": USERS, "channels.json": CHANNELS})
+    (root / "general").mkdir()
+    with pytest.raises(SlackdistError, match=r"empty export \(metadata but no YYYY-MM-DD.json"):
+        with open_export(root):
+            pass
+    write_export(root, {"general/2021-01-01.json": []})  # day files, but no message in them
+    warnings = Warnings()
+    with open_export(root) as src:
+        stream = iter_export(src, list_channels(src), load_users(src), warnings)
+        with pytest.raises(SlackdistError, match="no messages"):
+            list(stream)
+
+
+@pytest.mark.parametrize(
+    ("member", "label"),
+    [("/etc/evil.json", "absolute"), ("../evil.json", "dotdot"), ("a/../../evil.json", "deep")],
+)
+def test_zip_with_unsafe_paths_is_refused(tmp_path: Path, member: str, label: str) -> None:
+    bad = tmp_path / f"{label}.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("channels.json", json.dumps(CHANNELS))
+        zf.writestr("general/2021-01-01.json", json.dumps([msg("1.1")]))
+        zf.writestr(member, "[]")
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    with pytest.raises(SlackdistError) as err:
+        with open_export(bad):
+            pass
+    assert str(bad) in str(err.value) and member in str(err.value)
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == before  # nothing written beside us
+    assert not (tmp_path / "evil.json").exists()
+
+
+def test_truncated_and_non_utf8_day_files_are_counted_warnings(tmp_path: Path) -> None:
+    root = write_export(
+        tmp_path / "x",
+        {
+            "users.json": USERS,
+            "channels.json": CHANNELS,
+            "general/2021-01-01.json": [msg("1609459200.000001", "first")],
+            "general/2021-01-02.json": b'[{"type": "message", "user": "U1", "text": "cut off',
+            "general/2021-01-03.json": json.dumps(
+                [msg("1609632000.000001", "caf\u00e9")], ensure_ascii=False
+            ).encode("latin-1"),
+            "general/2021-01-04.json": {"not": "a list"},
+            "general/2021-01-05.json": [
+                msg("1609804800.000001", "last"),
+                "junk",
+                {"type": "message", "text": "no ts"},
+            ],
+        },
+    )
+    messages, warnings = read_all(root)
+    assert [m.text for m in messages] == ["first", "last"]
+    assert warnings.counts == {"bad_day_file": 3, "bad_message": 2}
+    bad = {Path(w.where).name: w.detail for w in warnings.examples["bad_day_file"]}
+    assert bad["2021-01-02.json"].startswith("invalid or truncated JSON")
+    assert bad["2021-01-03.json"].startswith("not UTF-8")
+    assert bad["2021-01-04.json"].startswith("expected a JSON list")
+    assert str(root / "general" / "2021-01-02.json") in str(warnings.examples["bad_day_file"][0])
+    with pytest.raises(
+        SlackdistError, match=r"2021-01-02.json: invalid or truncated JSON .*4 more warnings.*--strict"
+    ):
+        warnings.raise_if_any()
+
+
+def test_missing_users_json_falls_back_to_user_profile_then_unknown(tmp_path: Path) -> None:
+    profile = {"real_name": "Grace Hopper", "display_name": ""}
+    root = write_export(
+        tmp_path / "x",
+        {
+            "channels.json": CHANNELS,
+            "general/2021-01-01.json": [
+                msg("1.000001", "a", user="U2", user_profile=profile),
+                msg("1.000002", "b", user="U2"),  # learned from the first message
+                msg("1.000003", "c", user="U3"),
+                msg("1.000004", "d", user="U3"),  # warned once per user
+            ],
+        },
+    )
+    messages, warnings = read_all(root)
+    assert [m.user_name for m in messages] == ["Grace Hopper", "Grace Hopper", "unknown-user", "unknown-user"]
+    assert warnings.counts == {"missing_users": 1, "unknown_user": 1}
+    assert "users.json" in warnings.examples["missing_users"][0].where
+
+
+def test_enterprise_grid_org_users(tmp_path: Path) -> None:
+    root = write_export(
+        tmp_path / "grid",
+        {
+            "org_users.json": [{"id": "W1", "name": "ada", "profile": {"display_name": "Ada G"}}],
+            "channels.json": CHANNELS,
+            "general/2021-01-01.json": [msg("1.1", user="W1")],
+        },
+    )
+    messages, warnings = read_all(root)
+    assert messages[0].user_name == "Ada G" and not warnings
+
+
+@pytest.mark.parametrize("odd", [b'[""]', b"[]", b"   \n", b"{}", b"null", b"[1, null, []]", b"{not json"])
+def test_odd_metadata_values_do_not_crash(tmp_path: Path, odd: bytes) -> None:
+    files: dict[str, object] = {
+        name: odd for name in ("users.json", "channels.json", "groups.json", "dms.json")
+    }
+    files["mpims.json"] = odd
+    files["general/2021-01-01.json"] = [msg("1.1")]
+    files["D0ABCDEFGH/2021-01-01.json"] = [msg("1.2")]
+    root = write_export(tmp_path / "odd", files)
+    with open_export(root) as src:
+        every = {c.folder: c.kind for c in list_channels(src, include_dms=True)}
+        assert every == {"general": "public", "D0ABCDEFGH": "dm"}  # a D-id folder stays private data
+        assert list_channels(src) == [Channel("general", "general", "public", "general")]
+        users = load_users(src)
+        assert users == {}
+
+
+def test_channel_without_metadata_and_non_day_files(tmp_path: Path) -> None:
+    root = write_export(
+        tmp_path / "x",
+        {
+            "users.json": USERS,
+            "general/2021-01-01.json": [msg("1.1")],
+            "general/canvas_in_the_conversation.json": {"title": "x"},
+            "general/notes.txt": b"hello",
+            "README.md": b"# export",
+            ".gitkeep": b"",
+        },
+    )
+    messages, warnings = read_all(root)
+    assert len(messages) == 1 and messages[0].channel.name == "general" and not warnings
+    assert warnings.notes["non_day_files_skipped"] == 2
+
+
+def test_message_shapes(tmp_path: Path) -> None:
+    day = [
+        msg(
+            "1.000001",
+            "",
+            subtype="bot_message",
+            user="",
+            bot_id="B1",
+            username="",
+            attachments=[{"fallback": "fb"}],
+        ),
+        msg(
+            "1.000002",
+            "",
+            blocks=[
+                {
+                    "type": "rich_text",
+                    "elements": [
+                        {
+                            "type": "rich_text_list",
+                            "style": "bullet",
+                            "elements": [
+                                {"type": "rich_text_section", "elements": [{"type": "text", "text": "a<b"}]}
+                            ],
+                        }
+                    ],
+                }
+            ],
+        ),
+        msg("1.000003", "x", reactions=[{"name": "eyes", "users": ["U1", "U2"]}, {"name": ""}, "bad"]),
+        msg(
+            "1.000004",
+            "y",
+            thread_ts="1.000001",
+            files=[{"name": "", "title": "T"}, {"mode": "tombstone"}, "x"],
+        ),
+        {"type": "message", "user": "U1", "text": "num ts", "ts": 1.5},
+        {"type": "channel_marker", "ts": "1.7"},
+        msg("1.000005", "reply", thread_ts="1.000009", root={"ts": "1.000009"}),
+        msg("1.000006", "with user and bot id", bot_id="B2"),
+        msg("1.000007", "slackbot", user="USLACKBOT"),
+    ]
+    root = write_export(
+        tmp_path / "x", {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": day}
+    )
+    messages, warnings = read_all(root)
+    by_ts = {m.ts: m for m in messages}
+    assert (
+        by_ts["1.000001"].text == "fb" and by_ts["1.000001"].user_name == "bot" and by_ts["1.000001"].is_bot
+    )
+    assert by_ts["1.000002"].text == "- a&lt;b\n"
+    assert by_ts["1.000003"].reactions == [("eyes", 2)]
+    assert by_ts["1.000004"].files == ["T"] and by_ts["1.000004"].is_reply
+    assert by_ts["1.500000"].text == "num ts"
+    assert "1.7" not in by_ts and warnings.notes["not_a_message:channel_marker"] == 1
+    assert by_ts["1.000006"].is_bot and by_ts["1.000007"].is_bot
+    assert by_ts["1.000001"].user_name == "bot"
+
+
+# ---- the two real public exports ---------------------------------------------------------------------
+
+
+def test_public_exports_read_with_sane_counts(public_exports: dict[str, Path]) -> None:
+    expected = {
+        "sev_testarchive_2016": {"messages": 158, "bot": 94, "system:channel_join": 8},
+        "houstondatavis_2016": {"messages": 1382, "system:channel_join": 320, "bot": 0},
+    }
+    for name, want in expected.items():
+        messages, warnings = read_all(public_exports[name])
+        reasons = Counter(drop_reason(m) for m in messages)
+        assert len(messages) == want["messages"], name
+        for reason, n in want.items():
+            if reason != "messages":
+                assert reasons[reason] == n, (name, reason)
+        assert reasons[None] > 40, name
+        assert not warnings, warnings.summary()
+        assert all(m.user_name and m.user_name != "unknown-user" for m in messages if drop_reason(m) is None)
+
+
+def test_public_export_as_zip(public_exports: dict[str, Path], tmp_path: Path) -> None:
+    folder = public_exports["sev_testarchive_2016"]
+    archive = Path(
+        shutil.make_archive(str(tmp_path / "sev"), "zip", folder.parent, folder.name)
+    )  # one top folder
+    zipped, _ = read_all(archive)
+    plain, _ = read_all(folder)
+    assert [(m.channel.name, m.ts, m.text) for m in zipped] == [(m.channel.name, m.ts, m.text) for m in plain]

@@ -1,0 +1,383 @@
+"""End to end: `slackdist prepare` on the sample export (folder, zip, nested zip), bad inputs, real exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from slackdist.cli import main as cli_main
+from slackdist.config import DataConfig
+from slackdist.data.prepare import prepare
+from slackdist.data.records import SPLIT_NAMES, group_of, validate_record
+from slackdist.errors import SlackdistError
+from slackdist.slack.markup import code_blocks, decode_entities, find_raw_markup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "slackdist", "prepare", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def read_records(out: Path) -> dict[str, list[dict]]:
+    return {
+        name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        for name in SPLIT_NAMES
+    }
+
+
+def all_records(out: Path) -> list[dict]:
+    return [r for recs in read_records(out).values() for r in recs]
+
+
+def all_output_text(out: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in sorted(out.iterdir()))
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name == name or p.name.startswith(f"{name}.tmp-")]
+
+
+def raw_messages(export: Path) -> list[tuple[str, dict]]:
+    out = []
+    for day in sorted(export.glob("*/*.json")):
+        if day.stem[:2] == "20":
+            out.extend((day.parent.name, m) for m in json.loads(day.read_text(encoding="utf-8")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_out(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The sample folder through the real CLI in a subprocess (defaults)."""
+    out = tmp_path_factory.mktemp("prep") / "out"
+    proc = run_cli(str(REPO / "tests/fixtures/sample_export"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_cli_writes_every_file_with_valid_records(sample_out):
+    out, proc = sample_out
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "report.json", "report.md"):
+        assert (out / name).is_file()
+    for png in ("turns_per_conversation.png", "tokens_per_conversation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = all_records(out)
+    assert len(records) >= 8
+    for r in records:
+        assert validate_record(r) == [], r["meta"]
+        assert r["messages"][-1]["role"] == "assistant"
+    assert "wrote train.jsonl" in proc.stdout and str(out) in proc.stdout
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_no_planted_secret_in_any_output_or_log(sample_out, sample_secrets):
+    out, proc = sample_out
+    text = all_output_text(out) + proc.stdout + proc.stderr
+    for secret in (
+        sample_secrets.PLANTED_SECRETS + sample_secrets.PLANTED_EMAILS + sample_secrets.PLANTED_PHONES
+    ):
+        assert secret not in text, secret
+    report = json.loads((out / "report.json").read_text())
+    assert report["redactions"]["slack_token"] >= 1 and report["redactions"]["email"] >= 1
+
+
+def test_no_markup_or_escapes_and_code_blocks_intact(sample_out, sample_secrets):
+    out, _ = sample_out
+    contents = [m["content"] for r in all_records(out) for m in r["messages"][1:]]
+    assert all(find_raw_markup(c) == [] for c in contents)
+    body = "\n".join(contents)
+    checked = 0
+    for _, msg in raw_messages(REPO / "tests/fixtures/sample_export"):
+        for block in code_blocks(msg.get("text", "")):
+            decoded = decode_entities(block)
+            if any(s in decoded for s in sample_secrets.PLANTED_SECRETS) or "password=" in decoded:
+                continue  # redacted inside code too (checked above)
+            assert decoded in body
+            checked += 1
+    assert checked >= 1
+    q = json.loads((out / "report.json").read_text())["quality"]
+    assert q["turns_with_raw_markup"] == 0 and q["turns_with_html_escapes"] == 0
+    assert q["code_blocks"] >= 2 and q["code_blocks_intact"] == q["code_blocks"]
+    assert q["conversations_mixing_channels"] == 0 and q["records_invalid"] == 0
+
+
+def test_no_conversation_in_two_splits(sample_out):
+    out, _ = sample_out
+    groups = {name: {group_of(r) for r in recs} for name, recs in read_records(out).items()}
+    assert not (groups["train"] & groups["validation"] or groups["train"] & groups["test"])
+    assert not groups["validation"] & groups["test"]
+
+
+def test_late_reply_thread_is_rebuilt_in_one_conversation(sample_out):
+    out, _ = sample_out
+    raw = [m for ch, m in raw_messages(REPO / "tests/fixtures/sample_export") if ch == "general"]
+    parent = next(m for m in raw if m.get("reply_count"))
+    replies = [m for m in raw if m.get("thread_ts") == parent["ts"] and m["ts"] != parent["ts"]]
+    assert len({json.dumps(r["ts"]) for r in replies}) == parent["reply_count"]
+    recs = [r for r in all_records(out) if r["meta"]["thread_ts"] == parent["ts"]]
+    assert len(recs) == 1
+    (rec,) = recs
+    assert rec["meta"]["start"] == float(parent["ts"])
+    assert rec["meta"]["end"] >= max(float(r["ts"]) for r in replies[:-1])  # a trailing user turn may drop
+    text = "\n".join(m["content"] for m in rec["messages"])
+    assert "Late to the party" in text and "Should we ship on Friday" in text
+
+
+def test_dms_absent_by_default_and_present_when_asked(sample_out, tmp_path, sample_secrets):
+    out, _ = sample_out
+    channels = {r["meta"]["channel"] for r in all_records(out)}
+    assert "D0DMADAGR1" not in channels and not any(c.startswith("mpdm-") for c in channels)
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality"]["dm_turns"] == 0
+
+    out2 = tmp_path / "with_dms"
+    assert (
+        cli_main(["prepare", str(REPO / "tests/fixtures/sample_export"), "--out", str(out2), "--include-dms"])
+        == 0
+    )
+    report2 = json.loads((out2 / "report.json").read_text())
+    assert report2["quality"]["dm_turns"] > 0
+    assert any(c.startswith("mpdm-") or c == "D0DMADAGR1" for c in report2["channels"])
+    assert sample_secrets.DM_TOKEN_VALUE not in all_output_text(out2)
+
+
+@pytest.mark.parametrize("kind", ["zip", "nested_zip"])
+def test_zip_gives_the_same_records_as_the_folder(
+    kind, sample_out, sample_export_zip, sample_export_zip_nested, tmp_path
+):
+    folder_out, _ = sample_out
+    export = sample_export_zip if kind == "zip" else sample_export_zip_nested
+    out = tmp_path / "z"
+    assert cli_main(["prepare", str(export), "--out", str(out), "--workspace", "sample_export"]) == 0
+    assert read_records(out) == read_records(folder_out)
+
+
+def test_dry_run_writes_nothing_and_prints_the_report(tmp_path, capsys):
+    out = tmp_path / "never"
+    code = cli_main(["prepare", str(REPO / "tests/fixtures/sample_export"), "--out", str(out), "--dry-run"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "## Quality" in printed and "conversations mixing channels" in printed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_replaces_files_atomically(tmp_path):
+    out = tmp_path / "out"
+    export = str(REPO / "tests/fixtures/sample_export")
+    assert cli_main(["prepare", export, "--out", str(out)]) == 0
+    first = read_records(out)
+    (out / "keep.txt").write_text("user file")
+    assert cli_main(["prepare", export, "--out", str(out), "--split", "50,25,25"]) == 0
+    second = read_records(out)
+    assert sum(map(len, first.values())) == sum(map(len, second.values()))
+    assert len(second["test"]) > len(first["test"])
+    assert (out / "keep.txt").read_text() == "user file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_persona_mode(tmp_path):
+    out = tmp_path / "p"
+    assert (
+        cli_main(
+            ["prepare", str(REPO / "tests/fixtures/sample_export"), "--out", str(out), "--as", "Grace Hopper"]
+        )
+        == 0
+    )
+    records = all_records(out)
+    assert records
+    for r in records:
+        assert "Grace Hopper" in r["messages"][0]["content"]
+        assert "Grace Hopper" in r["meta"]["speakers"]
+        for m in r["messages"][1:]:
+            if m["role"] == "assistant":
+                assert not m["content"].startswith(("Ada Lovelace:", "alan.t:", "linus:"))
+            else:
+                assert not m["content"].startswith("Grace Hopper:")
+    nobody = tmp_path / "nobody"
+    code = cli_main(
+        ["prepare", str(REPO / "tests/fixtures/sample_export"), "--out", str(nobody), "--as", "Nobody"]
+    )
+    assert code == 2 and leftovers(tmp_path, "nobody") == []
+
+
+def test_split_by_time_puts_the_newest_in_test(tmp_path):
+    out = tmp_path / "t"
+    args = ["prepare", str(REPO / "tests/fixtures/sample_export"), "--out", str(out), "--split-by", "time"]
+    assert cli_main([*args, "--split", "60,20,20"]) == 0
+    recs = read_records(out)
+    assert recs["test"] and recs["validation"]
+    assert max(r["meta"]["start"] for r in recs["train"]) <= min(
+        r["meta"]["start"] for r in recs["validation"]
+    )
+    assert max(r["meta"]["start"] for r in recs["validation"]) <= min(
+        r["meta"]["start"] for r in recs["test"]
+    )
+
+
+def test_token_budget_with_a_real_tokenizer(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tok"
+    budget = 160
+    report = prepare(
+        REPO / "tests/fixtures/sample_export",
+        out,
+        DataConfig(tokenizer=str(tiny_model_dir), max_tokens=budget, max_turns=6, window_overlap=2),
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = all_records(out)
+    assert records
+    for r in records:
+        n = len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+        assert n <= budget
+        assert len(r["messages"]) - 1 <= 6
+    assert report.data["histograms"]["tokens"]
+    assert report.totals["tokens"] == sum(
+        len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+        for r in records
+    )
+
+
+def test_keep_emails(tmp_path, sample_secrets):
+    out = tmp_path / "k"
+    assert (
+        cli_main(["prepare", str(REPO / "tests/fixtures/sample_export"), "--out", str(out), "--keep-emails"])
+        == 0
+    )
+    text = all_output_text(out)
+    assert sample_secrets.EMAIL_1 in text
+    assert all(s not in text for s in sample_secrets.PLANTED_SECRETS)
+
+
+# ---------------------------------------------------------------- warnings and bad input
+
+
+def broken_copy(tmp_path: Path) -> Path:
+    export = tmp_path / "export"
+    shutil.copytree(REPO / "tests/fixtures/sample_export", export)
+    return export
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("slackdist prepare: error:")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_strict_turns_warnings_into_errors(tmp_path, capsys):
+    export = str(REPO / "tests/fixtures/sample_export")
+    out = tmp_path / "s"
+    assert cli_main(["prepare", export, "--out", str(out), "--strict"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "general/2021-03-01.json", "U0GHOST02", "--strict")
+    assert leftovers(tmp_path, "s") == []
+    assert cli_main(["prepare", export, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["warnings"]["count"] == 1 and report["warnings"]["by_kind"] == {"unknown_user": 1}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_utf8"])
+def test_bad_day_file_is_a_warning_or_a_strict_error(damage, tmp_path, capsys):
+    export = broken_copy(tmp_path)
+    day = export / "engineering" / "2021-03-02.json"
+    data = day.read_bytes()
+    day.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else b'[{"text": "caf\xe9", "ts": "1.0"}]'
+    )
+    out = tmp_path / "out"
+    assert cli_main(["prepare", str(export), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["warnings"]["by_kind"]["bad_day_file"] == 1
+    out2 = tmp_path / "strict"
+    assert (
+        cli_main(["prepare", str(export), "--out", str(out2), "--strict", "--channels", "engineering"]) == 2
+    )
+    assert_one_line_error(capsys.readouterr().err, "engineering/2021-03-02.json")
+    assert leftovers(tmp_path, "strict") == []
+
+
+def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(tmp_path):
+    not_export = tmp_path / "not_export"
+    not_export.mkdir()
+    (not_export / "notes.txt").write_text("hello")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "channels.json").write_text("[]")
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("channels.json", "[]")
+        zf.writestr("../escape/2021-01-01.json", "[]")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        ([str(not_export), "--out"], "not_export"),
+        ([str(empty), "--out"], "empty"),
+        ([str(evil), "--out"], "evil.zip"),
+        ([str(tmp_path / "missing"), "--out"], "missing"),
+        ([str(REPO / "tests/fixtures/sample_export"), "--channels", "nope", "--out"], "nope"),
+    ]
+    for i, (args, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        proc = run_cli(*args, str(out))
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert_one_line_error(proc.stderr, needle)
+        assert leftovers(tmp_path, f"out{i}") == []
+    assert not (tmp_path / "escape").exists()
+    proc = run_cli(str(REPO / "tests/fixtures/sample_export"), "--out", str(a_file))
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "a_file")
+    proc = run_cli(str(REPO / "tests/fixtures/sample_export"))
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "--out")
+
+
+def test_programmatic_errors_are_slackdist_errors(tmp_path):
+    with pytest.raises(SlackdistError, match="--out"):
+        prepare(REPO / "tests/fixtures/sample_export", None, DataConfig())
+
+
+# ---------------------------------------------------------------- real exports
+
+
+@pytest.mark.parametrize("name", ["sev_testarchive_2016", "houstondatavis_2016"])
+def test_real_exports_meet_the_quality_figures(name, public_exports, tmp_path):
+    report = prepare(public_exports[name], tmp_path / "out", DataConfig())
+    q, t = report.quality, report.totals
+    assert t["records"] > 0 and t["human_messages"] > 0
+    assert q["conversations_mixing_channels"] == 0
+    assert q["turns_with_raw_markup"] == 0 and q["turns_with_html_escapes"] == 0
+    assert q["code_blocks_intact"] == q["code_blocks"]
+    assert q["records_ending_on_assistant"] == q["records"] and q["records_invalid"] == 0
+    assert q["dm_turns"] == 0
+    # every message is accounted for: covered, or a counted drop reason
+    assert sum(report.data["dropped"].values()) + t["covered_messages"] == t["messages"]
+    for r in all_records(tmp_path / "out"):
+        assert all(find_raw_markup(m["content"]) == [] for m in r["messages"])
+
+
+def test_workers_do_not_change_the_output(tmp_path):
+    export = REPO / "tests/fixtures/sample_export"
+    serial = prepare(export, tmp_path / "serial", DataConfig(workers=1, include_dms=True))
+    parallel = prepare(export, tmp_path / "parallel", DataConfig(workers=2, include_dms=True))
+    assert read_records(tmp_path / "serial") == read_records(tmp_path / "parallel")
+    for key in ("totals", "quality", "dropped", "redactions", "channels", "preview", "warnings"):
+        a, b = serial.data[key], parallel.data[key]
+        if key == "totals":
+            a, b = (
+                {k: v for k, v in a.items() if k != "seconds"},
+                {k: v for k, v in b.items() if k != "seconds"},
+            )
+        assert a == b, key
