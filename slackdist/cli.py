@@ -16,8 +16,16 @@ from slackdist.errors import SlackdistError
 
 # command -> (module that has `main(args, cfg) -> int`, config sections exposed as flags, summary)
 COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "prepare": ("slackdist.data.prepare", ("data",), "Slack export (folder or .zip) -> train/validation/test JSONL"),
-    "tiny-model": ("slackdist.model.tiny", (), "Write a tiny random Llama-3-architecture model for tests and demos"),
+    "prepare": (
+        "slackdist.data.prepare",
+        ("data",),
+        "Slack export (folder or .zip) -> train/validation/test JSONL",
+    ),
+    "tiny-model": (
+        "slackdist.model.tiny",
+        (),
+        "Write a tiny random Llama-3-architecture model for tests and demos",
+    ),
     "train": ("slackdist.train.loop", ("model", "lora", "train"), "QLoRA fine-tuning on prepared data"),
     "merge": ("slackdist.train.merge", (), "Merge an adapter into its 16-bit base; sharded safetensors"),
     "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
@@ -30,7 +38,9 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     """Arguments that are not config fields (paths, one-off switches)."""
     if name == "prepare":
         p.add_argument("export", help="Slack export folder or .zip")
-        p.add_argument("--out", required=False, default=None, help="Output folder (required unless --dry-run)")
+        p.add_argument(
+            "--out", required=False, default=None, help="Output folder (required unless --dry-run)"
+        )
     elif name == "tiny-model":
         p.add_argument("output", help="Folder to write the model and tokenizer to")
         p.add_argument("--hidden-size", type=int, default=64)
@@ -48,7 +58,9 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "chat":
         p.add_argument("--prompt", default=None, help="Answer this once and exit")
     elif name == "eval":
-        p.add_argument("--data", default=None, help="Prepared data folder with test.jsonl (default: from training)")
+        p.add_argument(
+            "--data", default=None, help="Prepared data folder with test.jsonl (default: from training)"
+        )
         p.add_argument("--num-samples", type=int, default=5, help="Sample generations to write")
         p.add_argument("--out", default=None, help="Where eval.json / eval.md go (default: MODEL_DIR)")
         p.add_argument("--max-batches", type=int, default=0, help="Cap on loss batches (0: all)")
@@ -60,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, sections, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
         _add_command_args(name, p)
-        p.add_argument("--config", default=None, help="YAML config (sections: data, model, lora, train, chat, serve)")
+        p.add_argument(
+            "--config", default=None, help="YAML config (sections: data, model, lora, train, chat, serve)"
+        )
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="Override any config key")
         for section in sections:
             add_section_args(p, section)

@@ -53,9 +53,13 @@ class DataConfig:
     include_dms: bool = opt(False, "Include direct messages and group DMs (private; off by default).")
     include_private: bool = opt(True, "Include private channels (groups.json).")
     channels: list[str] = opt(None, "Only these channels (names, comma-separated).", factory=list)
-    exclude_channels: list[str] = opt(None, "Leave out these channels (names, comma-separated).", factory=list)
+    exclude_channels: list[str] = opt(
+        None, "Leave out these channels (names, comma-separated).", factory=list
+    )
     persona: str | None = opt(
-        None, "Persona mode: this person's turns become the assistant (name, display name or user id).", flag="as"
+        None,
+        "Persona mode: this person's turns become the assistant (name, display name or user id).",
+        flag="as",
     )
     roles: Literal["alternate", "persona"] = opt(
         "alternate", "Role assignment: alternate user/assistant, or persona (needs --as)."
@@ -65,9 +69,13 @@ class DataConfig:
     max_turns: int = opt(40, "Split conversations longer than this into overlapping windows.")
     max_tokens: int = opt(2048, "Token budget of one conversation (with --tokenizer, measured by it).")
     window_overlap: int = opt(4, "Turns shared by consecutive windows when a conversation is split.")
-    tokenizer: str | None = opt(None, "Tokenizer (hub id or dir) for the token budget; else ~4 chars a token.")
+    tokenizer: str | None = opt(
+        None, "Tokenizer (hub id or dir) for the token budget; else ~4 chars a token."
+    )
     split: str = opt("90,5,5", "Train,validation,test percentages.")
-    split_by: Literal["hash", "time"] = opt("hash", "Split by a stable hash of the conversation id, or by time.")
+    split_by: Literal["hash", "time"] = opt(
+        "hash", "Split by a stable hash of the conversation id, or by time."
+    )
     speaker_names: bool = opt(True, "Prefix each turn with the speaker's name ('Jane: ...').")
     keep_emails: bool = opt(False, "Keep email addresses (default: replaced by [EMAIL]).")
     keep_phones: bool = opt(False, "Keep phone numbers (default: replaced by [PHONE]).")
@@ -82,7 +90,9 @@ class DataConfig:
     dry_run: bool = opt(False, "Write the report only (to stdout); no dataset files.")
     strict: bool = opt(False, "Turn warnings (skipped files, unknown users) into errors.")
     seed: int = opt(0, "Seed of the hash split.")
-    workers: int = opt(0, "Processes that read and clean channels in parallel (0: one per CPU core, 1: serial).")
+    workers: int = opt(
+        0, "Processes that read and clean channels in parallel (0: one per CPU core, 1: serial)."
+    )
 
 
 @dataclass
@@ -109,9 +119,14 @@ class LoraSettings:
     r: int = opt(64, "LoRA rank.", flag="lora-r")
     alpha: int = opt(128, "LoRA alpha (scale = alpha / r).", flag="lora-alpha")
     dropout: float = opt(0.05, "LoRA dropout.", flag="lora-dropout")
-    init: Literal["gaussian", "default"] = opt("gaussian", "LoRA A init (B starts at zero).", flag="lora-init")
+    init: Literal["gaussian", "default"] = opt(
+        "gaussian", "LoRA A init (B starts at zero).", flag="lora-init"
+    )
     target_modules: list[str] = opt(
-        None, "Modules that get an adapter (comma-separated).", flag="lora-targets", factory=lambda: list(LORA_TARGETS)
+        None,
+        "Modules that get an adapter (comma-separated).",
+        flag="lora-targets",
+        factory=lambda: list(LORA_TARGETS),
     )
 
 
@@ -119,8 +134,12 @@ class LoraSettings:
 class TrainConfig:
     """The training loop (`slackdist train`)."""
 
-    data_dir: str = opt("data/prepared", "Folder with train.jsonl / validation.jsonl from `prepare`.", flag="data")
-    output_dir: str = opt("llama3_slack_finetuned", "Where the adapter, checkpoints and logs go.", flag="output")
+    data_dir: str = opt(
+        "data/prepared", "Folder with train.jsonl / validation.jsonl from `prepare`.", flag="data"
+    )
+    output_dir: str = opt(
+        "llama3_slack_finetuned", "Where the adapter, checkpoints and logs go.", flag="output"
+    )
     max_seq_len: int = opt(2048, "Tokens per packed row.")
     micro_batch_size: int = opt(2, "Packed rows per device per forward.")
     gradient_accumulation_steps: int = opt(2, "Micro-batches per optimizer step.")
@@ -138,7 +157,6 @@ class TrainConfig:
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).")
     gradient_checkpointing: bool = opt(True, "Recompute activations in backward (non-reentrant).")
     loss_chunk_size: int = opt(1024, "Compute lm_head + loss in chunks of this many tokens (0: all at once).")
-    compile: bool = opt(False, "torch.compile each decoder layer (GPU).")
     eval_every_n_steps: int = opt(50, "Evaluate on validation.jsonl every N steps (0: per epoch only).")
     eval_max_batches: int = opt(0, "Cap on eval batches (0: the whole split).")
     early_stopping_patience: int = opt(3, "Stop after this many evals without improvement (0: never).")
@@ -151,7 +169,6 @@ class TrainConfig:
     merge_after_training: bool = opt(False, "Also write a merged 16-bit model to OUTPUT/merged.")
     resume: str | None = opt(None, "'auto' (newest checkpoint in OUTPUT) or a checkpoint path.")
     seed: int = opt(42, "Seed for init, shuffling and dropout.")
-    num_workers: int = opt(0, "Dataloader worker processes.")
 
 
 @dataclass
@@ -347,7 +364,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    Path(path).write_text(
+        yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
 
 
 def add_section_args(parser: argparse.ArgumentParser, section: str, skip: tuple[str, ...] = ()) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -368,10 +369,14 @@ def test_real_exports_meet_the_quality_figures(name, public_exports, tmp_path):
         assert all(find_raw_markup(m["content"]) == [] for m in r["messages"])
 
 
-def test_workers_do_not_change_the_output(tmp_path):
+@pytest.mark.parametrize("split_by", ["hash", "time"])
+def test_workers_do_not_change_the_output(tmp_path, split_by):
     export = REPO / "tests/fixtures/sample_export"
-    serial = prepare(export, tmp_path / "serial", DataConfig(workers=1, include_dms=True))
-    parallel = prepare(export, tmp_path / "parallel", DataConfig(workers=2, include_dms=True))
+    cfg = {"include_dms": True, "split_by": split_by}
+    serial = prepare(export, tmp_path / "serial", DataConfig(workers=1, **cfg))
+    parallel = prepare(export, tmp_path / "parallel", DataConfig(workers=2, **cfg))
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes()
     assert read_records(tmp_path / "serial") == read_records(tmp_path / "parallel")
     for key in ("totals", "quality", "dropped", "redactions", "channels", "preview", "warnings"):
         a, b = serial.data[key], parallel.data[key]
@@ -381,3 +386,21 @@ def test_workers_do_not_change_the_output(tmp_path):
                 {k: v for k, v in b.items() if k != "seconds"},
             )
         assert a == b, key
+
+
+def test_results_are_merged_in_channel_order_whatever_order_they_finish_in():
+    from slackdist.data.prepare import _in_channel_order
+
+    class Bar:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    finished = [SimpleNamespace(index=i, report=SimpleNamespace(day_files=1)) for i in (2, 0, 3, 1)]
+    bar = Bar()
+    merged = []
+    for result in _in_channel_order(iter(finished), bar):
+        merged.append(result.index)
+        assert bar.n >= len(merged)  # the bar counts each channel as it finishes, before it is merged
+    assert merged == [0, 1, 2, 3] and bar.n == 4

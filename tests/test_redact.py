@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import string
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from slackdist.slack.markup import MarkupContext, clean_text
-from slackdist.slack.redact import EMAIL, PHONE, SECRET, Redactor
+from slackdist.slack.redact import _PHONE_RE, EMAIL, PHONE, SECRET, Redactor, _may_hold_phone
 
 PEM = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\nAAAAB3NzaC1yc2E\n-----END OPENSSH PRIVATE KEY-----"
 
@@ -220,3 +221,19 @@ def test_idempotent_and_never_crashes(text: str) -> None:
     twice, counts = redactor.redact(once)
     assert twice == once
     assert not counts
+
+
+@PROPS
+@given(st.text(alphabet="0123456789 +()-./:x", max_size=40))
+def test_phone_prefilter_never_skips_a_phone(text: str) -> None:
+    # The cheap test that skips the phone regex must hold wherever that regex would match.
+    if _PHONE_RE.search(text):
+        assert _may_hold_phone(text)
+
+
+def test_redact_into_adds_the_same_counts_as_redact() -> None:
+    text = "mail a.b@example.com, call 555-867-5309 or 555.123.4567, token xoxb-1-2-abc"
+    counts: Counter = Counter({"email": 2})
+    out = Redactor().redact_into(text, counts)
+    assert (out, counts - Counter({"email": 2})) == Redactor().redact(text)
+    assert counts == Counter({"email": 3, "phone": 2, "slack_token": 1})

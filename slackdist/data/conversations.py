@@ -16,6 +16,7 @@ threaded messages of ONE channel (plus one day file of that channel), never the 
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -55,16 +56,18 @@ class Post:
     @classmethod
     def from_message(cls, msg: Message, text: str | None = None, code: tuple[str, ...] = ()) -> Post:
         """A post from a Message; ``text`` replaces the message text (the cleaned one)."""
+        ts, thread_ts = msg.ts, msg.thread_ts
+        # Positional: this runs once per kept message, and keyword arguments cost measurably more here.
         return cls(
-            ts=msg.ts,
-            thread_ts=msg.thread_ts,
-            speaker=msg.user_name,
-            speaker_id=msg.user_id,
-            text=msg.text if text is None else text,
-            code=code,
-            source=msg.source_file,
-            channel_id=msg.channel.id,
-            reply_count=getattr(msg, "reply_count", 0) if msg.thread_ts == msg.ts else 0,
+            ts,
+            thread_ts,
+            msg.user_name,
+            msg.user_id,
+            msg.text if text is None else text,
+            code,
+            msg.source_file,
+            msg.channel.id,
+            msg.reply_count if thread_ts == ts else 0,
         )
 
     @property
@@ -144,6 +147,9 @@ class Conversation:
         return sum(t.n_messages for t in self.turns)
 
 
+_TIME = operator.attrgetter("time")  # sort key for posts
+
+
 def conversation_id(channel_id: str, root_ts: str, window: int = 0, part: int = 0) -> str:
     """Stable id of one window of a conversation: ``<16 hex of sha1(channel:root)>-<window>``.
 
@@ -158,10 +164,11 @@ def conversation_id(channel_id: str, root_ts: str, window: int = 0, part: int = 
 def merge_turns(posts: list[Post]) -> list[Turn]:
     """Join consecutive posts of one speaker into turns (posts must be in ts order)."""
     turns: list[Turn] = []
+    last: Turn | None = None
+    last_key = None
     for post in posts:
         key = post.speaker_id or post.speaker
-        last = turns[-1] if turns else None
-        if last is not None and last.speaker_key == key:
+        if last is not None and last_key == key:
             last.text = f"{last.text}\n{post.text}"
             last.end = post.time
             last.n_messages += 1
@@ -169,18 +176,20 @@ def merge_turns(posts: list[Post]) -> list[Turn]:
             if post.channel_id not in last.channel_ids:
                 last.channel_ids = last.channel_ids | {post.channel_id}
             continue
-        turns.append(
-            Turn(
-                speaker=post.speaker,
-                speaker_id=post.speaker_id,
-                text=post.text,
-                start=post.time,
-                end=post.time,
-                channel_ids=frozenset((post.channel_id,)),
-                code=post.code,
-                index=len(turns),
-            )
+        # speaker, speaker_id, text, start, end, n_messages, channel_ids, code, index
+        last = Turn(
+            post.speaker,
+            post.speaker_id,
+            post.text,
+            post.time,
+            post.time,
+            1,
+            frozenset((post.channel_id,)),
+            post.code,
+            len(turns),
         )
+        last_key = key
+        turns.append(last)
     return turns
 
 
@@ -217,12 +226,19 @@ class ChannelGrouper:
         self._day_source: str | None = None
         self.threads_reopened = 0
 
-    def add(self, post: Post) -> Iterator[Conversation]:
-        """Add one post; yields the conversations that the previous day file completed."""
-        if post.source != self._day_source:
-            yield from self._flush_day()
-            self._day_source = post.source
+    def add(self, post: Post) -> list[Conversation]:
+        """Add one post; returns the conversations that the previous day file completed (usually none).
+
+        A list rather than a generator: this runs once per kept message, and almost every call
+        returns nothing.
+        """
+        if post.source == self._day_source:
+            self._day.append(post)
+            return []
+        done = list(self._flush_day())
+        self._day_source = post.source
         self._day.append(post)
+        return done
 
     def note_dropped(self, ts: str, thread_ts: str | None) -> None:
         """A message of this channel that is not a post (bot, system, empty): counts as a thread reply."""
@@ -250,9 +266,9 @@ class ChannelGrouper:
     def _flush_day(self) -> Iterator[Conversation]:
         # Day files are in date order, but messages inside one are not guaranteed to be sorted.
         day, self._day = self._day, []
-        day.sort(key=lambda p: p.time)
+        day.sort(key=_TIME)
         for post in day:
-            if post.in_thread:
+            if post.thread_ts is not None:
                 self._add_to_thread(post)
                 continue
             if self._window and post.time - self._window[-1].time >= self.gap:
@@ -295,7 +311,7 @@ class ChannelGrouper:
     def _thread_conversation(self, thread_ts: str, thread: _Thread) -> Conversation:
         part = self._closed.get(thread_ts, 0)
         self._closed[thread_ts] = part + 1
-        posts = sorted(thread.posts.values(), key=lambda p: p.time)
+        posts = sorted(thread.posts.values(), key=_TIME)
         return Conversation(
             id=conversation_id(self.channel.id, thread_ts, 0, part),
             channel=self.channel,
@@ -398,7 +414,10 @@ def split_windows(
     cost = turn_cost or (lambda t: len(t.text) // 4 + 1)
     costs = [cost(t) for t in conv.turns]
     budget = None if max_tokens is None else max_tokens - base_cost
-    bounds, skipped = window_bounds(costs, max_turns=max_turns, overlap=overlap, budget=budget)
+    if costs and len(costs) <= max_turns and (budget is None or sum(costs) <= budget):
+        bounds, skipped = [(0, len(costs))], []  # what window_bounds gives when it all fits (costs >= 0)
+    else:
+        bounds, skipped = window_bounds(costs, max_turns=max_turns, overlap=overlap, budget=budget)
     plan = WindowPlan(windows=[], too_short=[], over_budget=skipped)
     if len(bounds) == 1 and bounds[0] == (0, len(conv.turns)):  # the common case: it fits as it is
         (plan.windows if _eligible(conv.turns, min_turns) else plan.too_short).append(conv)

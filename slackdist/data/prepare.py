@@ -32,7 +32,7 @@ from slackdist.data.records import (
     load_token_counter,
     time_split,
 )
-from slackdist.data.report import ReportBuilder, render_markdown, report_json, write_plots
+from slackdist.data.report import ReportBuilder, import_plotting, render_markdown, report_json, write_plots
 from slackdist.errors import SlackdistError
 from slackdist.slack.export import (
     Channel,
@@ -51,6 +51,8 @@ from slackdist.slack.markup import MarkupContext, clean_text, code_blocks, decod
 from slackdist.slack.redact import Redactor
 
 OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md")
+# Same bytes as json.dumps(record, ensure_ascii=False); one encoder instead of a new one per record.
+_RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 @dataclass
@@ -86,22 +88,24 @@ class Cleaner:
 
     def __call__(self, msg: Message) -> Post | None:
         """The post of a human message, or None when nothing is left after cleaning."""
-        text = clean_text(msg.text, self.ctx).strip() if msg.text else ""
-        parts = [text] if text else []
-        parts += [f"[file: {name}]" for name in msg.files]
-        if self.cfg.reactions and msg.reactions:
-            line = format_reactions(msg.reactions, self.cfg.min_reaction_count, self.cfg.emoji_unicode)
-            if line:
-                parts.append(line)
-        if not parts:
+        raw = msg.text
+        text = clean_text(raw, self.ctx).strip() if raw else ""
+        reactions = msg.reactions if self.cfg.reactions else None
+        if msg.files or reactions:
+            parts = [text] if text else []
+            parts += [f"[file: {name}]" for name in msg.files]
+            if reactions:
+                line = format_reactions(reactions, self.cfg.min_reaction_count, self.cfg.emoji_unicode)
+                if line:
+                    parts.append(line)
+            text = "\n".join(parts)
+        if not text:
             return None
-        full, counts = self.redactor.redact("\n".join(parts))
-        if counts:
-            self.redactions.update(counts)
+        full = self.redactor.redact_into(text, self.redactions)
         code: tuple[str, ...] = ()
-        if "```" in msg.text:
+        if "```" in raw:
             # What the quality check looks for: each block as written, entities decoded, secrets redacted.
-            code = tuple(self.redactor.redact(decode_entities(b))[0] for b in code_blocks(msg.text))
+            code = tuple(self.redactor.redact(decode_entities(b))[0] for b in code_blocks(raw))
         return Post.from_message(msg, text=full, code=code)
 
 
@@ -151,6 +155,9 @@ class PartWriter:
             if start < self.starts.get(group, float("inf")):
                 self.starts[group] = start
             self.group_records[group] += 1
+            groups = self._file("groups")  # the join reads each line's group here, not by parsing the line
+            if groups is not None:
+                groups.write(group + "\n")
             suffix = "spool"
         else:
             split = self._group_split.get(group)
@@ -160,7 +167,7 @@ class PartWriter:
             suffix = SPLIT_NAMES[split]
         fh = self._file(suffix)
         if fh is not None:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.write(_RECORD_ENCODER.encode(record) + "\n")
 
     def close(self) -> None:
         for fh in self._files.values():
@@ -177,16 +184,16 @@ def join_parts(tmp: Path, n_channels: int, by: str, fractions, starts: dict[str,
             if by == "time":
                 spool = parts / f"{index:06d}.spool"
                 if spool.exists():
-                    with open(spool, encoding="utf-8") as f:
-                        for line in f:
-                            group = json.loads(line)["meta"]["conversation_id"].rsplit("-", 1)[0]
-                            outs[assign[group]].write(line)
+                    with open(spool, encoding="utf-8") as f, open(parts / f"{index:06d}.groups") as g:
+                        for line, group in zip(f, g, strict=True):
+                            outs[assign[group[:-1]]].write(line)
                 continue
             for split, name in enumerate(SPLIT_NAMES):
                 part = parts / f"{index:06d}.{name}"
                 if part.exists():
-                    with open(part, encoding="utf-8") as f:
-                        shutil.copyfileobj(f, outs[split], 1 << 20)
+                    outs[split].flush()  # bytes straight from the part file: no decoding and re-encoding
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, outs[split].buffer, 1 << 20)
     finally:
         for fh in outs:
             fh.close()
@@ -288,14 +295,39 @@ def _worker_run(index: int) -> ChannelResult:
 
 
 def _results(job: _Job, src: ExportSource, workers: int) -> Iterator[ChannelResult]:
-    """Channel results in channel order: in-process, or from a pool of forked workers."""
+    """Channel results as they finish: in-process (in channel order), or from a pool of forked workers."""
     n = len(job.channels)
     if workers <= 1 or n <= 1 or "fork" not in mp.get_all_start_methods():
         for index in range(n):
             yield run_channel(job, src, index)
         return
-    with mp.get_context("fork").Pool(min(workers, n), initializer=_worker_init, initargs=(job,)) as pool:
-        yield from pool.imap(_worker_run, range(n))
+    # Biggest channels first (most day files; no stat() of every file): a big channel started last
+    # would leave the other workers idle at the end.
+    sizes = [count_day_files(src, [channel]) for channel in job.channels]
+    order = sorted(range(n), key=lambda i: (-sizes[i], i))
+    workers = min(workers, n)
+    with mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(job,)) as pool:
+        for done, result in enumerate(pool.imap_unordered(_worker_run, order), 1):
+            if done == n - workers + 1 and job.parts is not None:
+                # Fewer channels left than workers: a core is idle now, so pay the plots' slow
+                # matplotlib import here instead of after the last channel.
+                import_plotting()
+            yield result
+
+
+def _in_channel_order(results: Iterator[ChannelResult], bar: Any) -> Iterator[ChannelResult]:
+    """Results re-ordered by channel index (so the output does not depend on the schedule).
+
+    The progress bar moves as each channel finishes, whatever its place in the order.
+    """
+    pending: dict[int, ChannelResult] = {}
+    wanted = 0
+    for result in results:
+        bar.update(result.report.day_files)
+        pending[result.index] = result
+        while wanted in pending:
+            yield pending.pop(wanted)
+            wanted += 1
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -369,14 +401,13 @@ def prepare(
             group_records: Counter = Counter()
             workers = cfg.workers or os.cpu_count() or 1
             with _progress(count_day_files(src, channels)) as bar:
-                for result in _results(job, src, workers):
+                for result in _in_channel_order(_results(job, src, workers), bar):
                     report.merge(result.report)
                     _merge_warnings(warnings, result.warnings)
                     _strict(cfg, warnings)
                     counts = [a + b for a, b in zip(counts, result.counts, strict=True)]
                     starts.update(result.starts)
                     group_records.update(result.group_records)
-                    bar.update(result.report.day_files)
             if report.quality.records == 0:
                 raise SlackdistError(_nothing_left(src.path, report, cfg))
             if cfg.split_by == "time":
@@ -432,7 +463,9 @@ def _channel_conversations(src, channel, users, warnings, cleaner, report) -> It
         if post is None:
             grouper.note_dropped(msg.ts, msg.thread_ts)
             continue
-        yield from grouper.add(post)
+        done = grouper.add(post)
+        if done:
+            yield from done
     yield from grouper.finish()
     report.quality.threads_reopened += grouper.threads_reopened
 

@@ -64,14 +64,20 @@ class TokenCounter(Protocol):
 class CharTokenCounter:
     """~4 characters a token plus the Llama 3 template's per-message overhead (no tokenizer needed)."""
 
+    @staticmethod
+    def for_length(n_chars: int) -> int:
+        """Tokens of one message whose content has ``n_chars`` characters."""
+        return -(-n_chars // CHARS_PER_TOKEN) + ESTIMATED_MESSAGE_OVERHEAD  # ceil, in integers
+
     def turn(self, content: str) -> int:
-        return math.ceil(len(content) / CHARS_PER_TOKEN) + ESTIMATED_MESSAGE_OVERHEAD
+        return self.for_length(len(content))
 
     def base(self, system: str) -> int:
         return 1 + self.turn(system)
 
     def record(self, messages: list[dict[str, str]]) -> int:
-        return 1 + sum(self.turn(m["content"]) for m in messages)
+        ceil_tokens = sum(-(-len(m["content"]) // CHARS_PER_TOKEN) for m in messages)
+        return 1 + ceil_tokens + ESTIMATED_MESSAGE_OVERHEAD * len(messages)
 
 
 class HFTokenCounter:
@@ -149,30 +155,32 @@ class BuiltRecord:
         reason: why there is no record (or why turns were trimmed), else None.
         used_turns: ``Turn.index`` of each turn whose text is in the record.
         tokens: tokens of the record (0 when none).
+        turns: the Turn objects of ``used_turns``, in the same order (so the report need not look them up).
     """
 
     record: dict[str, Any] | None
     reason: str | None = None
     used_turns: list[int] = field(default_factory=list)
     tokens: int = 0
+    turns: list[Turn] = field(default_factory=list)
 
 
 def _prefixed(turn: Turn, speaker_names: bool) -> str:
     return f"{turn.speaker}: {turn.text}" if speaker_names else turn.text
 
 
-def _alternate(turns: list[Turn], speaker_names: bool) -> list[tuple[str, str, list[int]]]:
+def _alternate(turns: list[Turn], speaker_names: bool) -> list[tuple[str, str, list[Turn]]]:
     """user, assistant, user, ... ; a trailing user turn is dropped."""
     usable = turns[: len(turns) - len(turns) % 2]
     return [
-        ("user" if i % 2 == 0 else "assistant", _prefixed(t, speaker_names), [t.index])
+        ("user" if i % 2 == 0 else "assistant", _prefixed(t, speaker_names), [t])
         for i, t in enumerate(usable)
     ]
 
 
 def _persona(
     turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_names: bool
-) -> list[tuple[str, str, list[int]]]:
+) -> list[tuple[str, str, list[Turn]]]:
     """The persona's turns are the assistant, everyone else the user; same-role runs merged."""
     runs: list[tuple[str, list[Turn]]] = []
     for t in turns:
@@ -189,7 +197,7 @@ def _persona(
     for role, group in runs:
         # The persona's own words are not prefixed: the model should answer as them, not write "Name:".
         names = speaker_names and role == "user"
-        out.append((role, "\n".join(_prefixed(t, names) for t in group), [t.index for t in group]))
+        out.append((role, "\n".join(_prefixed(t, names) for t in group), group))
     return out
 
 
@@ -229,6 +237,10 @@ class RecordBuilder:
 
     def turn_cost(self, turn: Turn) -> int:
         """What one turn costs in a record (for window planning)."""
+        if type(self.counter) is CharTokenCounter:
+            # The estimate needs only the length of "Name: text": skip building the string (once per turn).
+            n = len(turn.text) + (len(turn.speaker) + 2 if self.cfg.speaker_names else 0)
+            return CharTokenCounter.for_length(n)
         return self.counter.turn(_prefixed(turn, self.cfg.speaker_names))
 
     def build(self, conv: Conversation) -> BuiltRecord:
@@ -259,9 +271,7 @@ class RecordBuilder:
             reason = "trimmed_to_token_budget"
         if tokens > self.cfg.max_tokens:
             return BuiltRecord(None, "over_token_budget")
-        used = [i for _, _, idx in parts for i in idx]
-        by_index = {t.index: t for t in conv.turns}
-        used_turns = [by_index[i] for i in used]
+        used_turns = [t for _, _, group in parts for t in group]
         record = {
             "messages": messages,
             "meta": {
@@ -273,7 +283,7 @@ class RecordBuilder:
                 "speakers": list(dict.fromkeys(t.speaker for t in used_turns)),
             },
         }
-        return BuiltRecord(record, reason, used, tokens)
+        return BuiltRecord(record, reason, [t.index for t in used_turns], tokens, used_turns)
 
 
 def to_record(
@@ -303,16 +313,19 @@ def validate_record(record: Any) -> list[str]:
     if len(msgs) < 3:
         problems.append("fewer than 3 messages")
     for i, m in enumerate(msgs):
-        want = "system" if i == 0 else ("user" if i % 2 == 1 else "assistant")
-        if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
+        want = "system" if i == 0 else _TURN_ROLES[i % 2]
+        if not (isinstance(m, dict) and m.get("role") == want and isinstance(m.get("content"), str)):
             problems.append(f"message {i}: expected role {want!r} with string content")
     if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != "assistant":
         problems.append("last message is not the assistant")
     meta = record.get("meta")
-    keys = {"conversation_id", "channel", "thread_ts", "start", "end", "speakers"}
-    if not isinstance(meta, dict) or set(meta) != keys:
-        problems.append(f"meta must have exactly {sorted(keys)}")
+    if not isinstance(meta, dict) or meta.keys() != _META_KEYS:
+        problems.append(f"meta must have exactly {sorted(_META_KEYS)}")
     return problems
+
+
+_TURN_ROLES = ("assistant", "user")  # role of message i (i >= 1) is _TURN_ROLES[i % 2]
+_META_KEYS = frozenset({"conversation_id", "channel", "thread_ts", "start", "end", "speakers"})
 
 
 # ---------------------------------------------------------------- split

@@ -288,13 +288,16 @@ class ExportSource:
 class _FolderSource(ExportSource):
     def __init__(self, path: Path, base: Path) -> None:
         self.base = base
+        # str(base / rel) as a plain string prefix: pathlib costs more than reading a small day file.
+        self._prefix = "" if str(base) == "." else os.path.join(str(base), "")
         super().__init__(path, _walk_two_levels(base))
 
     def read_bytes(self, rel: str) -> bytes:
-        return (self.base / rel).read_bytes()
+        with open(self._prefix + rel, "rb") as f:
+            return f.read()
 
     def where(self, rel: str) -> str:
-        return str(self.base / rel)
+        return self._prefix + rel
 
 
 class _ZipSource(ExportSource):
@@ -670,29 +673,32 @@ class _DayParser:
         text = get("text")
         if not isinstance(text, str) or not text or text.isspace():
             text = _message_text(item)
-        # The common message has none of these keys: skip the helpers (this loop runs once per message).
+        # This runs once per message of the export: the common message has none of the keys tested below,
+        # so the helpers are skipped, and Message is built positionally (keywords cost measurably more).
         plain = subtype is None and "bot_id" not in item and "bot_profile" not in item
+        threaded = "thread_ts" in item or "replies" in item or "root" in item or "reply_count" in item
         return Message(
-            channel=self.channel,
-            ts=ts,
-            thread_ts=_thread_ts(item, ts)
-            if "thread_ts" in item or "replies" in item or "root" in item or "reply_count" in item
-            else None,
-            user_id=user_id,
-            user_name=user_name,
-            text=text,
-            subtype=subtype,
-            is_bot=user_is_bot or (not plain and _is_bot_message(item, subtype)) or user_id == SLACKBOT_ID,
-            files=_file_names(item) if "file" in item or "files" in item else [],
-            reactions=_reactions(item) if "reactions" in item else [],
-            edited=bool(get("edited")),
-            source_file=self.where,
-            reply_count=_reply_count(item) if "reply_count" in item or "replies" in item else 0,
+            self.channel,
+            ts,
+            _thread_ts(item, ts) if threaded else None,
+            user_id,
+            user_name,
+            text,
+            subtype,
+            user_is_bot or (not plain and _is_bot_message(item, subtype)) or user_id == SLACKBOT_ID,
+            _file_names(item) if "file" in item or "files" in item else [],
+            _reactions(item) if "reactions" in item else [],
+            bool(get("edited")),
+            self.where,
+            _reply_count(item) if "reply_count" in item or "replies" in item else 0,
         )
 
     def _speaker(self, item: dict[str, Any], subtype: str | None) -> tuple[str | None, str, bool]:
         """(user id, shown name, is_bot from the user record)."""
         user_id = item.get("user")
+        info = self.users.get(user_id) if type(user_id) is str else None
+        if info is not None and user_id.strip():  # the common case: a known user
+            return user_id, info.name, info.is_bot
         if not isinstance(user_id, str) or not user_id.strip():
             user_id = ""
             if isinstance(item.get("comment"), dict):  # file_comment (2015-18)

@@ -78,6 +78,11 @@ class _NameView(Mapping):
     def __getitem__(self, key: str) -> str:
         return self._users[key].name
 
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        # Mapping.get goes through __getitem__ and catches KeyError: this runs for every mention.
+        info = self._users.get(key)
+        return default if info is None else info.name
+
     def __iter__(self):
         return iter(self._users)
 
@@ -311,7 +316,8 @@ def code_blocks(text: str) -> list[str]:
 def find_raw_markup(text: str) -> list[str]:
     """Raw Slack markup (``<@U…>``, ``<#C…>``, ``<!…>``, ``<http…>``, ``<mailto:…>``) and ``&amp;``-style
     escapes outside code. After ``clean_text`` this is always empty."""
-    if "<" not in text and "&" not in text:
+    # A match outside code is also a match of the whole text: one scan settles the common clean turn.
+    if ("<" not in text and "&" not in text) or not _RAW_MARKUP_RE.search(text):
         return []
     found: list[str] = []
     for is_code, chunk in split_code(text):

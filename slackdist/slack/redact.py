@@ -71,7 +71,9 @@ _PHONE_RE = re.compile(
 
 _AWS_PREFIX_RE = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA)")
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
-_DIGIT_RE = re.compile(r"\d")
+_PLUS_DIGIT_RE = re.compile(r"\+\d")
+_AREA_CODE_RE = re.compile(r"\(\d{3}\)")
+_SEPARATED_DIGITS_RE = re.compile(r"[-.]\d{3}[-.]\d{4}")
 
 
 @dataclass
@@ -89,16 +91,21 @@ class Redactor:
     def redact(self, text: str) -> tuple[str, Counter]:
         """Redact one text (idempotent: a second call changes nothing).
 
-        Each rule first checks for a cheap sign of its kind (a substring), so ordinary messages cost a few
-        ``in`` tests; this runs once per message of the export.
-
         Returns:
             The redacted text and a Counter of replacements per kind (``slack_token``, ``github_token``,
             ``aws_key``, ``private_key``, ``jwt``, ``bearer``, ``password``, ``email``, ``phone``).
         """
         counts: Counter = Counter()
+        return self.redact_into(text, counts), counts
+
+    def redact_into(self, text: str, counts: Counter) -> str:
+        """Like :meth:`redact`, adding the replacements per kind to ``counts`` (no Counter per call).
+
+        Each rule first checks for a cheap sign of its kind (a substring), so ordinary messages cost a few
+        ``in`` tests; this runs once per message of the export.
+        """
         if not text:
-            return text, counts
+            return text
         if "PRIVATE KEY" in text:
             text = _subn(_PRIVATE_KEY_RE, SECRET, text, counts, "private_key")
         if "xox" in text or "xapp-" in text or "hooks.slack" in text:
@@ -120,9 +127,22 @@ class Redactor:
             text = _PASSWORD_RE.sub(_counting(_keep_key_unless_placeholder, counts, "password"), text)
         if not self.keep_emails and "@" in text and _EMAIL_HINT_RE.search(text):
             text = _subn(_EMAIL_RE, EMAIL, text, counts, "email")
-        if not self.keep_phones and _DIGIT_RE.search(text):
+        if not self.keep_phones and _may_hold_phone(text):
             text = _PHONE_RE.sub(_counting(_phone, counts, "phone"), text)
-        return text, counts
+        return text
+
+
+def _may_hold_phone(text: str) -> bool:
+    """A necessary condition for a _PHONE_RE match, about 10x cheaper than scanning with it.
+
+    Its three forms need ``+digit``, ``(ddd)``, or ``-ddd-dddd`` / ``.ddd.dddd``; the ``in`` tests
+    skip each regex on the many texts without that character.
+    """
+    return (
+        ("+" in text and _PLUS_DIGIT_RE.search(text) is not None)
+        or ("(" in text and _AREA_CODE_RE.search(text) is not None)
+        or (("-" in text or "." in text) and _SEPARATED_DIGITS_RE.search(text) is not None)
+    )
 
 
 def _subn(pattern: re.Pattern, replace, text: str, counts: Counter, kind: str) -> str:

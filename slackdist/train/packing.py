@@ -94,7 +94,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -141,7 +141,7 @@ def load_examples(
     from tqdm.auto import tqdm
 
     path = Path(path)
-    records = _read_records(path)
+    records = read_records(path)
     examples = Examples()
     examples.num_records = len(records)
     show = _is_main_process() if progress is None else progress

@@ -1,0 +1,146 @@
+"""Training throughput of `slackdist train` on a Llama-3.2-3B-shaped model, beside the TRL peer.
+
+Each variant runs the real `python -m slackdist train` in its own process (fresh CUDA memory
+statistics) on the same synthetic chat data, for `--warm` + `--steps` optimizer steps, and is
+timed from its metrics.jsonl over the steps after warm-up. Tokens are real (non-padding) input
+tokens. The peer script (`--peer PATH`, normally a copy of ../shared/gpu/peer_trl_qlora.py) runs in
+the same call on the same length distribution, so the ratio is measured on one machine.
+
+    python bench/train_throughput.py --variants default,plain --peer .peer/peer_trl_qlora.py \
+        --peer-configs seed,seed_liger --json $OUT/train_throughput.json
+
+MFU uses the common 6·N·T estimate (N = 3.21e9 base parameters) over the H100's dense bf16 peak
+(989 TFLOP/s); frozen base weights get no weight gradient, so the true useful work is closer to
+4·N·T: treat the figure as a comparison, not an absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common  # noqa: E402
+
+N_PARAMS = 3.21e9
+PEAK_FLOPS = 989e12
+
+# Each variant is a list of `slackdist train` flags on top of the shared ones.
+VARIANTS: dict[str, list[str]] = {
+    # the shipped defaults, whatever they are
+    "default": [],
+    # every optimisation off: SDPA over whole packed rows, full-vocabulary logits, checkpointing on
+    "plain": ["--attn-implementation", "sdpa", "--loss-chunk-size", "0", "--gradient-checkpointing"],
+    "no_ckpt": ["--no-gradient-checkpointing"],
+    "no_ckpt_4k": ["--no-gradient-checkpointing", "--max-seq-len", "4096", "--micro-batch-size", "1"],
+    "fused_adamw": ["--optimizer", "adamw_torch_fused"],
+    "fast": ["--no-gradient-checkpointing", "--optimizer", "adamw_torch_fused"],
+    "low_mem": ["--micro-batch-size", "1", "--gradient-accumulation-steps", "4"],
+}
+
+
+def run_ours(name: str, flags: list[str], args: argparse.Namespace, model: Path, data: Path) -> dict:
+    out = Path(args.workdir) / f"run_{name}"
+    cmd = [
+        sys.executable, "-m", "slackdist", "train",
+        "--model", str(model), "--data", str(data), "--output", str(out),
+        "--max-steps", str(args.warm + args.steps), "--eval-every-n-steps", "0",
+        "--save-every-n-steps", "0", "--log-every-n-steps", "1", "--seed", "0",
+        *flags,
+    ]  # fmt: skip
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"[{name}] FAILED (exit {proc.returncode}):\n{tail}", flush=True)
+        return {"name": name, "failed": True, "error": tail[-500:]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step_seconds" in r and r["step"] > args.warm]
+    tokens = sum(r["input_tokens"] for r in steps)
+    seconds = sum(r["step_seconds"] for r in steps)
+    tps = tokens / seconds
+    return {
+        "name": name,
+        "flags": " ".join(flags),
+        "steps_timed": len(steps),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tps, 1),
+        "peak_gib": round(max(r["peak_mem_gib"] for r in steps), 2),
+        "mfu_6nt": round(6 * N_PARAMS * tps / PEAK_FLOPS, 3),
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "losses": [r["loss"] for r in rows if "step_seconds" in r],
+        "wall_s": round(wall, 1),
+    }
+
+
+def run_peer(args: argparse.Namespace) -> list[dict]:
+    """The TRL peer in a subprocess; its RESULT lines are collected."""
+    cmd = [sys.executable, args.peer, "--configs", args.peer_configs, "--steps", str(args.warm + args.steps),
+           "--warm", str(args.warm)]  # fmt: skip
+    env = dict(os.environ)
+    if args.peer_pythonpath:
+        env["PYTHONPATH"] = args.peer_pythonpath
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        print(f"[peer] exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+    return [{"name": f"peer_trl_{r['name']}", "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
+             "steps_timed": r["steps_timed"], "tokens": r["tokens"]} for r in results]  # fmt: skip
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {
+        r["name"]: r["tokens_per_s"] for r in rows if r["name"].startswith("peer_") and "tokens_per_s" in r
+    }
+    header = f"{'run':<24}{'tokens/s':>10}{'peak GiB':>10}{'MFU(6NT)':>10}" + "".join(
+        f"{'x ' + k[9:]:>14}" for k in base
+    )
+    print(header)
+    for r in rows:
+        if r.get("failed"):
+            print(f"{r['name']:<24}{'failed':>10}")
+            continue
+        ratios = "".join(f"{r['tokens_per_s'] / v:>14.2f}" for v in base.values())
+        mfu = f"{r['mfu_6nt']:>10.3f}" if "mfu_6nt" in r else f"{'':>10}"
+        print(f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{mfu}{ratios}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="default,plain", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    ap.add_argument("--warm", type=int, default=5, help="untimed warm-up steps")
+    ap.add_argument("--model-dir", default="/tmp/l32_3b", help="built here if missing")
+    ap.add_argument("--data-dir", default="/tmp/l32_chats", help="built here if missing")
+    ap.add_argument("--workdir", default="/tmp/slackdist_bench")
+    ap.add_argument("--peer", default=None, help="path of peer_trl_qlora.py to run beside ours")
+    ap.add_argument("--peer-configs", default="seed,seed_liger")
+    ap.add_argument("--peer-pythonpath", default=None, help="PYTHONPATH for the peer (its own packages)")
+    ap.add_argument("--json", default="bench/results/train_throughput.json")
+    args = ap.parse_args()
+
+    model = gpu_common.build_model_dir(args.model_dir)
+    data = gpu_common.write_dataset(args.data_dir)
+    rows = []
+    for name in args.variants.split(","):
+        rows.append(run_ours(name, VARIANTS[name], args, model, data))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+    if args.peer:
+        rows.extend(run_peer(args))
+    print(f"\nGPU: {gpu_common.gpu_name()}, {args.steps} steps timed after {args.warm} warm-up")
+    print_table(rows)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d"),
+                                           "rows": rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

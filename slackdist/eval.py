@@ -1,0 +1,300 @@
+"""`slackdist eval --model-dir DIR [--data DIR]`: held-out loss and sample replies, base vs tuned.
+
+Loss is the mean next-token cross-entropy per label token on `test.jsonl`, with the
+labels training uses (`slackdist.train.packing.make_example`: assistant tokens by
+default, from `encode_chat`), for the base model (the adapter disabled) and the tuned
+model; perplexity is `exp(loss)`. Sample generations answer the last assistant turn of
+a few held-out conversations (prompt = the conversation before it, reference = that
+turn). Results go to `eval.json` and `eval.md` in `--out` (default: the model folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slackdist.errors import SlackdistError
+
+if TYPE_CHECKING:
+    from slackdist.config import Config
+    from slackdist.generate import GenerationSettings
+    from slackdist.model.load import InferenceModel
+    from slackdist.train.packing import Example
+
+TEST_FILE = "test.jsonl"
+LOSS_CHUNK_TOKENS = 1024
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+@dataclass
+class LossResult:
+    """Held-out loss of one model."""
+
+    loss: float
+    """Mean cross-entropy per label token (nats)."""
+    perplexity: float
+    label_tokens: int
+    conversations: int
+
+
+@dataclass
+class Sample:
+    """One held-out conversation answered by both models."""
+
+    conversation_id: str
+    channel: str
+    prompt: list[dict[str, str]]
+    reference: str
+    base: str | None
+    tuned: str
+
+
+def heldout_loss(
+    im: InferenceModel, examples: list[Example], *, adapter: bool = True, max_batches: int = 0
+) -> LossResult:
+    """Loss per label token over examples, one conversation per forward (no padding, no packing).
+
+    Args:
+        im: the loaded model.
+        examples: token ids and labels (`slackdist.train.packing.load_examples`).
+        adapter: False measures the base model (the adapter disabled).
+        max_batches: evaluate at most this many conversations (0: all).
+
+    Returns:
+        The loss, its perplexity and how many label tokens / conversations it covers.
+    """
+    import contextlib
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from slackdist.train.loss import chunked_lm_loss
+
+    model = im.model
+    device = next(model.parameters()).device
+    todo = examples[:max_batches] if max_batches > 0 else examples
+    total, tokens = 0.0, 0
+    ctx = contextlib.nullcontext() if adapter else model.disable_adapter()
+    with ctx, torch.inference_mode():
+        for ex in tqdm(todo, desc=f"loss ({'tuned' if adapter else 'base'})", unit="conv", leave=False):
+            input_ids = torch.tensor([ex.input_ids], device=device)
+            labels = torch.tensor([ex.labels], device=device)
+            # Only the last hidden state is kept: lm_head + cross-entropy run on labelled positions in
+            # chunks, so a 128k vocabulary never materialises [T, vocab] logits.
+            out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            loss_sum, n = chunked_lm_loss(
+                out.hidden_states[-1], model.get_output_embeddings(), labels, LOSS_CHUNK_TOKENS
+            )
+            total += float(loss_sum)
+            tokens += n
+    if tokens == 0:
+        raise SlackdistError(
+            "no label tokens in the held-out data (every conversation lacks assistant turns?)"
+        )
+    loss = total / tokens
+    return LossResult(
+        loss=loss, perplexity=math.exp(min(loss, 700.0)), label_tokens=tokens, conversations=len(todo)
+    )
+
+
+def pick_samples(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """`n` records spread evenly over the file (deterministic)."""
+    if n <= 0 or not records:
+        return []
+    if n >= len(records):
+        return list(records)
+    if n == 1:
+        return [records[0]]
+    step = (len(records) - 1) / (n - 1)
+    return [records[round(i * step)] for i in range(n)]
+
+
+def sample_replies(
+    im: InferenceModel, records: list[dict[str, Any]], settings: GenerationSettings
+) -> list[Sample]:
+    """Base and tuned replies to the last assistant turn of each record.
+
+    Raises:
+        PromptTooLongError: a conversation whose last user turn alone does not fit the context.
+    """
+    from tqdm.auto import tqdm
+
+    from slackdist.generate import context_limit, reply, trim_history
+
+    has_base = hasattr(im.model, "disable_adapter")
+    limit = context_limit(im, settings)
+    samples = []
+    for record in tqdm(records, desc="sample replies", unit="conv", leave=False):
+        messages = record["messages"]
+        prompt = trim_history(im.tokenizer, messages[:-1], limit, min(settings.max_new_tokens, limit // 2))
+        meta = record.get("meta") or {}
+        samples.append(
+            Sample(
+                conversation_id=str(meta.get("conversation_id", "")),
+                channel=str(meta.get("channel", "")),
+                prompt=prompt,
+                reference=messages[-1]["content"],
+                base=reply(im, prompt, settings, adapter=False) if has_base else None,
+                tuned=reply(im, prompt, settings),
+            )
+        )
+    return samples
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line if line else ">" for line in (text.strip() or "(empty)").splitlines())
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """eval.md: the loss table and the sample replies."""
+    lines = [
+        f"# Evaluation of `{result['model_dir']}`",
+        "",
+        f"Held-out data: `{result['data']}`: {result['conversations']} conversations, "
+        f"{result['label_tokens']} label tokens ({result['train_on']} tokens).",
+        "",
+        "| model | loss per token | perplexity |",
+        "|---|---|---|",
+    ]
+    for name in ("base", "tuned"):
+        r = result[name]
+        label = f"base (`{result['base_model']}`)" if name == "base" else "tuned"
+        lines.append(
+            f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} |" if r else f"| {label} | n/a | n/a |"
+        )
+    if result["base"] and result["tuned"]:
+        drop = result["base"]["loss"] - result["tuned"]["loss"]
+        lines += ["", f"Tuning changed the held-out loss by {-drop:+.4f} nats per token."]
+    for i, s in enumerate(result["samples"], 1):
+        where = f" (#{s['channel']})" if s["channel"] else ""
+        lines += [
+            "",
+            f"## Sample {i}{where} `{s['conversation_id']}`",
+            "",
+            "**Prompt** (after the system prompt):",
+            "",
+        ]
+        for m in s["prompt"]:
+            if m["role"] != "system":
+                lines += [f"*{m['role']}*:", "", _quote(m["content"]), ""]
+        lines += ["**Reference:**", "", _quote(s["reference"]), ""]
+        if s["base"] is not None:
+            lines += ["**Base:**", "", _quote(s["base"]), ""]
+        lines += ["**Tuned:**", "", _quote(s["tuned"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temp file in the same folder, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def data_dir_for(im: InferenceModel, data: str | None, model_dir: str) -> Path:
+    """The prepared data folder: --data, else the one the model was trained on.
+
+    Raises:
+        SlackdistError: no --data and no training config to find it in.
+    """
+    if data:
+        return Path(data)
+    if im.config is None:
+        raise SlackdistError(
+            f"{model_dir}: no slackdist_config.yaml to find the training data in; pass --data DIR"
+        )
+    return Path(im.config.train.data_dir)
+
+
+def evaluate(
+    im: InferenceModel,
+    data_dir: Path,
+    settings: GenerationSettings,
+    *,
+    num_samples: int = 5,
+    max_batches: int = 0,
+    model_dir: str = "",
+) -> dict[str, Any]:
+    """Loss / perplexity of base and tuned on DATA/test.jsonl, plus sample replies.
+
+    Returns:
+        The eval.json content.
+
+    Raises:
+        SlackdistError: missing or malformed test.jsonl, or no label tokens in it.
+    """
+    from slackdist.train.packing import load_examples, read_records
+
+    path = data_dir / TEST_FILE
+    train_on = im.config.train.train_on if im.config is not None else "assistant"
+    max_seq_len = im.config.train.max_seq_len if im.config is not None else DEFAULT_MAX_SEQ_LEN
+    records = [record for _, record in read_records(path)]
+    if not records:
+        raise SlackdistError(f"{path}: no conversations to evaluate on")
+    examples = load_examples(path, im.tokenizer, train_on=train_on, max_seq_len=max_seq_len)
+    if not examples:
+        raise SlackdistError(f"{path}: every conversation is longer than max_seq_len={max_seq_len}")
+    has_base = hasattr(im.model, "disable_adapter")
+    base = heldout_loss(im, examples, adapter=False, max_batches=max_batches) if has_base else None
+    tuned = heldout_loss(im, examples, max_batches=max_batches)
+    samples = sample_replies(im, pick_samples(records, num_samples), settings)
+    return {
+        "model_dir": model_dir,
+        "kind": im.kind,
+        "base_model": im.base,
+        "data": str(path),
+        "train_on": train_on,
+        "conversations": tuned.conversations,
+        "label_tokens": tuned.label_tokens,
+        "base": asdict(base) if base else None,
+        "tuned": asdict(tuned),
+        "settings": asdict(settings),
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    """`slackdist eval --model-dir DIR [--data DIR] [--num-samples N] [--out DIR] [--max-batches N]`.
+
+    Raises:
+        SlackdistError: bad model folder or data.
+    """
+    from slackdist.chat import load_model
+    from slackdist.generate import GenerationSettings
+
+    im = load_model(cfg)
+    data_dir = data_dir_for(im, args.data, cfg.chat.model_dir)
+    settings = GenerationSettings.from_config(cfg.chat)
+    if settings.seed is None:
+        settings = settings.replace(seed=0)  # reproducible sample replies
+    result = evaluate(
+        im,
+        data_dir,
+        settings,
+        num_samples=args.num_samples,
+        max_batches=args.max_batches,
+        model_dir=cfg.chat.model_dir,
+    )
+    out = Path(args.out or cfg.chat.model_dir)
+    write_atomic(out / "eval.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(out / "eval.md", render_markdown(result))
+    for name in ("base", "tuned"):
+        r = result[name]
+        if r:
+            print(f"{name:>5}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}")
+    print(
+        f"{result['label_tokens']} label tokens in {result['conversations']} conversations; wrote {out}/eval.md"
+    )
+    return 0

@@ -1,0 +1,155 @@
+"""`slackdist merge`: fold a LoRA adapter into its 16-bit base and write sharded safetensors.
+
+The base is loaded in 16-bit (or fp32) on the CPU, never in 4-bit: merging into NF4 weights would
+re-quantize the sum and lose most of the adapter. The result loads with plain
+`AutoModelForCausalLM.from_pretrained(MERGED)`.
+
+Tied embeddings (Llama 3.2 1B/3B): with a LoRA on `lm_head`, the merged output projection is
+embedding + delta while the input embedding must stay the base embedding. So the merge unties
+first: lm_head gets its own copy of the embedding, `tie_word_embeddings` becomes False, and both
+weights are saved. Without a LoRA on lm_head or the embedding the tie is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slackdist.errors import SlackdistError
+
+if TYPE_CHECKING:
+    from slackdist.config import Config
+
+_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _adapter_meta(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise SlackdistError(
+            f"{adapter_dir}: no adapter_config.json (expected a `slackdist train` output or checkpoint)"
+        )
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise SlackdistError(f"{adapter_dir}: no adapter_model.safetensors")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlackdistError(f"{path}: unreadable ({e})") from None
+
+
+def untie_adapted_embeddings(peft_model: Any) -> bool:
+    """Give lm_head its own copy of a tied embedding when a LoRA sits on either of them; True if untied.
+
+    Done after the adapter is loaded and before merging, on the base layer under the LoRA wrapper:
+    merging into a still-shared tensor would apply the delta to both the input embedding and
+    lm_head (and with PEFT's `ensure_weight_tying`, where lm_head's LoRA is the embedding's LoRA
+    transposed, it would apply it twice; peft 0.21 does exactly that).
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return False
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    if out is None or not any(isinstance(m, LoraLayer) for m in (inp, out)):
+        return False
+    target = out.get_base_layer() if isinstance(out, LoraLayer) else out
+    target.weight = torch.nn.Parameter(target.weight.detach().clone(), requires_grad=False)
+    config.tie_word_embeddings = False
+    base.config.tie_word_embeddings = False
+    return True
+
+
+def _retie_if_equal(model: Any) -> None:
+    """Tie the embeddings again when the merge left them equal (PEFT's `ensure_weight_tying` adapters)."""
+    import torch
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if torch.equal(inp.weight, out.weight):
+        out.weight = inp.weight
+        model.config.tie_word_embeddings = True
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = True
+
+
+def merge_adapter(
+    adapter_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    base: str | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Merge an adapter into its base model and save the result.
+
+    Args:
+        adapter_dir: a training output folder or a checkpoint (adapter_config.json + adapter_model.safetensors).
+        output_dir: folder for config.json, model-*.safetensors (+ index), tokenizer and chat template;
+            written to a temp folder next to it, then renamed (an existing folder is replaced).
+        base: base model (default: `base_model_name_or_path` of adapter_config.json).
+        dtype: bf16, fp16 or fp32 for the merged weights.
+        max_shard_size: largest safetensors shard ("2GB", "500MB", ...).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        SlackdistError: not an adapter folder, no base model, or a base that cannot load.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
+
+    if dtype not in _DTYPES:
+        raise SlackdistError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    meta = _adapter_meta(adapter_dir)
+    base = base or meta.get("base_model_name_or_path")
+    if not base:
+        raise SlackdistError(
+            f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; pass --base"
+        )
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map={"": "cpu"})
+    except (OSError, ValueError) as e:
+        raise SlackdistError(f"{base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+    with quiet_tied_lora_warning():
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    untied = untie_adapted_embeddings(model)
+    merged = model.merge_and_unload(safe_merge=True)
+    if untied:
+        _retie_if_equal(merged)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(str(tmp))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    """`slackdist merge --adapter OUT --output MERGED [--base ...] [--max-shard-size 2GB] [--dtype bf16]`."""
+    out = merge_adapter(
+        args.adapter, args.output, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size
+    )
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"merged model written to {out} ({len(shards)} safetensors file{'s' if len(shards) != 1 else ''})")
+    return 0
