@@ -9,23 +9,23 @@ rm -rf "$out"
 mkdir -p "$out"
 
 echo "== 1/6 prepare: tests/fixtures/sample_export -> $out/prepared"
-python -m slackdist prepare tests/fixtures/sample_export --out "$out/prepared" --split 80,10,10
+python -m slackdist prepare tests/fixtures/sample_export --out "$out/prepared" --split 70,15,15
 
 echo "== 2/6 tiny-model: a random Llama-3-architecture model with our tokenizer -> $out/tiny-model"
 python -m slackdist tiny-model "$out/tiny-model"
 
 echo "== 3/6 train: QLoRA on CPU -> $out/finetuned"
 python -m slackdist train --model "$out/tiny-model" --data "$out/prepared" --output "$out/finetuned" \
-  --max-steps 40 --max-seq-len 512 --micro-batch-size 2 --gradient-accumulation-steps 1 --lr 2e-3 \
-  --eval-every-n-steps 10 --save-every-n-steps 10
+  --num-epochs 8 --max-seq-len 1024 --micro-batch-size 2 --gradient-accumulation-steps 1 --lr 2e-3 \
+  --eval-every-n-steps 5 --save-every-n-steps 10
 
 echo "== 4/6 merge: adapter + 16-bit base -> $out/merged (sharded safetensors)"
-python -m slackdist merge --adapter "$out/finetuned" --output "$out/merged" --dtype fp32 --max-shard-size 1MB
+python -m slackdist merge --adapter "$out/finetuned" --output "$out/merged" --dtype fp32 --max-shard-size 200KB
 
 echo "== 5/6 eval: held-out loss, base vs tuned -> $out/finetuned/eval.md"
 python -m slackdist eval --model-dir "$out/finetuned" --data "$out/prepared" --num-samples 2 --max-new-tokens 16
 
-echo "== 6/6 chat: one reply from the tuned model"
+echo "== 6/6 chat: one reply from the tuned model (the tiny model is random, so its reply is noise)"
 python -m slackdist chat --model-dir "$out/finetuned" --prompt "Did the deploy go out?" --max-new-tokens 24 --seed 0
 
 echo

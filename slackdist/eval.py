@@ -11,15 +11,13 @@ turn). Results go to `eval.json` and `eval.md` in `--out` (default: the model fo
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slackdist.errors import SlackdistError
+from slackdist.files import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from slackdist.config import Config
@@ -190,19 +188,6 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temp file in the same folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def data_dir_for(im: InferenceModel, data: str | None, model_dir: str) -> Path:
     """The prepared data folder: --data, else the one the model was trained on.
 
@@ -288,8 +273,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         model_dir=cfg.chat.model_dir,
     )
     out = Path(args.out or cfg.chat.model_dir)
-    write_atomic(out / "eval.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
-    write_atomic(out / "eval.md", render_markdown(result))
+    write_json_atomic(out / "eval.json", result)
+    write_text_atomic(out / "eval.md", render_markdown(result))
     for name in ("base", "tuned"):
         r = result[name]
         if r:

@@ -13,14 +13,7 @@ from train_helpers import read_metrics, step_losses, tiny_config, write_dataset
 
 from slackdist.config import save_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread when other tests share the CPU cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

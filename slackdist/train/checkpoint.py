@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slackdist.errors import SlackdistError
+from slackdist.files import write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -367,7 +368,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / CONFIG_FILE)
-        write_json(tmp / TRAINER_STATE, state.state_dict())
+        write_json_atomic(tmp / TRAINER_STATE, state.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again after a resume
@@ -394,14 +395,6 @@ def _deepspeed_kwargs(accelerator: Accelerator, mode: str) -> dict[str, Any]:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return {}
     return {"exclude_frozen_parameters": True} if mode == "save" else {"load_module_strict": False}
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON through a temp file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def register_adapter_state_hooks(accelerator: Accelerator, model: torch.nn.Module) -> None:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from slackdist.config import Config, save_config
 from slackdist.errors import SlackdistError
+from slackdist.files import write_json_atomic, write_text_atomic
 from slackdist.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -534,9 +535,7 @@ class MetricsLog:
                 continue
             if entry.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, values: dict[str, Any], step: int) -> None:
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
@@ -831,7 +830,7 @@ class LoRARecipe:
                 trained=state.updates > 0,
             )
             if self.accelerator.is_main_process:
-                ckpt.write_json(best / "eval.json", {"step": state.global_step, "eval_loss": loss})
+                write_json_atomic(best / "eval.json", {"step": state.global_step, "eval_loss": loss})
         else:
             state.evals_without_improvement += 1
         if 0 < t.early_stopping_patience <= state.evals_without_improvement:
@@ -884,7 +883,7 @@ class LoRARecipe:
                 )
             self.tokenizer.save_pretrained(str(self.out))
             save_config(self.cfg, self.out / ckpt.CONFIG_FILE)
-            ckpt.write_json(self.out / ckpt.TRAINER_STATE, state.state_dict())
+            write_json_atomic(self.out / ckpt.TRAINER_STATE, state.state_dict())
             if (self.out / METRICS_FILE).is_file():
                 plot_losses(self.out / METRICS_FILE, self.out / LOSS_PLOT)
         accelerator.wait_for_everyone()
