@@ -37,14 +37,17 @@ class Timing:
 
 
 def build_3b(out_dir: Path) -> Path:
-    """A random Llama-3.2-3B-shaped model (bf16) with a word-level tokenizer, unless already there.
+    """A random Llama-3.2-3B-shaped model (bf16), unless already there.
 
-    Speed does not depend on which ids the prompt holds, so the shared benchmark model serves.
+    No Llama tokenizer offline: the tiny byte-level BPE (ids < 1100) with the Llama 3 special tokens and
+    chat template. Speed does not depend on which ids the prompt holds.
     """
+    from slackdist.model.tiny import build_tiny_tokenizer
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gpu_common
 
-    return gpu_common.build_model_dir(out_dir)
+    return gpu_common.build_model_dir(out_dir, tokenizer=build_tiny_tokenizer())
 
 
 def build_adapter(base_dir: Path, out_dir: Path) -> Path:

@@ -72,8 +72,8 @@ def build_tokenizer(vocab_size: int = L32_3B["vocab_size"]):
     return fast
 
 
-def build_model_dir(path: str | Path, *, layers: int | None = None) -> Path:
-    """Random-init Llama-3.2-3B shape in bf16 + our tokenizer, saved with save_pretrained (once)."""
+def build_model_dir(path: str | Path, *, layers: int | None = None, tokenizer=None) -> Path:
+    """Random-init Llama-3.2-3B shape in bf16 + a tokenizer (default: `build_tokenizer()`), saved once."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,7 +88,7 @@ def build_model_dir(path: str | Path, *, layers: int | None = None) -> Path:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if not (path / "tokenizer.json").exists():
-        build_tokenizer().save_pretrained(path)
+        (tokenizer or build_tokenizer()).save_pretrained(path)
     return path
 
 
