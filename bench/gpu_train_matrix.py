@@ -8,7 +8,7 @@ On the GPU machine (bitsandbytes comes as a wheel, see ../shared/gpu/README.md):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl \
       && export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu_train_matrix.py
 
-For each launch config, at `--num_processes 1` through `scripts/slurm_launch.sh --node` (the same per-node
+For each launch config, at `--num_processes N` (`--num-processes`, default 1) through `scripts/slurm_launch.sh --node` (the same per-node
 command the SLURM scripts run, with `--resume auto`):
   1. train with 4-bit weights; when metrics.jsonl shows step `--preempt-at`, send SIGUSR1 (as SLURM would
      before the time limit): the run must checkpoint and exit 75;
@@ -68,7 +68,7 @@ def launch(
     env = {
         **os.environ,
         "LAUNCH_CONFIG": f"launch_configs/{config}.yaml",
-        "GPUS_PER_NODE": "1",
+        "GPUS_PER_NODE": str(args.num_processes),
         "SLURM_NNODES": "1",
     }
     train_args = [
@@ -121,7 +121,7 @@ def run_config(
     shutil.rmtree(out, ignore_errors=True)
     log = results_dir / f"{config}.log"
     log.unlink(missing_ok=True)
-    record: dict[str, Any] = {"config": config}
+    record: dict[str, Any] = {"config": config, "num_processes": args.num_processes}
 
     # 1. train until --preempt-at, then SIGUSR1 -> checkpoint -> exit 75
     start = time.perf_counter()
@@ -245,6 +245,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s median")
     parser.add_argument("--save-every", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--num-processes", type=int, default=1, help="GPUs (processes) per run")
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=2048)
