@@ -51,7 +51,7 @@ class DataConfig:
     """How a Slack export becomes chat records (`slackdist prepare`)."""
 
     include_dms: bool = opt(False, "Include direct messages and group DMs (private; off by default).")
-    include_private: bool = opt(True, "Include private channels (groups.json).")
+    include_private: bool = opt(False, "Include private channels (groups.json; private, off by default).")
     channels: list[str] = opt(None, "Only these channels (names, comma-separated).", factory=list)
     exclude_channels: list[str] = opt(
         None, "Leave out these channels (names, comma-separated).", factory=list

@@ -29,11 +29,15 @@ from slackdist.slack.export import (
 )
 
 
-def read_all(path, *, include_dms: bool = True, **kwargs) -> tuple[list[Message], Warnings]:
+def read_all(
+    path, *, include_dms: bool = True, include_private: bool = True, **kwargs
+) -> tuple[list[Message], Warnings]:
     warnings = Warnings()
     with open_export(path) as src:
         users = load_users(src, warnings)
-        channels = list_channels(src, include_dms=include_dms, warnings=warnings, **kwargs)
+        channels = list_channels(
+            src, include_dms=include_dms, include_private=include_private, warnings=warnings, **kwargs
+        )
         messages = [m for c in channels for m in iter_messages(src, c, users, warnings)]
     return messages, warnings
 
@@ -79,7 +83,7 @@ def test_sample_export_counts(sample_export_dir: Path) -> None:
 
 def test_sample_export_channels_and_privacy(sample_export_dir: Path) -> None:
     with open_export(sample_export_dir) as src:
-        every = {c.folder: c for c in list_channels(src, include_dms=True)}
+        every = {c.folder: c for c in list_channels(src, include_dms=True, include_private=True)}
         assert {c.kind for c in every.values()} == {"public", "private", "dm", "mpim"}
         assert every["D0DMADAGR1"] == Channel("D0DMADAGR1", "D0DMADAGR1", "dm", "D0DMADAGR1")
         assert every["mpdm-ada--grace--alan-1"].kind == "mpim"
@@ -87,15 +91,15 @@ def test_sample_export_channels_and_privacy(sample_export_dir: Path) -> None:
         fc = every["FC:F0CANVAS1:Team notes #1"]  # no metadata entry: public, named after its folder
         assert (fc.kind, fc.name) == ("public", fc.folder)
         assert "no-messages" not in {c.name for c in every.values()}  # in channels.json, no folder
-        default = {c.name for c in list_channels(src)}
-        assert default == {"general", "engineering", "random", "international", "secret-project", fc.name}
-        assert "secret-project" not in {c.name for c in list_channels(src, include_private=False)}
+        default = {c.name for c in list_channels(src)}  # private channels and DMs only when opted in
+        assert default == {"general", "engineering", "random", "international", fc.name}
+        assert "secret-project" in {c.name for c in list_channels(src, include_private=True)}
         only = list_channels(src, channels=["#general", "C0ENGINEE1"])
         assert [c.name for c in only] == ["general", "engineering"]
         assert "random" not in {c.name for c in list_channels(src, exclude_channels=["random"])}
         with pytest.raises(SlackdistError, match="no channel named nope"):
             list_channels(src, channels=["nope"])
-        assert count_day_files(src, list_channels(src, include_dms=True)) == 10
+        assert count_day_files(src, list_channels(src, include_dms=True, include_private=True)) == 10
 
 
 def test_sample_export_threads_and_order(sample_export_dir: Path) -> None:

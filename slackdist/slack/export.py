@@ -539,7 +539,7 @@ def list_channels(
     src: ExportSource,
     *,
     include_dms: bool = False,
-    include_private: bool = True,
+    include_private: bool = False,
     channels: Iterable[str] = (),
     exclude_channels: Iterable[str] = (),
     warnings: Warnings | None = None,
