@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slackdist.slack.markup import (
+    _EMOJI_RE,
     MarkupContext,
     clean_text,
     code_blocks,
@@ -225,3 +228,11 @@ def test_idempotent_and_clean_with_hostile_names(text: str, user_name: str, chan
     assert clean_text(once, ctx) == once
     assert find_raw_markup(once) == []
     assert code_blocks(once) == [decode_entities(b) for b in code_blocks(text)]
+
+
+@given(st.text(alphabet="ab1Z9:_+-' \n", max_size=30))
+def test_emoji_pattern_finds_what_a_leading_lookbehind_finds(text: str) -> None:
+    # _EMOJI_RE puts its lookbehind after the first ':' (for speed); it must find the same matches.
+    leading = re.compile(r"(?<![A-Za-z0-9]):([a-z0-9_+'\-]+):(?![A-Za-z0-9])")
+    spans = [(m.span(), m.group(1)) for m in _EMOJI_RE.finditer(text)]
+    assert spans == [(m.span(), m.group(1)) for m in leading.finditer(text)]

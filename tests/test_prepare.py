@@ -11,11 +11,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slackdist.cli import main as cli_main
 from slackdist.config import DataConfig
 from slackdist.data.prepare import prepare
 from slackdist.data.records import SPLIT_NAMES, group_of, validate_record
+from slackdist.data.report import _TOKEN_BINS, _TURN_BINS, histogram
 from slackdist.errors import SlackdistError
 from slackdist.slack.markup import code_blocks, decode_entities, find_raw_markup
 
@@ -404,3 +407,21 @@ def test_results_are_merged_in_channel_order_whatever_order_they_finish_in():
         merged.append(result.index)
         assert bar.n >= len(merged)  # the bar counts each channel as it finishes, before it is merged
     assert merged == [0, 1, 2, 3] and bar.n == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=-10, max_value=40000), max_size=60),
+    st.sampled_from([_TURN_BINS, _TOKEN_BINS, [5], [0, 1]]),
+)
+def test_histogram_bins_each_value_under_the_last_edge_it_reaches(values, edges):
+    labels = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:], strict=False)] + [f"{edges[-1]}+"]
+    want = dict.fromkeys(labels, 0)
+    for v in values:  # the slow way: walk the edges (below the first edge counts in the first bin)
+        i = 0
+        while i < len(edges) - 1 and v >= edges[i + 1]:
+            i += 1
+        want[labels[i]] += 1
+    got = histogram(values, edges)
+    assert list(got) == labels
+    assert got == want

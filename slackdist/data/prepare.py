@@ -174,30 +174,51 @@ class PartWriter:
             fh.close()
 
 
-def join_parts(tmp: Path, n_channels: int, by: str, fractions, starts: dict[str, float]) -> None:
-    """Concatenate the channels' part files, in channel order, into DIR/{train,validation,test}.jsonl."""
-    parts = tmp / "parts"
-    outs = [open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in SPLIT_NAMES]  # noqa: SIM115
-    try:
-        assign = time_split(starts, fractions) if by == "time" else {}
-        for index in range(n_channels):
-            if by == "time":
-                spool = parts / f"{index:06d}.spool"
+class PartJoiner:
+    """Concatenates the channels' part files, in channel order, into DIR/{train,validation,test}.jsonl.
+
+    With the hash split a channel's part files are final once the channel is done, so they are appended
+    as the results arrive in channel order, while the workers are still busy (the main process is idle
+    then) instead of after the last channel. The time split needs every conversation's start first.
+    """
+
+    def __init__(self, tmp: Path, by: str) -> None:
+        self.parts, self.by = tmp / "parts", by
+        self.outs = [open(tmp / f"{name}.jsonl", "wb") for name in SPLIT_NAMES]  # noqa: SIM115
+        self.joined = 0  # channels appended so far (hash split)
+
+    def add(self, index: int) -> None:
+        """Channel ``index`` is done, and so is every channel before it."""
+        if self.by == "time":
+            return
+        assert index == self.joined
+        for split, name in enumerate(SPLIT_NAMES):
+            part = self.parts / f"{index:06d}.{name}"
+            if part.exists():  # bytes straight from the part file: no decoding and re-encoding
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, self.outs[split], 1 << 20)
+                part.unlink()
+        self.joined += 1
+
+    def finish(self, n_channels: int, fractions, starts: dict[str, float]) -> None:
+        """Join what is left (every channel with the time split) and close the outputs."""
+        if self.by == "time":
+            assign = time_split(starts, fractions)
+            for index in range(n_channels):
+                spool = self.parts / f"{index:06d}.spool"
                 if spool.exists():
-                    with open(spool, encoding="utf-8") as f, open(parts / f"{index:06d}.groups") as g:
+                    with open(spool, "rb") as f, open(self.parts / f"{index:06d}.groups", "rb") as g:
                         for line, group in zip(f, g, strict=True):
-                            outs[assign[group[:-1]]].write(line)
-                continue
-            for split, name in enumerate(SPLIT_NAMES):
-                part = parts / f"{index:06d}.{name}"
-                if part.exists():
-                    outs[split].flush()  # bytes straight from the part file: no decoding and re-encoding
-                    with open(part, "rb") as f:
-                        shutil.copyfileobj(f, outs[split].buffer, 1 << 20)
-    finally:
-        for fh in outs:
+                            self.outs[assign[group[:-1].decode("utf-8")]].write(line)
+        else:
+            for index in range(self.joined, n_channels):
+                self.add(index)
+        self.close()
+        shutil.rmtree(self.parts)
+
+    def close(self) -> None:
+        for fh in self.outs:
             fh.close()
-    shutil.rmtree(parts)
 
 
 def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
@@ -362,6 +383,7 @@ def prepare(
     counter = load_token_counter(cfg.tokenizer)
     warnings = Warnings()
     tmp: Path | None = None
+    joiner: PartJoiner | None = None
     created: list[Path] = []
     try:
         with open_export(export) as src:
@@ -400,8 +422,11 @@ def prepare(
             starts: dict[str, float] = {}
             group_records: Counter = Counter()
             workers = cfg.workers or os.cpu_count() or 1
+            joiner = None if tmp is None else PartJoiner(tmp, cfg.split_by)
             with _progress(count_day_files(src, channels)) as bar:
                 for result in _in_channel_order(_results(job, src, workers), bar):
+                    if joiner is not None:
+                        joiner.add(result.index)
                     report.merge(result.report)
                     _merge_warnings(warnings, result.warnings)
                     _strict(cfg, warnings)
@@ -423,13 +448,16 @@ def prepare(
             )
             if tmp is not None:
                 assert out is not None
-                join_parts(tmp, len(channels), cfg.split_by, fractions, starts)
+                assert joiner is not None
+                joiner.finish(len(channels), fractions, starts)
                 (tmp / "report.json").write_text(report_json(data), encoding="utf-8")
                 (tmp / "report.md").write_text(render_markdown(data), encoding="utf-8")
                 write_plots(report.turn_counts, report.token_counts, tmp)
                 _install(tmp, out)
                 tmp = None
     except BaseException:
+        if joiner is not None:
+            joiner.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             for folder in created:

@@ -7,6 +7,7 @@ report are built from the records, which hold only cleaned, redacted text.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -271,14 +272,14 @@ class ReportBuilder:
 
 def histogram(values: Iterable[int], edges: list[int]) -> dict[str, int]:
     """Counts per bin ``[a, b)``, labelled ``"a-b"`` (last bin ``"a+"``)."""
-    counts = Counter()
     labels = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:], strict=False)] + [f"{edges[-1]}+"]
-    for v in values:
-        i = 0
-        while i < len(edges) - 1 and v >= edges[i + 1]:
-            i += 1
-        counts[labels[i] if v >= edges[0] else labels[0]] += 1
-    return {label: counts.get(label, 0) for label in labels}
+    # Bin of v: the last edge <= v (values below the first edge count in the first bin). One bisect
+    # per distinct value: there is one value per record.
+    counts = Counter(values)
+    per_bin = [0] * len(labels)
+    for v, n in counts.items():
+        per_bin[max(0, bisect.bisect_right(edges, v) - 1)] += n
+    return dict(zip(labels, per_bin, strict=True))
 
 
 def import_plotting() -> Any:

@@ -34,7 +34,9 @@ _CODE_RE = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
 _ANGLE_RE = re.compile(r"<([^<>\n]+)>")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # :name: not glued to a letter or digit on either side ("12:30:45", "1:100:2" stay as they are).
-_EMOJI_RE = re.compile(r"(?<![A-Za-z0-9]):([a-z0-9_+'\-]+):(?![A-Za-z0-9])")
+# The ':' comes before the lookbehind (which then checks the character before it) so the pattern
+# starts with a literal, which the regex engine scans for quickly: ~3x faster on text with links.
+_EMOJI_RE = re.compile(r":(?<![A-Za-z0-9]:)([a-z0-9_+'\-]+):(?![A-Za-z0-9])")
 _SKIN_TONES = {f"skin-tone-{i}": chr(0x1F3FB + i - 2) for i in range(2, 7)}
 # What the report counts as raw markup / escapes left outside code (DESIGN "Quality figures").
 _RAW_MARKUP_RE = re.compile(r"<[@#!][^<>\n]*>|<(?:https?|mailto):[^<>\n]*>|&(?:amp|lt|gt);")

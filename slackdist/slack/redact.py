@@ -73,7 +73,9 @@ _AWS_PREFIX_RE = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA)")
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
 _PLUS_DIGIT_RE = re.compile(r"\+\d")
 _AREA_CODE_RE = re.compile(r"\(\d{3}\)")
-_SEPARATED_DIGITS_RE = re.compile(r"[-.]\d{3}[-.]\d{4}")
+# [-.]ddd[-.]dddd, as two patterns that each start with a literal (found by a fast scan), not a class.
+_DASH_DIGITS_RE = re.compile(r"-\d{3}[-.]\d{4}")
+_DOT_DIGITS_RE = re.compile(r"\.\d{3}[-.]\d{4}")
 
 
 @dataclass
@@ -141,7 +143,8 @@ def _may_hold_phone(text: str) -> bool:
     return (
         ("+" in text and _PLUS_DIGIT_RE.search(text) is not None)
         or ("(" in text and _AREA_CODE_RE.search(text) is not None)
-        or (("-" in text or "." in text) and _SEPARATED_DIGITS_RE.search(text) is not None)
+        or ("-" in text and _DASH_DIGITS_RE.search(text) is not None)
+        or ("." in text and _DOT_DIGITS_RE.search(text) is not None)
     )
 
 
