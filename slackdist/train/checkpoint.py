@@ -159,10 +159,6 @@ def verify_adapter(path: str | os.PathLike[str], expected_modules: int, *, train
     return len(keys)
 
 
-def _unwrapped_peft(accelerator: Accelerator, model: torch.nn.Module) -> Any:
-    return accelerator.unwrap_model(model)
-
-
 def save_adapter(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -196,7 +192,7 @@ def save_adapter(
     full = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return None
-    peft_model = _unwrapped_peft(accelerator, model)
+    peft_model = accelerator.unwrap_model(model)
     adapter_name = getattr(peft_model, "active_adapter", "default")
     tensors = adapter_state_dict(full, adapter_name)
     del full
