@@ -97,24 +97,41 @@ def conversation_length(rng: random.Random) -> int:
     return min(2000, max(24, int(rng.lognormvariate(5.3, 0.8))))
 
 
-def synthetic_record(rng: random.Random, total_tokens: int) -> dict:
-    """A chat record of about `total_tokens` tokens: a system line, then user/assistant turns."""
-    words = lambda n: " ".join(f"t{rng.randrange(1000, 120000)}" for _ in range(max(1, n)))  # noqa: E731
-    messages = [{"role": "system", "content": words(12)}]
+def synthetic_record(rng: random.Random, total_tokens: int, vocab: int | None = None) -> dict:
+    """A chat record of about `total_tokens` tokens: a system line, then user/assistant turns.
+
+    With `vocab`, words come from `vocab` words with Zipf frequencies and each assistant turn opens by
+    repeating the start of the user turn before it: text a model can learn within a few dozen steps
+    (the quality comparison needs a loss that moves). Without it, uniform random words (the
+    throughput runs: the peer's data).
+    """
+    if vocab:
+        weights = [1 / (k + 1) for k in range(vocab)]
+        pick = lambda n: rng.choices(range(1000, 1000 + vocab), weights, k=n)  # noqa: E731
+    else:
+        pick = lambda n: [rng.randrange(1000, 120000) for _ in range(n)]  # noqa: E731
+    words = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
+    messages = [{"role": "system", "content": words(pick(12))}]
     left = max(8, total_tokens - 20)
-    role = "user"
+    role, previous = "user", []
     while left > 0:
-        n = min(left, max(4, int(rng.expovariate(1 / 60))))
-        messages.append({"role": role, "content": words(n)})
+        n = max(1, min(left, max(4, int(rng.expovariate(1 / 60)))))
+        ids = pick(n)
+        if vocab and role == "assistant":
+            ids = (previous[:8] + ids)[:n]
+        messages.append({"role": role, "content": words(ids)})
+        previous = ids
         left -= n + 5  # each turn adds a 5-token header + eot
         role = "assistant" if role == "user" else "user"
     if messages[-1]["role"] == "user":
-        messages.append({"role": "assistant", "content": words(8)})
+        messages.append({"role": "assistant", "content": words((previous[:8] if vocab else []) + pick(8))})
     return {"messages": messages, "meta": {"conversation_id": f"synthetic-{rng.random():.12f}"}}
 
 
-def write_dataset(out_dir: str | Path, *, train: int = 4000, validation: int = 64, seed: int = 0) -> Path:
-    """train.jsonl / validation.jsonl / test.jsonl of synthetic records (once)."""
+def write_dataset(
+    out_dir: str | Path, *, train: int = 4000, validation: int = 64, seed: int = 0, vocab: int | None = None
+) -> Path:
+    """train.jsonl / validation.jsonl / test.jsonl of synthetic records (once); `vocab`: see synthetic_record."""
     out_dir = Path(out_dir)
     if (out_dir / "train.jsonl").exists():
         return out_dir
@@ -124,7 +141,7 @@ def write_dataset(out_dir: str | Path, *, train: int = 4000, validation: int = 6
         tmp = out_dir / f".{name}.jsonl.tmp"
         with tmp.open("w") as f:
             for _ in range(n):
-                f.write(json.dumps(synthetic_record(rng, conversation_length(rng))) + "\n")
+                f.write(json.dumps(synthetic_record(rng, conversation_length(rng), vocab)) + "\n")
         os.replace(tmp, out_dir / f"{name}.jsonl")
     return out_dir
 

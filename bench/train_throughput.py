@@ -9,6 +9,9 @@ the same call on the same length distribution, so the ratio is measured on one m
     python bench/train_throughput.py --variants default,plain --peer .peer/peer_trl_qlora.py \
         --peer-configs seed,seed_liger --json $OUT/train_throughput.json
 
+`--quality-steps 100` instead trains `default` and `plain` (every optimisation off) for 100 steps with
+the same seed on learnable synthetic chats and reports the gap between their loss curves.
+
 MFU uses the common 6·N·T estimate (N = 3.21e9 base parameters) over the H100's dense bf16 peak
 (989 TFLOP/s); frozen base weights get no weight gradient, so the true useful work is closer to
 4·N·T: treat the figure as a comparison, not an absolute.
@@ -32,37 +35,50 @@ PEAK_FLOPS = 989e12
 
 # Each variant is a list of `slackdist train` flags on top of the shared ones.
 VARIANTS: dict[str, list[str]] = {
-    # the shipped defaults, whatever they are
+    # the shipped defaults: auto memory plan (measured at start-up), compiled decoder layers,
+    # varlen attention, chunked cross-entropy, paged AdamW over one flat parameter
     "default": [],
-    # every optimisation off: SDPA over whole packed rows, full-vocabulary logits, checkpointing on
-    "plain": ["--attn-implementation", "sdpa", "--loss-chunk-size", "0", "--gradient-checkpointing"],
-    "no_ckpt": ["--no-gradient-checkpointing"],
-    "no_ckpt_4k": ["--no-gradient-checkpointing", "--max-seq-len", "4096", "--micro-batch-size", "1"],
+    "eager": ["--compile", "off"],
+    # what session 1 shipped: checkpointing on, the configured 2 x 2 micro-batches, eager
+    "fixed": ["--memory-plan", "fixed", "--compile", "off"],
+    # every optimisation off: SDPA over whole packed rows, full-vocabulary logits, checkpointing
+    "plain": ["--attn-implementation", "sdpa", "--loss-chunk-size", "0", "--memory-plan", "fixed",
+              "--compile", "off"],
     "fused_adamw": ["--optimizer", "adamw_torch_fused"],
-    "fast": ["--no-gradient-checkpointing", "--optimizer", "adamw_torch_fused"],
-    "low_mem": ["--micro-batch-size", "1", "--gradient-accumulation-steps", "4"],
-}
+    # a 24 GB card (23.99e9 bytes): the process may allocate no more, the auto plan adapts to it
+    "card24": ["--max-memory-gib", "22.3"],
+    # the documented low-memory setting, held to 12 GiB
+    "low_mem": ["--memory-plan", "fixed", "--micro-batch-size", "1", "--gradient-accumulation-steps", "4",
+                "--max-memory-gib", "12"],
+}  # fmt: skip
 
 
-def run_ours(name: str, flags: list[str], args: argparse.Namespace, model: Path, data: Path) -> dict:
+def run_ours(
+    name: str, flags: list[str], args: argparse.Namespace, model: Path, data: Path, *, warm: int, steps: int
+) -> dict:
     out = Path(args.workdir) / f"run_{name}"
     cmd = [
         sys.executable, "-m", "slackdist", "train",
         "--model", str(model), "--data", str(data), "--output", str(out),
-        "--max-steps", str(args.warm + args.steps), "--eval-every-n-steps", "0",
+        "--max-steps", str(warm + steps), "--eval-every-n-steps", "0",
         "--save-every-n-steps", "0", "--log-every-n-steps", "1", "--seed", "0",
         *flags,
     ]  # fmt: skip
     subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        print(f"[{name}] timed out after {args.timeout} s", flush=True)
+        return {"name": name, "failed": True, "error": f"timeout {args.timeout} s: {str(e.stderr)[-300:]}"}
     wall = time.perf_counter() - started
+    plan = [line for line in proc.stderr.splitlines() if "memory plan:" in line or "compile:" in line]
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         print(f"[{name}] FAILED (exit {proc.returncode}):\n{tail}", flush=True)
         return {"name": name, "failed": True, "error": tail[-500:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "step_seconds" in r and r["step"] > args.warm]
+    steps = [r for r in rows if "step_seconds" in r and r["step"] > warm]
     tokens = sum(r["input_tokens"] for r in steps)
     seconds = sum(r["step_seconds"] for r in steps)
     tps = tokens / seconds
@@ -78,6 +94,7 @@ def run_ours(name: str, flags: list[str], args: argparse.Namespace, model: Path,
         "final_loss": steps[-1]["loss"] if steps else None,
         "losses": [r["loss"] for r in rows if "step_seconds" in r],
         "wall_s": round(wall, 1),
+        "plan": plan,
     }
 
 
@@ -113,33 +130,69 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{mfu}{ratios}")
 
 
+def compare_quality(a: dict, b: dict, window: int = 10) -> dict:
+    """Loss curves of two runs on the same data and seed: the largest relative gap between their
+    `window`-step moving averages, and between their means over the last `window` steps."""
+    la, lb = a["losses"], b["losses"]
+    n = min(len(la), len(lb))
+    avg = lambda xs, i: sum(xs[i - window : i]) / window  # noqa: E731
+    gaps = [abs(avg(la, i) - avg(lb, i)) / avg(lb, i) for i in range(window, n + 1)]
+    return {
+        "runs": [a["name"], b["name"]],
+        "steps": n,
+        "first_loss": [la[0], lb[0]],
+        f"last_{window}_mean": [round(avg(la, n), 4), round(avg(lb, n), 4)],
+        "last_gap": round(abs(avg(la, n) - avg(lb, n)) / avg(lb, n), 5),
+        "max_window_gap": round(max(gaps), 5),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="default,plain", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    ap.add_argument("--warm", type=int, default=5, help="untimed warm-up steps")
+    ap.add_argument("--warm", type=int, default=8, help="untimed warm-up steps (compilation happens here)")
+    ap.add_argument(
+        "--quality-steps",
+        type=int,
+        default=0,
+        help="instead: train `default` and `plain` this many steps on learnable data, compare losses",
+    )
     ap.add_argument("--model-dir", default="/tmp/l32_3b", help="built here if missing")
     ap.add_argument("--data-dir", default="/tmp/l32_chats", help="built here if missing")
     ap.add_argument("--workdir", default="/tmp/slackdist_bench")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per run")
     ap.add_argument("--peer", default=None, help="path of peer_trl_qlora.py to run beside ours")
     ap.add_argument("--peer-configs", default="seed,seed_liger")
     ap.add_argument("--peer-pythonpath", default=None, help="PYTHONPATH for the peer (its own packages)")
     ap.add_argument("--json", default="bench/results/train_throughput.json")
-    args = ap.parse_args()
+    args = ap.parse_args()  # fmt: skip
 
     model = gpu_common.build_model_dir(args.model_dir)
-    data = gpu_common.write_dataset(args.data_dir)
-    rows = []
-    for name in args.variants.split(","):
-        rows.append(run_ours(name, VARIANTS[name], args, model, data))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
-    if args.peer:
-        rows.extend(run_peer(args))
-    print(f"\nGPU: {gpu_common.gpu_name()}, {args.steps} steps timed after {args.warm} warm-up")
-    print_table(rows)
+    result: dict = {"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d")}
+    if args.quality_steps:
+        data = gpu_common.write_dataset(args.data_dir + "_learnable", vocab=4000)
+        runs = [
+            run_ours(name, VARIANTS[name], args, model, data, warm=0, steps=args.quality_steps)
+            for name in ("default", "plain")
+        ]
+        result.update(
+            rows=runs, quality=compare_quality(*runs) if not any(r.get("failed") for r in runs) else None
+        )
+        print(json.dumps(result["quality"]), flush=True)
+    else:
+        data = gpu_common.write_dataset(args.data_dir)
+        rows = []
+        for name in args.variants.split(","):
+            rows.append(run_ours(name, VARIANTS[name], args, model, data, warm=args.warm, steps=args.steps))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        if args.peer:
+            rows.extend(run_peer(args))
+        print(f"\nGPU: {gpu_common.gpu_name()}, {args.steps} steps timed after {args.warm} warm-up")
+        print_table(rows)
+        result["rows"] = rows
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d"),
-                                           "rows": rows}, indent=1))  # fmt: skip
+    Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,20 @@ class TrainConfig:
     )
     num_epochs: int = opt(3, "Passes over the training data.")
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in backward (non-reentrant).")
+    gradient_checkpointing: bool = opt(
+        True, "Recompute activations in backward (non-reentrant); with memory_plan=auto, the fallback."
+    )
+    memory_plan: Literal["auto", "fixed"] = opt(
+        "auto",
+        "auto: on one GPU, measure activation memory at start and, where it fits, train without "
+        "checkpointing and with a step's rows in one forward (same rows per step); fixed: as set.",
+    )
+    max_memory_gib: float = opt(
+        0.0, "GPU memory this process may use (0: the whole GPU); the auto plan fills at most 70% of it."
+    )
+    compile: Literal["auto", "on", "off"] = opt(
+        "auto", "torch.compile each decoder layer (auto: on one unsharded CUDA GPU)."
+    )
     loss_chunk_size: int = opt(1024, "Compute lm_head + loss in chunks of this many tokens (0: all at once).")
     eval_every_n_steps: int = opt(50, "Evaluate on validation.jsonl every N steps (0: per epoch only).")
     eval_max_batches: int = opt(0, "Cap on eval batches (0: the whole split).")
@@ -239,6 +252,8 @@ class Config:
         for key in ("max_seq_len", "micro_batch_size", "gradient_accumulation_steps", "num_epochs"):
             if getattr(t, key) <= 0:
                 problems.append(f"train.{key}={getattr(t, key)}: must be > 0")
+        if t.max_memory_gib < 0:
+            problems.append(f"train.max_memory_gib={t.max_memory_gib}: must be >= 0 (0: the whole GPU)")
         if t.learning_rate <= 0:
             problems.append(f"train.learning_rate={t.learning_rate}: must be > 0")
         if not 0 <= t.warmup_ratio < 1:

@@ -305,13 +305,32 @@ def lora_config(lora_cfg: LoraSettings) -> Any:
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing on every decoder layer, with input grads."""
+    """Non-reentrant activation checkpointing on every decoder layer, with input grads (idempotent)."""
+    if checkpointing_enabled(model):
+        return
     model.enable_input_require_grads()
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model: PreTrainedModel) -> None:
+    """Undo `enable_checkpointing` (idempotent)."""
+    if not checkpointing_enabled(model):
+        return
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5.2 name
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    model.disable_input_require_grads()
+
+
+def checkpointing_enabled(model: PreTrainedModel) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5.2 name
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def add_lora(model: PreTrainedModel, lora_cfg: LoraSettings, *, gradient_checkpointing: bool) -> PeftModel:

@@ -202,5 +202,7 @@ def register_varlen_attention() -> str:
     """
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    # Outside any compiled graph: the sequence boundaries change with every batch
+    # (slackdist.train.compilation).
+    AttentionInterface.register(VARLEN_ATTENTION, torch.compiler.disable(varlen_attention_forward))
     return VARLEN_ATTENTION

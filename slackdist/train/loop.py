@@ -44,11 +44,13 @@ from slackdist.config import Config, save_config
 from slackdist.errors import SlackdistError
 from slackdist.files import write_json_atomic, write_text_atomic
 from slackdist.train import checkpoint as ckpt
+from slackdist.train.memory import MemoryPlan
 
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
+    from slackdist.train.flat import FlatParameters
     from slackdist.train.packing import Example, PackedRow
 
 logger = logging.getLogger(__name__)
@@ -302,37 +304,159 @@ def build_scheduler(optimizer: Any, cfg: Config, total_steps: int) -> Any:
     return make(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def prepare(accelerator: Accelerator, model: Any, cfg: Config, total_steps: int) -> tuple[Any, Any, Any]:
+PROBE_SEGMENT = 256
+"""Conversation length in the memory probe's packed rows."""
+
+
+def _probe_step(
+    model: Any, tokens: int, *, accelerator: Accelerator, cfg: Config, pad_id: int, varlen: bool
+) -> None:
+    """Forward + backward of one packed row of random tokens (conversations of PROBE_SEGMENT), then
+    drop the gradients: what one training micro-batch of `tokens` tokens allocates."""
+    import torch
+
+    from slackdist.train.packing import IGNORE_INDEX, PackedRow
+
+    ids = torch.randint(0, model.config.vocab_size, (tokens,)).tolist()
+    positions = [i % PROBE_SEGMENT for i in range(tokens)]
+    labels = [IGNORE_INDEX if p == 0 else t for p, t in zip(positions, ids, strict=True)]
+    lens = [min(PROBE_SEGMENT, tokens - i) for i in range(0, tokens, PROBE_SEGMENT)]
+    row = PackedRow(input_ids=ids, labels=labels, position_ids=positions, seq_lens=lens)
+    batch = make_step_inputs([row], [[0]], pad_id=pad_id, device=accelerator.device, varlen=varlen).batches[0]
+    with accelerator.autocast():
+        loss = forward_loss(model, batch, accelerator=accelerator, chunk_size=cfg.train.loss_chunk_size)
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def _measure(model: Any, probe: Any, device: Any, tokens: tuple[int, int]) -> Any:
+    """`measure_footprint`, or an infinite footprint when the probe itself runs out of memory."""
+    import torch
+
+    from slackdist.train.memory import Footprint, measure_footprint
+
+    try:
+        return measure_footprint(probe, device, tokens)
+    except torch.cuda.OutOfMemoryError:
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+        return Footprint(math.inf, math.inf)
+
+
+def plan_memory(
+    model: Any, cfg: Config, accelerator: Accelerator, *, pad_id: int, varlen: bool
+) -> MemoryPlan:
+    """How each optimizer step runs (`slackdist.train.memory`); sets the model's checkpointing to match.
+
+    Called before `prepare` (no DDP hooks yet). Each rank measures its own GPU; all ranks adopt
+    the most cautious figures so they run the same plan.
+    """
+    import torch
+
+    from slackdist.model.load import disable_checkpointing, enable_checkpointing
+    from slackdist.train.memory import (
+        Footprint,
+        choose_plan,
+        fixed_plan,
+        memory_budget,
+    )
+
+    t = cfg.train
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if t.memory_plan == "fixed" or accelerator.device.type != "cuda" or _is_sharded(accelerator):
+        why = (
+            "train.memory_plan=fixed"
+            if t.memory_plan == "fixed"
+            else "FSDP / DeepSpeed"
+            if _is_sharded(accelerator)
+            else "not on a GPU"
+        )
+        return fixed_plan(t.micro_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing, why)
+
+    def probe(n: int) -> None:
+        _probe_step(model, n, accelerator=accelerator, cfg=cfg, pad_id=pad_id, varlen=varlen)
+
+    device = accelerator.device
+    sizes = (max(1024, t.loss_chunk_size), 2 * max(1024, t.loss_chunk_size))
+    model.train()
+    with torch.random.fork_rng(devices=[device]):  # the probe must not shift the run's dropout masks
+        disable_checkpointing(base)
+        full = _measure(model, probe, device, sizes)
+        enable_checkpointing(base)
+        ckpt_fp = _measure(model, probe, device, sizes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # fp32 gradients + AdamW's two fp32 states, which the first optimizer step allocates
+    budget = memory_budget(device, t.max_memory_gib, extra_reserved_bytes=12 * trainable)
+    figures = torch.tensor(
+        [full.fixed, full.per_token, ckpt_fp.fixed, ckpt_fp.per_token, -budget], device=device
+    )
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(figures, op=torch.distributed.ReduceOp.MAX)
+    f = figures.tolist()
+    plan = choose_plan(
+        micro_batch_size=t.micro_batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        row_tokens=t.max_seq_len,
+        footprint_full=Footprint(f[0], f[1]),
+        footprint_ckpt=Footprint(f[2], f[3]),
+        budget_bytes=-f[4],
+    )
+    if plan.gradient_checkpointing:
+        enable_checkpointing(base)
+    else:
+        disable_checkpointing(base)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)  # the logged peak is training's, not the probe's
+    return plan
+
+
+def prepare(
+    accelerator: Accelerator, model: Any, cfg: Config, total_steps: int
+) -> tuple[Any, Any, Any, FlatParameters | None]:
     """Wrap model, optimizer and scheduler for the launch config's topology.
 
-    FSDP1: PEFT's wrap policy (each LoRA leaf its own unit, so fp32 adapters and bf16/4-bit base
-    weights never share a flat parameter: "Must flatten tensors with uniform dtype"), and the
-    optimizer is built after wrapping (it must see the flat parameters). FSDP2: model and optimizer
-    in one `prepare` call (accelerate requires it). DeepSpeed: micro-batch size and clipping come
-    from the slackdist config.
+    DeepSpeed and FSDP2: model and optimizer in one `prepare` call (accelerate requires it);
+    DeepSpeed's micro-batch size and clipping come from the slackdist config. Elsewhere the model is
+    wrapped first and the optimizer built on the wrapped parameters: under FSDP1 it must see FSDP's
+    flat parameters (and PEFT's wrap policy gives each LoRA leaf its own unit, so fp32 adapters and
+    bf16/4-bit base weights never share one: "Must flatten tensors with uniform dtype"); unsharded,
+    the LoRA weights are laid out in one flat parameter that the optimizer steps
+    (`slackdist.train.flat`; after wrapping, because moving the model to its device may replace
+    parameter data). That `FlatParameters` is returned last (None when not flattened).
     """
     from accelerate.utils import DistributedType
+
+    from slackdist.train.flat import FlatParameters
 
     def trainable(m: Any) -> list:
         return [p for p in m.parameters() if p.requires_grad]
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-        if ds.get("gradient_clipping", "auto") == "auto":
-            ds["gradient_clipping"] = cfg.train.max_grad_norm
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or _fsdp_version(accelerator) == 2:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            ds = accelerator.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+            if ds.get("gradient_clipping", "auto") == "auto":
+                ds["gradient_clipping"] = cfg.train.max_grad_norm
+        optimizer = build_optimizer(trainable(model), cfg, accelerator)
+        scheduler = build_scheduler(optimizer, cfg, total_steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        return model, optimizer, scheduler, None
     if _fsdp_version(accelerator) == 1:
         from peft.utils.other import fsdp_auto_wrap_policy
 
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-        model = accelerator.prepare(model)
-        optimizer = build_optimizer(trainable(model), cfg, accelerator)
-        scheduler = build_scheduler(optimizer, cfg, total_steps)
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-        return model, optimizer, scheduler
-    optimizer = build_optimizer(trainable(model), cfg, accelerator)
+    model = accelerator.prepare(model)
+    params = trainable(model)
+    flat = None
+    if not _is_sharded(accelerator) and FlatParameters.possible(params):
+        flat = FlatParameters(params)
+        params = [flat.flat]
+    optimizer = build_optimizer(params, cfg, accelerator)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    return accelerator.prepare(model, optimizer, scheduler)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    return model, optimizer, scheduler, flat
 
 
 # ====================================================================== steps
@@ -424,8 +548,11 @@ def train_step(
     *,
     cfg: Config,
     stop_requested: bool,
+    flat: FlatParameters | None = None,
 ) -> StepStats:
     """One optimizer step over this rank's micro-batches.
+
+    With flat parameters (`prepare`), the gradients are gathered into the flat one before clipping.
 
     Each micro-batch's loss sum is scaled by (accumulation x processes / label tokens of the whole
     step): accelerate divides by the accumulation steps and DDP/FSDP average over processes, so the
@@ -447,9 +574,14 @@ def train_step(
             )
             accelerator.backward(loss_sum * scale)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                if flat is not None:
+                    flat.collect_grads()
+                params = [flat.flat] if flat is not None else model.parameters()
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if flat is not None and accelerator.sync_gradients:
+                flat.zero_grad()
         loss_total += loss_sum.detach().float()
     if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow skips the step
         scheduler.step()
@@ -473,14 +605,21 @@ def train_step(
 
 
 def evaluate(
-    accelerator: Accelerator, model: Any, rows: list[PackedRow], *, cfg: Config, pad_id: int, varlen: bool
+    accelerator: Accelerator,
+    model: Any,
+    rows: list[PackedRow],
+    *,
+    cfg: Config,
+    pad_id: int,
+    varlen: bool,
+    rows_per_forward: int,
 ) -> float:
     """Loss per label token over the validation rows, summed across ranks."""
     import torch
 
     shards = shard_rows(
         len(rows),
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=rows_per_forward,
         accumulation=1,
         num_processes=accelerator.num_processes,
         rank=accelerator.process_index,
@@ -646,6 +785,8 @@ class LoRARecipe:
         from accelerate.utils import set_seed
 
         from slackdist.model.load import load_tokenizer
+        from slackdist.train.compilation import compile_decoder_layers, should_compile
+        from slackdist.train.memory import apply_memory_cap
         from slackdist.train.packing import pack
 
         cfg, t = self.cfg, self.t
@@ -666,12 +807,24 @@ class LoRARecipe:
             pack(val_examples, t.max_seq_len, seed=t.seed, epoch=0, packing=t.packing) if val_examples else []
         )
 
+        if accelerator.device.type == "cuda":
+            apply_memory_cap(accelerator.device, t.max_memory_gib)
         model = load_model(cfg, accelerator)
         self.varlen = getattr(model.config, "_attn_implementation", "") in (
             "slackdist_varlen",
             "flash_attention_2",
         )
-        self.model, self.optimizer, self.scheduler = prepare(accelerator, model, cfg, self.total_steps)
+        self.plan = plan_memory(model, cfg, accelerator, pad_id=self.pad_id, varlen=self.varlen)
+        accelerator.gradient_accumulation_steps = self.plan.accumulation
+        _log_main(accelerator, self.plan.describe())
+        if should_compile(t.compile, device_type=accelerator.device.type, sharded=_is_sharded(accelerator)):
+            compiled = compile_decoder_layers(model)
+            _log_main(
+                accelerator, f"compile: {compiled} decoder layers with torch.compile (first steps compile)"
+            )
+        self.model, self.optimizer, self.scheduler, self.flat = prepare(
+            accelerator, model, cfg, self.total_steps
+        )
         ckpt.register_adapter_state_hooks(accelerator, self.model)
         accelerator.register_for_checkpointing(self.state)
         if resume_from is not None:
@@ -693,7 +846,7 @@ class LoRARecipe:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         accelerator.print(
             f"training {cfg.model.base_model} on {len(self.train_examples)} conversations: {self.total_steps} steps of "
-            f"{accelerator.num_processes} x {t.micro_batch_size} x {t.gradient_accumulation_steps} rows "
+            f"{accelerator.num_processes} x {self.plan.rows_per_forward} x {self.plan.accumulation} rows "
             f"(processes x micro-batch x accumulation), {trainable / 1e6:.2f}M trainable parameters, "
             f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}"
         )
@@ -721,8 +874,8 @@ class LoRARecipe:
             # Start at the first row not yet trained on (a resume; right also when the process count changed).
             plan = shard_rows(
                 len(rows),
-                micro_batch_size=t.micro_batch_size,
-                accumulation=t.gradient_accumulation_steps,
+                micro_batch_size=self.plan.rows_per_forward,
+                accumulation=self.plan.accumulation,
                 num_processes=accelerator.num_processes,
                 rank=accelerator.process_index,
                 first_row=state.rows_done_in_epoch,
@@ -741,6 +894,7 @@ class LoRARecipe:
                     inputs,
                     cfg=self.cfg,
                     stop_requested=self.preemption.set,
+                    flat=self.flat,
                 )
                 state.global_step += 1
                 state.updates += stats.lr > 0
@@ -810,7 +964,13 @@ class LoRARecipe:
         """Eval loss on validation; keep the best adapter in OUT/best; early stopping (sets `finished`)."""
         state, t = self.state, self.t
         loss = evaluate(
-            self.accelerator, self.model, self.val_rows, cfg=self.cfg, pad_id=self.pad_id, varlen=self.varlen
+            self.accelerator,
+            self.model,
+            self.val_rows,
+            cfg=self.cfg,
+            pad_id=self.pad_id,
+            varlen=self.varlen,
+            rows_per_forward=self.plan.rows_per_forward,
         )
         state.last_eval_step = state.global_step
         self.result.eval_losses[state.global_step] = loss

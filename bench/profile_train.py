@@ -1,0 +1,143 @@
+"""Where a training step's GPU time goes: the PyTorch profiler over a few steps of `slackdist train`.
+
+    python3 bench/profile_train.py [--variant default|plain|...] [--warm 8] [--steps 3] [--json PATH]
+
+Runs the real training recipe (`slackdist.train.loop.LoRARecipe`) in this process on the
+Llama-3.2-3B-shaped model and the synthetic chats of `gpu_common.py`, with the flags of a
+`train_throughput.py` variant; profiles `--steps` optimizer steps after `--warm` (compilation and
+the allocator settle there), then prints GPU kernel time by category, the GPU's busy share of the
+wall time (low = launch-bound) and the top kernels, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common  # noqa: E402
+from train_throughput import VARIANTS  # noqa: E402
+
+# First match wins; kernel names as CUDA / Triton / cuBLAS / bitsandbytes report them.
+CATEGORIES = [
+    ("attention", r"flash|fmha|attention|sdpa|varlen"),
+    ("4-bit dequantize", r"dequant|kDequantize"),
+    ("optimizer", r"kOptimizer|adam|Adam|multi_tensor"),
+    ("matmul", r"gemm|GEMM|sm90|cutlass|nvjet|xmma|cublas|wgmma"),
+    ("cross-entropy / logits", r"cross_entropy|log_softmax|nll|logsumexp"),
+    ("triton fused (compiled)", r"^triton_"),
+    ("copies / casts", r"copy|Memcpy|cast|to_copy|cat"),
+]
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, name):
+            return label
+    return "other elementwise / reductions"
+
+
+def device_time_us(event) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="default", choices=sorted(VARIANTS))
+    ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--model-dir", default="/tmp/l32_3b")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: 28; fewer for a smoke run)"
+    )
+    ap.add_argument("--data-dir", default="/tmp/l32_chats")
+    ap.add_argument("--out", default="/tmp/slackdist_profile")
+    ap.add_argument("--json", default="bench/results/profile_train.json")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from slackdist.cli import build_parser
+    from slackdist.config import config_from_args
+    from slackdist.train.loop import LoRARecipe
+
+    model = gpu_common.build_model_dir(args.model_dir, layers=args.layers)
+    data = gpu_common.write_dataset(args.data_dir)
+    argv = ["train", "--model", str(model), "--data", str(data), "--output", f"{args.out}_{args.variant}",
+            "--max-steps", str(args.warm + args.steps), "--eval-every-n-steps", "0", "--save-every-n-steps", "0",
+            "--seed", "0", *VARIANTS[args.variant]]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(argv))
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=args.warm, warmup=0, active=args.steps, repeat=1),
+    ) as prof:
+
+        class Profiled(LoRARecipe):
+            def log_step(self, stats, seconds):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
+                super().log_step(stats, seconds)
+                if self.state.global_step > args.warm:
+                    self.profiled_seconds = getattr(self, "profiled_seconds", 0.0) + seconds
+                    self.profiled_tokens = getattr(self, "profiled_tokens", 0) + stats.input_tokens
+                prof.step()
+
+        recipe = Profiled(cfg)
+        recipe.setup()
+        started = time.perf_counter()
+        recipe.fit()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    recipe.cleanup()
+
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        t = device_time_us(event)
+        if t > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.key] = kernels.get(event.key, 0.0) + t
+    total = sum(kernels.values())
+    by_category: dict[str, float] = {}
+    for name, t in kernels.items():
+        by_category[category(name)] = by_category.get(category(name), 0.0) + t
+    step_s = recipe.profiled_seconds
+    print(
+        f"\nGPU: {gpu_common.gpu_name()}; variant {args.variant}; {args.steps} steps profiled after {args.warm}"
+    )
+    print(f"{recipe.plan.describe()}")
+    print(f"step wall time {step_s / args.steps * 1e3:.0f} ms, GPU kernel time {total / args.steps / 1e3:.0f} ms "
+          f"per step (GPU busy {total / 1e6 / step_s:.0%}); {recipe.profiled_tokens / step_s:,.0f} tokens/s")  # fmt: skip
+    print(f"\n{'category':<32}{'ms/step':>10}{'share':>8}")
+    for label, t in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"{label:<32}{t / args.steps / 1e3:>10.1f}{t / total:>8.1%}")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    print(f"\n{'top kernels':<90}{'ms/step':>10}")
+    for name, t in top:
+        print(f"{name[:88]:<90}{t / args.steps / 1e3:>10.1f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "gpu": gpu_common.gpu_name(),
+                "date": time.strftime("%Y-%m-%d"),
+                "variant": args.variant,
+                "plan": recipe.plan.describe(),
+                "step_ms": step_s / args.steps * 1e3,
+                "gpu_kernel_ms_per_step": total / args.steps / 1e3,
+                "tokens_per_s": recipe.profiled_tokens / step_s,
+                "wall_s": wall,
+                "categories_ms_per_step": {k: v / args.steps / 1e3 for k, v in by_category.items()},
+                "top_kernels_ms_per_step": {k: v / args.steps / 1e3 for k, v in top},
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
