@@ -132,15 +132,24 @@ def measure_footprint(run_step: Callable[[int], None], device: object, tokens: t
     return fit_footprint(tokens, (peaks[0], peaks[1]))
 
 
+def _cuda_index(device: object) -> int:
+    """`torch.device("cuda")` (Accelerate's device on one GPU) has no index; memory calls need one."""
+    import torch
+
+    index = getattr(device, "index", None)
+    return torch.cuda.current_device() if index is None else index
+
+
 def memory_budget(device: object, max_memory_gib: float, extra_reserved_bytes: float) -> float:
     """Bytes the plan may fill: AUTO_BUDGET_FRACTION of the cap (max_memory_gib, else the GPU's total
     memory) minus what is allocated now and `extra_reserved_bytes` (gradients and optimizer states
     that the first step will allocate)."""
     import torch
 
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = _cuda_index(device)
+    total = torch.cuda.get_device_properties(index).total_memory
     cap = min(max_memory_gib * GIB, total) if max_memory_gib > 0 else total
-    return AUTO_BUDGET_FRACTION * cap - torch.cuda.memory_allocated(device) - extra_reserved_bytes
+    return AUTO_BUDGET_FRACTION * cap - torch.cuda.memory_allocated(index) - extra_reserved_bytes
 
 
 def apply_memory_cap(device: object, max_memory_gib: float) -> None:
@@ -150,5 +159,6 @@ def apply_memory_cap(device: object, max_memory_gib: float) -> None:
 
     if max_memory_gib <= 0:
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(max_memory_gib * GIB / total, 1.0), device)
+    index = _cuda_index(device)
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(max_memory_gib * GIB / total, 1.0), index)
