@@ -27,7 +27,7 @@ CATEGORIES = [
     ("attention", r"flash|fmha|attention|sdpa|varlen"),
     ("4-bit dequantize", r"dequant|kDequantize"),
     ("optimizer", r"kOptimizer|adam|Adam|multi_tensor"),
-    ("matmul", r"gemm|GEMM|sm90|cutlass|nvjet|xmma|cublas|wgmma"),
+    ("matmul", r"gemm|GEMM|sm90|cutlass|nvjet|xmma|cublas|wgmma|^aten::(mm|addmm|bmm)$"),
     ("cross-entropy / logits", r"cross_entropy|log_softmax|nll|logsumexp"),
     ("triton fused (compiled)", r"^triton_"),
     ("copies / casts", r"copy|Memcpy|cast|to_copy|cat"),
@@ -41,7 +41,14 @@ def category(name: str) -> str:
     return "other elementwise / reductions"
 
 
-def device_time_us(event) -> float:
+def device_time_us(event, on_gpu: bool) -> float:
+    """Self time of a profiler event on the GPU (kernels), or on the CPU (ops) for a CPU smoke run."""
+    import torch
+
+    if not on_gpu:
+        return float(event.self_cpu_time_total) if event.device_type == torch.autograd.DeviceType.CPU else 0.0
+    if event.device_type != torch.autograd.DeviceType.CUDA:
+        return 0.0
     for attr in ("self_device_time_total", "self_cuda_time_total"):
         if hasattr(event, attr):
             return float(getattr(event, attr))
@@ -76,7 +83,7 @@ def main() -> None:
             "--seed", "0", *VARIANTS[args.variant]]  # fmt: skip
     cfg = config_from_args(build_parser().parse_args(argv))
     with profile(
-        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
         schedule=schedule(wait=args.warm, warmup=0, active=args.steps, repeat=1),
     ) as prof:
 
@@ -92,14 +99,15 @@ def main() -> None:
         recipe.setup()
         started = time.perf_counter()
         recipe.fit()
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         wall = time.perf_counter() - started
     recipe.cleanup()
 
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
-        t = device_time_us(event)
-        if t > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+        t = device_time_us(event, torch.cuda.is_available())
+        if t > 0 and not event.key.startswith("ProfilerStep"):
             kernels[event.key] = kernels.get(event.key, 0.0) + t
     total = sum(kernels.values())
     by_category: dict[str, float] = {}
@@ -110,8 +118,9 @@ def main() -> None:
         f"\nGPU: {gpu_common.gpu_name()}; variant {args.variant}; {args.steps} steps profiled after {args.warm}"
     )
     print(f"{recipe.plan.describe()}")
-    print(f"step wall time {step_s / args.steps * 1e3:.0f} ms, GPU kernel time {total / args.steps / 1e3:.0f} ms "
-          f"per step (GPU busy {total / 1e6 / step_s:.0%}); {recipe.profiled_tokens / step_s:,.0f} tokens/s")  # fmt: skip
+    unit = "GPU kernel" if torch.cuda.is_available() else "CPU op"
+    print(f"step wall time {step_s / args.steps * 1e3:.0f} ms, {unit} time {total / args.steps / 1e3:.0f} ms "
+          f"per step (busy {total / 1e6 / step_s:.0%}); {recipe.profiled_tokens / step_s:,.0f} tokens/s")  # fmt: skip
     print(f"\n{'category':<32}{'ms/step':>10}{'share':>8}")
     for label, t in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"{label:<32}{t / args.steps / 1e3:>10.1f}{t / total:>8.1%}")
