@@ -172,10 +172,10 @@ def main() -> None:
     result: dict = {"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d")}
     if args.quality_steps:
         data = gpu_common.write_dataset(args.data_dir + "_learnable", vocab=4000)
-        runs = [
-            run_ours(name, VARIANTS[name], args, model, data, warm=0, steps=args.quality_steps)
-            for name in ("default", "plain")
-        ]
+        runs = []
+        for name in ("default", "plain"):
+            runs.append(run_ours(name, VARIANTS[name], args, model, data, warm=0, steps=args.quality_steps))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "losses"}), flush=True)
         result.update(
             rows=runs, quality=compare_quality(*runs) if not any(r.get("failed") for r in runs) else None
         )

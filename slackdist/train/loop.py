@@ -388,9 +388,9 @@ def plan_memory(
         ckpt_fp = _measure(model, probe, device, sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # fp32 gradients + AdamW's two fp32 states, which the first optimizer step allocates
-    budget = memory_budget(device, t.max_memory_gib, extra_reserved_bytes=12 * trainable)
+    budget, taken = memory_budget(device, t.max_memory_gib, extra_reserved_bytes=12 * trainable)
     figures = torch.tensor(
-        [full.fixed, full.per_token, ckpt_fp.fixed, ckpt_fp.per_token, -budget], device=device
+        [full.fixed, full.per_token, ckpt_fp.fixed, ckpt_fp.per_token, -budget, taken], device=device
     )
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(figures, op=torch.distributed.ReduceOp.MAX)
@@ -402,6 +402,7 @@ def plan_memory(
         footprint_full=Footprint(f[0], f[1]),
         footprint_ckpt=Footprint(f[2], f[3]),
         budget_bytes=-f[4],
+        base_bytes=f[5],
     )
     if plan.gradient_checkpointing:
         enable_checkpointing(base)

@@ -72,6 +72,7 @@ def choose_plan(
     footprint_full: Footprint,
     footprint_ckpt: Footprint,
     budget_bytes: float,
+    base_bytes: float = 0.0,
 ) -> MemoryPlan:
     """The fastest plan whose estimated peak fits `budget_bytes`.
 
@@ -85,6 +86,8 @@ def choose_plan(
         row_tokens: tokens in one packed row (max_seq_len; rows are padded to the batch's longest).
         footprint_full, footprint_ckpt: measured without / with checkpointing.
         budget_bytes: what the plan may fill, beyond what is already allocated.
+        base_bytes: what is allocated already or reserved (weights, gradients, optimizer states):
+            added to the estimates so they are whole-process peaks.
     """
     rows = micro_batch_size * accumulation
     sizes = [n for n in range(rows, 0, -1) if rows % n == 0]
@@ -96,16 +99,16 @@ def choose_plan(
                     n,
                     rows // n,
                     ckpt,
-                    estimated_gib=need / GIB,
-                    reason=f"fits {budget_bytes / GIB:.1f} GiB",
+                    estimated_gib=(need + base_bytes) / GIB,
+                    reason=f"fits {(budget_bytes + base_bytes) / GIB:.1f} GiB",
                 )
     need = footprint_ckpt.fixed + SAFETY * footprint_ckpt.per_token * micro_batch_size * row_tokens
     return MemoryPlan(
         micro_batch_size,
         accumulation,
         True,
-        estimated_gib=need / GIB,
-        reason=f"nothing fits {budget_bytes / GIB:.1f} GiB; the configured micro-batch with checkpointing",
+        estimated_gib=(need + base_bytes) / GIB,
+        reason=f"nothing fits {(budget_bytes + base_bytes) / GIB:.1f} GiB; the configured micro-batch with checkpointing",
     )
 
 
@@ -140,16 +143,17 @@ def _cuda_index(device: object) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
-def memory_budget(device: object, max_memory_gib: float, extra_reserved_bytes: float) -> float:
-    """Bytes the plan may fill: AUTO_BUDGET_FRACTION of the cap (max_memory_gib, else the GPU's total
-    memory) minus what is allocated now and `extra_reserved_bytes` (gradients and optimizer states
-    that the first step will allocate)."""
+def memory_budget(device: object, max_memory_gib: float, extra_reserved_bytes: float) -> tuple[float, float]:
+    """(bytes the plan may fill, bytes taken already): AUTO_BUDGET_FRACTION of the cap (max_memory_gib,
+    else the GPU's total memory) minus what is allocated now and `extra_reserved_bytes` (gradients
+    and optimizer states that the first step will allocate); and those two together."""
     import torch
 
     index = _cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     cap = min(max_memory_gib * GIB, total) if max_memory_gib > 0 else total
-    return AUTO_BUDGET_FRACTION * cap - torch.cuda.memory_allocated(index) - extra_reserved_bytes
+    taken = torch.cuda.memory_allocated(index) + extra_reserved_bytes
+    return AUTO_BUDGET_FRACTION * cap - taken, taken
 
 
 def apply_memory_cap(device: object, max_memory_gib: float) -> None:
