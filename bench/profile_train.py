@@ -28,7 +28,7 @@ CATEGORIES = [
     ("4-bit dequantize", r"dequant|kDequantize"),
     ("optimizer", r"kOptimizer|adam|Adam|multi_tensor"),
     ("matmul", r"gemm|GEMM|sm90|cutlass|nvjet|xmma|cublas|wgmma|^aten::(mm|addmm|bmm)$"),
-    ("cross-entropy / logits", r"cross_entropy|log_softmax|nll|logsumexp"),
+    ("cross-entropy / logits", r"cross_entropy|log_softmax|[Ss]oft[Mm]ax|nll|logsumexp"),
     ("triton fused (compiled)", r"^triton_"),
     ("copies / casts", r"copy|Memcpy|cast|to_copy|cat"),
 ]

@@ -160,8 +160,8 @@ class TrainConfig:
     )
     memory_plan: Literal["auto", "fixed"] = opt(
         "auto",
-        "auto: on one GPU, measure activation memory at start and, where it fits, train without "
-        "checkpointing and with a step's rows in one forward (same rows per step); fixed: as set.",
+        "auto: on a GPU (not FSDP/DeepSpeed), measure activation memory at start and, where it fits, train "
+        "without checkpointing and with a step's rows in one forward (same rows per step); fixed: as set.",
     )
     max_memory_gib: float = opt(
         0.0, "GPU memory this process may use (0: the whole GPU); the auto plan fills at most 70% of it."

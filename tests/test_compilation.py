@@ -49,7 +49,7 @@ def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    return float(loss), grads
+    return loss.item(), grads
 
 
 def test_decoder_layers_are_found_through_peft(tiny_model_dir: Path) -> None:

@@ -19,13 +19,20 @@ FULL = Footprint(fixed=1.2 * GIB, per_token=4.9e6)
 CKPT = Footprint(fixed=1.2 * GIB, per_token=0.45e6)
 
 
-def _plan(budget_gib: float, micro: int = 2, accumulation: int = 2, row_tokens: int = 2048):
+def _plan(
+    budget_gib: float,
+    micro: int = 2,
+    accumulation: int = 2,
+    row_tokens: int = 2048,
+    full: Footprint = FULL,
+    ckpt: Footprint = CKPT,
+):
     return choose_plan(
         micro_batch_size=micro,
         accumulation=accumulation,
         row_tokens=row_tokens,
-        footprint_full=FULL,
-        footprint_ckpt=CKPT,
+        footprint_full=full,
+        footprint_ckpt=ckpt,
         budget_bytes=budget_gib * GIB,
     )
 
@@ -62,15 +69,7 @@ def test_nothing_fits_falls_back_to_the_configured_micro_batch_with_recomputatio
 
 
 def test_a_probe_that_ran_out_of_memory_never_wins() -> None:
-    oom = Footprint(math.inf, math.inf)
-    plan = choose_plan(
-        micro_batch_size=1,
-        accumulation=4,
-        row_tokens=2048,
-        footprint_full=oom,
-        footprint_ckpt=CKPT,
-        budget_bytes=60 * GIB,
-    )
+    plan = _plan(60.0, micro=1, accumulation=4, full=Footprint(math.inf, math.inf))
     assert plan.gradient_checkpointing and plan.rows_per_forward == 4
 
 
@@ -93,14 +92,7 @@ def test_plan_keeps_the_rows_per_step_and_fits_when_it_says_so(
 ) -> None:
     full = Footprint(GIB, full_per_token)
     ckpt = Footprint(GIB, full_per_token * ckpt_share)
-    plan = choose_plan(
-        micro_batch_size=micro,
-        accumulation=accumulation,
-        row_tokens=row_tokens,
-        footprint_full=full,
-        footprint_ckpt=ckpt,
-        budget_bytes=budget_gib * GIB,
-    )
+    plan = _plan(budget_gib, micro, accumulation, row_tokens, full, ckpt)
     assert plan.rows_per_forward * plan.accumulation == micro * accumulation
     if "nothing fits" not in plan.reason:
         assert plan.estimated_gib * GIB <= budget_gib * GIB * (1 + 1e-9)
