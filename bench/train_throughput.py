@@ -98,18 +98,20 @@ def run_ours(
     }
 
 
-def run_peer(args: argparse.Namespace) -> list[dict]:
-    """The TRL peer in a subprocess; its RESULT lines are collected."""
-    cmd = [sys.executable, args.peer, "--configs", args.peer_configs, "--steps", str(args.warm + args.steps),
+def run_peer(
+    script: str, configs: str, pythonpath: str | None, label: str, args: argparse.Namespace
+) -> list[dict]:
+    """A peer script in a subprocess (its own PYTHONPATH); its `RESULT {json}` lines are collected."""
+    cmd = [sys.executable, script, "--configs", configs, "--steps", str(args.warm + args.steps),
            "--warm", str(args.warm)]  # fmt: skip
     env = dict(os.environ)
-    if args.peer_pythonpath:
-        env["PYTHONPATH"] = args.peer_pythonpath
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
-        print(f"[peer] exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
-    return [{"name": f"peer_trl_{r['name']}", "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
+        print(f"[{label}] exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+    return [{"name": f"peer_{label}_{r['name']}", "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
              "steps_timed": r["steps_timed"], "tokens": r["tokens"]} for r in results]  # fmt: skip
 
 
@@ -118,14 +120,14 @@ def print_table(rows: list[dict]) -> None:
         r["name"]: r["tokens_per_s"] for r in rows if r["name"].startswith("peer_") and "tokens_per_s" in r
     }
     header = f"{'run':<24}{'tokens/s':>10}{'peak GiB':>10}{'MFU(6NT)':>10}" + "".join(
-        f"{'x ' + k[9:]:>14}" for k in base
+        f"{'x ' + k.removeprefix('peer_'):>20}" for k in base
     )
     print(header)
     for r in rows:
         if r.get("failed"):
             print(f"{r['name']:<24}{'failed':>10}")
             continue
-        ratios = "".join(f"{r['tokens_per_s'] / v:>14.2f}" for v in base.values())
+        ratios = "".join(f"{r['tokens_per_s'] / v:>20.2f}" for v in base.values())
         mfu = f"{r['mfu_6nt']:>10.3f}" if "mfu_6nt" in r else f"{'':>10}"
         print(f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{mfu}{ratios}")
 
@@ -165,6 +167,9 @@ def main() -> None:
     ap.add_argument("--peer", default=None, help="path of peer_trl_qlora.py to run beside ours")
     ap.add_argument("--peer-configs", default="seed,seed_liger")
     ap.add_argument("--peer-pythonpath", default=None, help="PYTHONPATH for the peer (its own packages)")
+    ap.add_argument("--unsloth", default=None, help="path of peer_unsloth.py: Unsloth as another column")
+    ap.add_argument("--unsloth-configs", default="d05", help="d05 = the recipe's LoRA dropout 0.05")
+    ap.add_argument("--unsloth-pythonpath", default=None, help="PYTHONPATH with Unsloth's own site dir first")
     ap.add_argument("--json", default="bench/results/train_throughput.json")
     args = ap.parse_args()  # fmt: skip
 
@@ -187,7 +192,11 @@ def main() -> None:
             rows.append(run_ours(name, VARIANTS[name], args, model, data, warm=args.warm, steps=args.steps))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
         if args.peer:
-            rows.extend(run_peer(args))
+            rows.extend(run_peer(args.peer, args.peer_configs, args.peer_pythonpath, "trl", args))
+        if args.unsloth:
+            rows.extend(
+                run_peer(args.unsloth, args.unsloth_configs, args.unsloth_pythonpath, "unsloth", args)
+            )
         print(f"\nGPU: {gpu_common.gpu_name()}, {args.steps} steps timed after {args.warm} warm-up")
         print_table(rows)
         result["rows"] = rows
