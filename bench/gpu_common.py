@@ -115,7 +115,7 @@ def synthetic_record(rng: random.Random, total_tokens: int, vocab: int | None = 
     left = max(8, total_tokens - 20)
     role, previous = "user", []
     while left > 0:
-        n = max(1, min(left, max(4, int(rng.expovariate(1 / 60)))))
+        n = min(left, max(4, int(rng.expovariate(1 / 60))))
         ids = pick(n)
         if vocab and role == "assistant":
             ids = (previous[:8] + ids)[:n]

@@ -78,20 +78,20 @@ def run_ours(
         print(f"[{name}] FAILED (exit {proc.returncode}):\n{tail}", flush=True)
         return {"name": name, "failed": True, "error": tail[-500:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "step_seconds" in r and r["step"] > warm]
-    tokens = sum(r["input_tokens"] for r in steps)
-    seconds = sum(r["step_seconds"] for r in steps)
+    timed = [r for r in rows if "step_seconds" in r and r["step"] > warm]
+    tokens = sum(r["input_tokens"] for r in timed)
+    seconds = sum(r["step_seconds"] for r in timed)
     tps = tokens / seconds
     return {
         "name": name,
         "flags": " ".join(flags),
-        "steps_timed": len(steps),
+        "steps_timed": len(timed),
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tps, 1),
-        "peak_gib": round(max(r["peak_mem_gib"] for r in steps), 2),
+        "peak_gib": round(max(r["peak_mem_gib"] for r in timed), 2),
         "mfu_6nt": round(6 * N_PARAMS * tps / PEAK_FLOPS, 3),
-        "final_loss": steps[-1]["loss"] if steps else None,
+        "final_loss": timed[-1]["loss"] if timed else None,
         "losses": [r["loss"] for r in rows if "step_seconds" in r],
         "wall_s": round(wall, 1),
         "plan": plan,

@@ -163,8 +163,8 @@ def gather_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[
     """The model's full state dict on the main process (collective: every rank calls it).
 
     Under DeepSpeed ZeRO-3 only the LoRA parameters are gathered: `get_state_dict` would
-    consolidate every partitioned tensor of the 4-bit base too, which at Llama-3.2-3B size took
-    longer than a whole training step sequence (minutes). Other ranks get an empty dict there.
+    consolidate every partitioned tensor of the 4-bit base too, which at Llama-3.2-3B size had not
+    finished after minutes (H100). Other ranks get an empty dict there.
     """
     from accelerate.utils import DistributedType
 

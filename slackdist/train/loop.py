@@ -365,14 +365,14 @@ def plan_memory(
 
     t = cfg.train
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if t.memory_plan == "fixed" or accelerator.device.type != "cuda" or _is_sharded(accelerator):
-        why = (
-            "train.memory_plan=fixed"
-            if t.memory_plan == "fixed"
-            else "FSDP / DeepSpeed"
-            if _is_sharded(accelerator)
-            else "not on a GPU"
-        )
+    why = None
+    if t.memory_plan == "fixed":
+        why = "train.memory_plan=fixed"
+    elif _is_sharded(accelerator):
+        why = "FSDP / DeepSpeed"
+    elif accelerator.device.type != "cuda":
+        why = "not on a GPU"
+    if why is not None:
         return fixed_plan(t.micro_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing, why)
 
     def probe(n: int) -> None:
@@ -387,8 +387,9 @@ def plan_memory(
         enable_checkpointing(base)
         ckpt_fp = _measure(model, probe, device, sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # fp32 gradients + AdamW's two fp32 states, which the first optimizer step allocates
-    budget, taken = memory_budget(device, t.max_memory_gib, extra_reserved_bytes=12 * trainable)
+    # fp32 gradients, their flat copy for the optimizer and AdamW's two fp32 states: what the first
+    # optimizer step allocates
+    budget, taken = memory_budget(device, t.max_memory_gib, extra_reserved_bytes=16 * trainable)
     figures = torch.tensor(
         [full.fixed, full.per_token, ckpt_fp.fixed, ckpt_fp.per_token, -budget, taken], device=device
     )
