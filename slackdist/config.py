@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from slackdist.errors import first_line
+
 
 class ConfigError(ValueError):
     """Raised with every problem found in a config, one per line."""
@@ -365,7 +367,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...)")
         apply_overrides(cfg, raw, str(path))

@@ -223,6 +223,28 @@ def test_fresh_run_refuses_an_output_with_checkpoints(
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_checkpoint_whose_optimizer_state_does_not_fit_is_a_clear_error(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A checkpoint from another optimizer layout (e.g. written before the LoRA weights were one flat
+    parameter) must not resume into a traceback."""
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_model_dir, data_dir, out, **{"train.max_steps": 2, "train.save_every_n_steps": 1})
+    assert run_cli(cfg, tmp_path) == 0
+    checkpoint = out / "checkpoints" / "step-000002"
+    path = checkpoint / "optimizer.bin"
+    state = torch.load(path, weights_only=False)
+    group = state["param_groups"][0]
+    group["params"] = [*group["params"], max(group["params"]) + 1]  # one parameter more than the run has
+    torch.save(state, path)
+    capsys.readouterr()
+    assert run_cli(cfg, tmp_path, "--resume", str(checkpoint)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert str(checkpoint) in errors[0] and "cannot resume" in errors[0]
+
+
 def test_missing_training_data_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     cfg = tiny_config(tiny_model_dir, tmp_path / "nothing", tmp_path / "out")
     assert run_cli(cfg, tmp_path) == 2

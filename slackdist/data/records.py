@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
 from slackdist.data.conversations import Conversation, Turn
-from slackdist.errors import SlackdistError
+from slackdist.errors import SlackdistError, first_line
 
 CHARS_PER_TOKEN = 4
 # Llama 3 template: "<|start_header_id|>role<|end_header_id|>\n\n" + content + "<|eot_id|>" ~ 5 tokens a message.
@@ -125,8 +125,7 @@ def load_token_counter(tokenizer: str | None) -> TokenCounter:
 
         tok = ensure_chat_template(AutoTokenizer.from_pretrained(tokenizer))
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SlackdistError(f"{tokenizer}: cannot load tokenizer ({first})") from None
+        raise SlackdistError(f"{tokenizer}: cannot load tokenizer ({first_line(e)})") from None
     return HFTokenCounter(tok)
 
 

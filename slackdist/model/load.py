@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, load_config
-from slackdist.errors import SlackdistError
+from slackdist.errors import SlackdistError, first_line
 from slackdist.model.template import ensure_chat_template
 
 if TYPE_CHECKING:
@@ -144,16 +144,11 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SlackdistError(f"{name_or_path}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise SlackdistError(f"{name_or_path}: cannot load a tokenizer ({first_line(e)})") from None
     try:
         return ensure_chat_template(tokenizer)
     except ValueError as e:
         raise SlackdistError(f"{name_or_path}: {e}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @functools.cache
@@ -162,7 +157,7 @@ def _bnb_4bit_problem(device_type: str) -> str | None:
     try:
         import bitsandbytes.functional as bnbf
     except Exception as e:  # ImportError, or a broken native library raising at import
-        return f"bitsandbytes is not importable ({_first_line(e)})"
+        return f"bitsandbytes is not importable ({first_line(e)})"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available"
     try:
@@ -170,7 +165,7 @@ def _bnb_4bit_problem(device_type: str) -> str | None:
         packed, state = bnbf.quantize_4bit(probe, quant_type="nf4")
         bnbf.dequantize_4bit(packed, state)
     except Exception as e:
-        return f"bitsandbytes 4-bit does not run on {device_type} ({_first_line(e)})"
+        return f"bitsandbytes 4-bit does not run on {device_type} ({first_line(e)})"
     return None
 
 
@@ -267,7 +262,7 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(model_cfg.base_model, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise SlackdistError(
-            f"{model_cfg.base_model}: cannot load the base model ({_first_line(e)})"
+            f"{model_cfg.base_model}: cannot load the base model ({first_line(e)})"
         ) from None
     model.config.use_cache = False
     model.requires_grad_(False)
@@ -362,7 +357,7 @@ def add_lora(model: PreTrainedModel, lora_cfg: LoraSettings, *, gradient_checkpo
             peft_model = get_peft_model(model, lora_config(lora_cfg))
     except ValueError as e:
         targets = ",".join(lora_cfg.target_modules)
-        raise SlackdistError(f"lora.target_modules={targets}: {_first_line(e)}") from None
+        raise SlackdistError(f"lora.target_modules={targets}: {first_line(e)}") from None
     return peft_model
 
 
@@ -402,7 +397,7 @@ def _adapter_base(folder: Path, base: str | None) -> str:
     try:
         meta = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SlackdistError(f"{folder / 'adapter_config.json'}: unreadable ({_first_line(e)})") from None
+        raise SlackdistError(f"{folder / 'adapter_config.json'}: unreadable ({first_line(e)})") from None
     found = meta.get("base_model_name_or_path")
     if not found:
         raise SlackdistError(
@@ -472,7 +467,7 @@ def load_for_inference(
                 model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise SlackdistError(
-                f"{model_dir}: cannot load the adapter onto {source} ({_first_line(e)})"
+                f"{model_dir}: cannot load the adapter onto {source} ({first_line(e)})"
             ) from None
     model.eval()
     model.config.use_cache = True

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from slackdist.errors import SlackdistError
+from slackdist.errors import SlackdistError, first_line
 
 ChannelKind = Literal["public", "private", "dm", "mpim"]
 
@@ -908,7 +908,7 @@ def _reactions(item: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 def _reason(e: Exception) -> str:
-    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    return first_line(e)[:160]
 
 
 def iter_export(

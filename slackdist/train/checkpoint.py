@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slackdist.errors import SlackdistError
+from slackdist.errors import SlackdistError, first_line
 from slackdist.files import write_json_atomic
 
 if TYPE_CHECKING:
@@ -398,8 +398,21 @@ def save_checkpoint(
 
 def load_checkpoint_state(accelerator: Accelerator, checkpoint: str | os.PathLike[str]) -> None:
     """`accelerator.load_state` of a checkpoint: adapter (or FSDP / DeepSpeed shards), optimizer, scheduler,
-    RNG of every rank and the registered trainer state. Collective."""
-    accelerator.load_state(str(checkpoint), **_deepspeed_kwargs(accelerator, "load"))
+    RNG of every rank and the registered trainer state. Collective.
+
+    Raises:
+        SlackdistError: the optimizer state does not fit this run's optimizer (a checkpoint written
+            by another slackdist version, optimizer or launch config).
+    """
+    try:
+        accelerator.load_state(str(checkpoint), **_deepspeed_kwargs(accelerator, "load"))
+    except (
+        ValueError
+    ) as e:  # torch.optim: "loaded state dict contains a parameter group that doesn't match..."
+        raise SlackdistError(
+            f"{checkpoint}: cannot resume: its optimizer state does not fit this run ({first_line(e)}); "
+            "it was written by another slackdist version, optimizer or launch config"
+        ) from None
 
 
 def _deepspeed_kwargs(accelerator: Accelerator, mode: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slackdist.errors import SlackdistError
+from slackdist.errors import SlackdistError, first_line
 
 if TYPE_CHECKING:
     from slackdist.config import Config
@@ -122,7 +122,7 @@ def merge_adapter(
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map={"": "cpu"})
     except (OSError, ValueError) as e:
-        raise SlackdistError(f"{base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+        raise SlackdistError(f"{base}: cannot load the base model ({first_line(e)})") from None
     with quiet_tied_lora_warning():
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     untied = untie_adapted_embeddings(model)
