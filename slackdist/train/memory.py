@@ -34,8 +34,9 @@ class Footprint:
     fixed: float
     per_token: float
 
-    def peak(self, tokens: int) -> float:
-        return self.fixed + self.per_token * tokens
+    def estimate(self, tokens: int) -> float:
+        """The peak for `tokens` tokens per forward, with the SAFETY margin on the per-token part."""
+        return self.fixed + SAFETY * self.per_token * tokens
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def choose_plan(
     sizes = [n for n in range(rows, 0, -1) if rows % n == 0]
     for ckpt, footprint in ((False, footprint_full), (True, footprint_ckpt)):
         for n in sizes:
-            need = footprint.fixed + SAFETY * footprint.per_token * n * row_tokens
+            need = footprint.estimate(n * row_tokens)
             if need <= budget_bytes:
                 return MemoryPlan(
                     n,
@@ -102,7 +103,7 @@ def choose_plan(
                     estimated_gib=(need + base_bytes) / GIB,
                     reason=f"fits {(budget_bytes + base_bytes) / GIB:.1f} GiB",
                 )
-    need = footprint_ckpt.fixed + SAFETY * footprint_ckpt.per_token * micro_batch_size * row_tokens
+    need = footprint_ckpt.estimate(micro_batch_size * row_tokens)
     return MemoryPlan(
         micro_batch_size,
         accumulation,
