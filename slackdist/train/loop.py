@@ -326,8 +326,7 @@ def _probe_step(
     with accelerator.autocast():
         loss = forward_loss(model, batch, accelerator=accelerator, chunk_size=cfg.train.loss_chunk_size)
     loss.backward()
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
 
 
 def _measure(model: Any, probe: Any, device: Any, tokens: tuple[int, int]) -> Any:
@@ -339,8 +338,7 @@ def _measure(model: Any, probe: Any, device: Any, tokens: tuple[int, int]) -> An
     try:
         return measure_footprint(probe, device, tokens)
     except torch.cuda.OutOfMemoryError:
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return Footprint(math.inf, math.inf)
 
@@ -576,9 +574,10 @@ def train_step(
             )
             accelerator.backward(loss_sum * scale)
             if accelerator.sync_gradients:
+                params = model.parameters()
                 if flat is not None:
                     flat.collect_grads()
-                params = [flat.flat] if flat is not None else model.parameters()
+                    params = [flat.flat]
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
