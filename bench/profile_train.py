@@ -128,6 +128,16 @@ def main() -> None:
     print(f"\n{'top kernels':<90}{'ms/step':>10}")
     for name, t in top:
         print(f"{name[:88]:<90}{t / args.steps / 1e3:>10.1f}")
+    host: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CPU and not event.key.startswith("ProfilerStep"):
+            host[event.key] = host.get(event.key, 0.0) + float(event.self_cpu_time_total)
+    top_host = sorted(host.items(), key=lambda kv: -kv[1])[:15]
+    print(f"\n{'top host (CPU self time) ops':<90}{'ms/step':>10}")
+    for name, t in top_host:
+        print(f"{name[:88]:<90}{t / args.steps / 1e3:>10.1f}")
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    print(f"\ntorch.compile: {graphs}; graph breaks: {dict(torch._dynamo.utils.counters['graph_break'])}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(
@@ -142,6 +152,8 @@ def main() -> None:
                 "wall_s": wall,
                 "categories_ms_per_step": {k: v / args.steps / 1e3 for k, v in by_category.items()},
                 "top_kernels_ms_per_step": {k: v / args.steps / 1e3 for k, v in top},
+                "top_host_ops_ms_per_step": {k: v / args.steps / 1e3 for k, v in top_host},
+                "dynamo_stats": graphs,
             },
             indent=1,
         )

@@ -35,9 +35,11 @@ PEAK_FLOPS = 989e12
 
 # Each variant is a list of `slackdist train` flags on top of the shared ones.
 VARIANTS: dict[str, list[str]] = {
-    # the shipped defaults: auto memory plan (measured at start-up), compiled decoder layers,
-    # varlen attention, chunked cross-entropy, paged AdamW over one flat parameter
+    # the shipped defaults: auto memory plan (measured at start-up, 70% of the GPU), compiled decoder
+    # layers, varlen attention, chunked cross-entropy, paged AdamW over one flat parameter
     "default": [],
+    # the defaults held to 16 GiB on a big GPU
+    "budget16": ["--memory-budget-gib", "16"],
     "eager": ["--compile", "off"],
     # what session 1 shipped: checkpointing on, the configured 2 x 2 micro-batches, eager
     "fixed": ["--memory-plan", "fixed", "--compile", "off"],
@@ -45,11 +47,14 @@ VARIANTS: dict[str, list[str]] = {
     "plain": ["--attn-implementation", "sdpa", "--loss-chunk-size", "0", "--memory-plan", "fixed",
               "--compile", "off"],
     "fused_adamw": ["--optimizer", "adamw_torch_fused"],
-    # a 24 GB card (23.99e9 bytes): the process may allocate no more, the auto plan adapts to it
+    # a 24 GB card (23.99e9 bytes): the process may allocate no more, the defaults otherwise
     "card24": ["--max-memory-gib", "22.3"],
-    # the documented low-memory setting, held to 12 GiB
-    "low_mem": ["--memory-plan", "fixed", "--micro-batch-size", "1", "--gradient-accumulation-steps", "4",
-                "--max-memory-gib", "12"],
+    # the documented low-memory setting: the allocator refuses more than 12 GiB, the plan adapts
+    "low_mem": ["--max-memory-gib", "12"],
+    # no recomputation at 1 or 2 rows per forward (what rows per forward is worth, compiled)
+    "rows1": ["--memory-plan", "fixed", "--micro-batch-size", "1", "--gradient-accumulation-steps", "4",
+              "--no-gradient-checkpointing"],
+    "rows2": ["--memory-plan", "fixed", "--no-gradient-checkpointing"],
 }  # fmt: skip
 
 
@@ -90,6 +95,7 @@ def run_ours(
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tps, 1),
         "peak_gib": round(max(r["peak_mem_gib"] for r in timed), 2),
+        "peak_reserved_gib": round(max(r.get("peak_reserved_gib", 0.0) for r in timed), 2),
         "mfu_6nt": round(6 * N_PARAMS * tps / PEAK_FLOPS, 3),
         "final_loss": timed[-1]["loss"] if timed else None,
         "losses": [r["loss"] for r in rows if "step_seconds" in r],
@@ -107,7 +113,11 @@ def run_peer(
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        print(f"[{label}] timed out after {args.timeout} s:\n{str(e.stdout)[-2000:]}", flush=True)
+        return []
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
         print(f"[{label}] exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
@@ -119,7 +129,7 @@ def print_table(rows: list[dict]) -> None:
     base = {
         r["name"]: r["tokens_per_s"] for r in rows if r["name"].startswith("peer_") and "tokens_per_s" in r
     }
-    header = f"{'run':<24}{'tokens/s':>10}{'peak GiB':>10}{'MFU(6NT)':>10}" + "".join(
+    header = f"{'run':<24}{'tokens/s':>10}{'peak GiB':>10}{'reserved':>10}{'MFU(6NT)':>10}" + "".join(
         f"{'x ' + k.removeprefix('peer_'):>20}" for k in base
     )
     print(header)
@@ -129,7 +139,8 @@ def print_table(rows: list[dict]) -> None:
             continue
         ratios = "".join(f"{r['tokens_per_s'] / v:>20.2f}" for v in base.values())
         mfu = f"{r['mfu_6nt']:>10.3f}" if "mfu_6nt" in r else f"{'':>10}"
-        print(f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{mfu}{ratios}")
+        reserved = f"{r['peak_reserved_gib']:>10.2f}" if r.get("peak_reserved_gib") else f"{'':>10}"
+        print(f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{reserved}{mfu}{ratios}")
 
 
 def compare_quality(a: dict, b: dict, window: int = 10) -> dict:

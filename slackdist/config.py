@@ -162,11 +162,17 @@ class TrainConfig:
     )
     memory_plan: Literal["auto", "fixed"] = opt(
         "auto",
-        "auto: on a GPU (not FSDP/DeepSpeed), measure activation memory at start and, where it fits, train "
-        "without checkpointing and with a step's rows in one forward (same rows per step); fixed: as set.",
+        "auto: on one GPU (not FSDP/DeepSpeed), measure activation memory at start and pick the fastest split of "
+        "each step (rows per forward, checkpointed layers) that fits memory_budget_gib; fixed: as set.",
+    )
+    memory_budget_gib: float = opt(
+        0.0,
+        "Peak GPU memory the auto plan aims under (0: 70% of the GPU, e.g. 15.6 GiB of a 24 GB card); "
+        "set e.g. 16 to keep a big GPU's run that small.",
     )
     max_memory_gib: float = opt(
-        0.0, "GPU memory this process may use (0: the whole GPU); the auto plan fills at most 70% of it."
+        0.0,
+        "GPU memory this process may allocate at all (0: the whole GPU); the auto plan plans within it.",
     )
     compile: Literal["auto", "on", "off"] = opt(
         "auto", "torch.compile each decoder layer (auto: on one unsharded CUDA GPU)."
@@ -256,6 +262,10 @@ class Config:
                 problems.append(f"train.{key}={getattr(t, key)}: must be > 0")
         if t.max_memory_gib < 0:
             problems.append(f"train.max_memory_gib={t.max_memory_gib}: must be >= 0 (0: the whole GPU)")
+        if t.memory_budget_gib < 0:
+            problems.append(
+                f"train.memory_budget_gib={t.memory_budget_gib}: must be >= 0 (0: 70% of the GPU)"
+            )
         if t.learning_rate <= 0:
             problems.append(f"train.learning_rate={t.learning_rate}: must be > 0")
         if not 0 <= t.warmup_ratio < 1:

@@ -246,3 +246,37 @@ def test_load_for_inference_bad_folders(tmp_path, trained_adapter):
         load_for_inference(str(half), device="cpu")
     with pytest.raises(SlackdistError, match="gone_base: cannot load"):
         load_for_inference(str(trained_adapter[0]), base=str(tmp_path / "gone_base"), device="cpu")
+
+
+def test_checkpoint_layers_recomputes_only_the_chosen_layers(tiny_model_dir):
+    """Checkpointing k of L layers: same gradients, and fewer tensors kept for backward as k grows."""
+    from slackdist.model.load import checkpoint_layers, checkpointable_layers
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_base_model(_model_cfg(tiny_model_dir), dtype=torch.float32, quantize=False)
+    peft_model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False)
+    peft_model.train()
+    layers = checkpointable_layers(model)
+    assert layers == model.config.num_hidden_layers >= 2
+    batch = _batch(tokenizer)
+    saved, grads = {}, {}
+    for k in (0, 1, layers):
+        checkpoint_layers(model, k)
+        flags = [m.gradient_checkpointing for m in model.model.layers]
+        assert flags == [i < k for i in range(layers)]
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        peft_model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = peft_model(**batch, use_cache=False).loss
+        loss.backward()
+        saved[k] = count[0]
+        grads[k] = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert saved[0] > saved[1] > saved[layers]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[layers][name], grad, rtol=1e-5, atol=1e-6)

@@ -10,13 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from train_helpers import tiny_config, write_dataset
 
-from slackdist.train.memory import GIB, SAFETY, Footprint, choose_plan, fit_footprint
+from slackdist.train.memory import GIB, SAFETY, Footprint, choose_plan, fit_footprint, partial_footprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Figures of the order measured for Llama-3.2-3B on an H100 (bytes)
 FULL = Footprint(fixed=1.2 * GIB, per_token=4.9e6)
 CKPT = Footprint(fixed=1.2 * GIB, per_token=0.45e6)
+LAYERS = 28
 
 
 def _plan(
@@ -26,15 +27,21 @@ def _plan(
     row_tokens: int = 2048,
     full: Footprint = FULL,
     ckpt: Footprint = CKPT,
+    layers: int = LAYERS,
 ):
     return choose_plan(
         micro_batch_size=micro,
         accumulation=accumulation,
         row_tokens=row_tokens,
+        layers=layers,
         footprint_full=full,
         footprint_ckpt=ckpt,
         budget_bytes=budget_gib * GIB,
     )
+
+
+def _split(plan) -> tuple[int, int, int]:
+    return plan.rows_per_forward, plan.accumulation, plan.checkpointed_layers
 
 
 def test_fit_footprint_recovers_the_line() -> None:
@@ -43,35 +50,50 @@ def test_fit_footprint_recovers_the_line() -> None:
     assert fp.estimate(4096) == pytest.approx(3e9 + SAFETY * 4096 * 5e5)
 
 
-def test_large_gpu_gets_the_whole_step_in_one_forward_without_recomputation() -> None:
+def test_partial_footprint_moves_linearly_with_the_checkpointed_share() -> None:
+    assert partial_footprint(FULL, CKPT, 0.0) == FULL and partial_footprint(FULL, CKPT, 1.0) == CKPT
+    half = partial_footprint(FULL, CKPT, 0.5)
+    assert half.per_token == pytest.approx((FULL.per_token + CKPT.per_token) / 2)
+
+
+def test_large_budget_gets_the_whole_step_in_one_forward_without_recomputation() -> None:
     plan = _plan(55.0)  # 70% of an 80 GB H100
-    assert (plan.rows_per_forward, plan.accumulation, plan.gradient_checkpointing) == (4, 1, False)
+    assert _split(plan) == (4, 1, 0) and not plan.gradient_checkpointing
     assert plan.estimated_gib == pytest.approx((FULL.fixed + SAFETY * FULL.per_token * 4 * 2048) / GIB)
-    assert FULL.estimate(4 * 2048) == pytest.approx(plan.estimated_gib * GIB)
     assert "4 rows per forward x 1 forwards" in plan.describe()
+    assert "checkpointing on 0 of 28 layers" in plan.describe()
 
 
-def test_medium_budget_splits_the_step_before_recomputing() -> None:
-    plan = _plan(30.0)  # 4 rows need ~47 GiB, 2 rows ~24 GiB
-    assert (plan.rows_per_forward, plan.accumulation, plan.gradient_checkpointing) == (2, 2, False)
+@pytest.mark.parametrize("budget_gib", [30.0, 15.6, 8.0])
+def test_smaller_budgets_keep_the_rows_together_and_checkpoint_only_the_layers_they_must(
+    budget_gib: float,
+) -> None:
+    plan = _plan(budget_gib)  # 4 rows without recomputation need ~44 GiB
+    rows, _, k = _split(plan)
+    assert rows == 4 and 0 < k < LAYERS
+    assert partial_footprint(FULL, CKPT, k / LAYERS).estimate(4 * 2048) <= budget_gib * GIB
+    assert partial_footprint(FULL, CKPT, (k - 1) / LAYERS).estimate(4 * 2048) > budget_gib * GIB
+    assert f"checkpointing on {k} of 28 layers" in plan.describe()
 
 
-def test_24gb_card_recomputes() -> None:
-    plan = _plan(15.6)  # 70% of a 24 GB card: even one row without recomputation (~12 GiB) fits
-    assert not plan.gradient_checkpointing and plan.rows_per_forward == 1
-    plan = _plan(8.0)
-    assert plan.gradient_checkpointing and plan.rows_per_forward == 4
+def test_rows_split_only_when_recomputing_every_layer_is_not_enough() -> None:
+    rows, accumulation, k = _split(_plan(3.0))  # all layers checkpointed: 4 rows ~5.2 GiB, 2 rows ~3.2
+    assert (rows, accumulation) == (1, 4) and 0 < k < LAYERS
 
 
 def test_nothing_fits_falls_back_to_the_configured_micro_batch_with_recomputation() -> None:
     plan = _plan(0.5)
-    assert (plan.rows_per_forward, plan.accumulation, plan.gradient_checkpointing) == (2, 2, True)
+    assert _split(plan) == (2, 2, LAYERS)
     assert "nothing fits" in plan.reason
 
 
 def test_a_probe_that_ran_out_of_memory_never_wins() -> None:
     plan = _plan(60.0, micro=1, accumulation=4, full=Footprint(math.inf, math.inf))
-    assert plan.gradient_checkpointing and plan.rows_per_forward == 4
+    assert _split(plan) == (4, 1, LAYERS)
+
+
+def test_a_model_without_checkpointable_layers_plans_rows_only() -> None:
+    assert _split(_plan(30.0, layers=0)) == (2, 2, 0)
 
 
 @settings(max_examples=300, deadline=None)
@@ -79,35 +101,38 @@ def test_a_probe_that_ran_out_of_memory_never_wins() -> None:
     micro=st.integers(1, 8),
     accumulation=st.integers(1, 8),
     row_tokens=st.integers(16, 8192),
+    layers=st.integers(1, 40),
     budget_gib=st.floats(0.0, 200.0),
     full_per_token=st.floats(1e3, 1e7),
     ckpt_share=st.floats(0.01, 1.0),
 )
-def test_plan_keeps_the_rows_per_step_and_fits_when_it_says_so(
+def test_plan_keeps_the_rows_per_step_and_nothing_faster_fits(
     micro: int,
     accumulation: int,
     row_tokens: int,
+    layers: int,
     budget_gib: float,
     full_per_token: float,
     ckpt_share: float,
 ) -> None:
     full = Footprint(GIB, full_per_token)
     ckpt = Footprint(GIB, full_per_token * ckpt_share)
-    plan = _plan(budget_gib, micro, accumulation, row_tokens, full, ckpt)
-    assert plan.rows_per_forward * plan.accumulation == micro * accumulation
-    if "nothing fits" not in plan.reason:
-        assert plan.estimated_gib * GIB <= budget_gib * GIB * (1 + 1e-9)
-        # nothing faster would have fit: no checkpointing beats checkpointing, more rows beat fewer
-        used = ckpt if plan.gradient_checkpointing else full
-        bigger = [
-            n
-            for n in range(plan.rows_per_forward + 1, micro * accumulation + 1)
-            if (micro * accumulation) % n == 0
-        ]
-        for n in bigger:
-            assert used.estimate(n * row_tokens) > budget_gib * GIB
-        if plan.gradient_checkpointing:
-            assert full.estimate(row_tokens) > budget_gib * GIB
+    plan = _plan(budget_gib, micro, accumulation, row_tokens, full, ckpt, layers)
+    rows = micro * accumulation
+    assert plan.rows_per_forward * plan.accumulation == rows
+    assert 0 <= plan.checkpointed_layers <= layers
+    budget = budget_gib * GIB * (1 + 1e-9)
+    if "nothing fits" in plan.reason:
+        return
+    n, k = plan.rows_per_forward, plan.checkpointed_layers
+    assert partial_footprint(full, ckpt, k / layers).estimate(n * row_tokens) <= budget
+    # nothing faster fits: more rows per forward even with every layer checkpointed, or the same
+    # rows with fewer checkpointed layers
+    for more in range(n + 1, rows + 1):
+        if rows % more == 0:
+            assert ckpt.estimate(more * row_tokens) > budget
+    for fewer in range(k):
+        assert partial_footprint(full, ckpt, fewer / layers).estimate(n * row_tokens) > budget
 
 
 def test_rows_per_forward_does_not_change_the_losses(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -353,16 +353,12 @@ def plan_memory(
     """
     import torch
 
-    from slackdist.model.load import disable_checkpointing, enable_checkpointing
-    from slackdist.train.memory import (
-        Footprint,
-        choose_plan,
-        fixed_plan,
-        memory_budget,
-    )
+    from slackdist.model.load import checkpoint_layers, checkpointable_layers
+    from slackdist.train.memory import Footprint, choose_plan, fixed_plan, memory_budget
 
     t = cfg.train
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = checkpointable_layers(base)
     why = None
     if t.memory_plan == "fixed":
         why = "train.memory_plan=fixed"
@@ -371,7 +367,9 @@ def plan_memory(
     elif accelerator.device.type != "cuda":
         why = "not on a GPU"
     if why is not None:
-        return fixed_plan(t.micro_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing, why)
+        return fixed_plan(
+            t.micro_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing, layers, why
+        )
 
     def probe(n: int) -> None:
         _probe_step(model, n, accelerator=accelerator, cfg=cfg, pad_id=pad_id, varlen=varlen)
@@ -380,14 +378,16 @@ def plan_memory(
     sizes = (max(1024, t.loss_chunk_size), 2 * max(1024, t.loss_chunk_size))
     model.train()
     with torch.random.fork_rng(devices=[device]):  # the probe must not shift the run's dropout masks
-        disable_checkpointing(base)
+        checkpoint_layers(base, 0)
         full = _measure(model, probe, device, sizes)
-        enable_checkpointing(base)
+        checkpoint_layers(base, layers)
         ckpt_fp = _measure(model, probe, device, sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # fp32 gradients, their flat copy for the optimizer and AdamW's two fp32 states: what the first
     # optimizer step allocates
-    budget, taken = memory_budget(device, t.max_memory_gib, extra_reserved_bytes=16 * trainable)
+    budget, taken = memory_budget(
+        device, t.memory_budget_gib, t.max_memory_gib, extra_reserved_bytes=16 * trainable
+    )
     figures = torch.tensor(
         [full.fixed, full.per_token, ckpt_fp.fixed, ckpt_fp.per_token, -budget, taken], device=device
     )
@@ -398,15 +398,13 @@ def plan_memory(
         micro_batch_size=t.micro_batch_size,
         accumulation=t.gradient_accumulation_steps,
         row_tokens=t.max_seq_len,
+        layers=layers,
         footprint_full=Footprint(f[0], f[1]),
         footprint_ckpt=Footprint(f[2], f[3]),
         budget_bytes=-f[4],
         base_bytes=f[5],
     )
-    if plan.gradient_checkpointing:
-        enable_checkpointing(base)
-    else:
-        disable_checkpointing(base)
+    checkpoint_layers(base, plan.checkpointed_layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)  # the logged peak is training's, not the probe's
     return plan
@@ -654,6 +652,16 @@ def peak_memory_gib(device: Any) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def reserved_memory_gib(device: Any) -> dict[str, float]:
+    """{"peak_reserved_gib": what the CUDA caching allocator held at most} on a GPU, else {}:
+    what the card must have, allocator fragmentation included."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return {}
+    return {"peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 class MetricsLog:
@@ -955,6 +963,7 @@ class LoRARecipe:
                 "input_tokens": sum(tokens),
                 "step_seconds": sum(times),
                 "peak_mem_gib": peak_memory_gib(self.accelerator.device),
+                **reserved_memory_gib(self.accelerator.device),
                 "label_tokens": stats.label_tokens,
                 "epoch": self.state.epoch,
             },
@@ -1105,5 +1114,8 @@ def train(cfg: Config) -> TrainResult:
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist train`: 0 when done, 75 (EX_TEMPFAIL) when preempted after checkpointing."""
     logging.basicConfig(level=logging.INFO if os.environ.get("SLACKDIST_VERBOSE") else logging.WARNING)
+    # Packed batches change shape every step; growable segments keep the allocator from fragmenting
+    # (reserved stays close to allocated, which is what lets the plan's budget hold on a small card).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     result = train(cfg)
     return PREEMPTED_EXIT_CODE if result.preempted else 0

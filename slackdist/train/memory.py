@@ -1,18 +1,23 @@
 """How a training step uses GPU memory: measured at start-up, then the fastest plan that fits.
 
 Two things decide speed at a fixed optimizer step (rows per step = micro-batch x accumulation):
-whether activations are recomputed (gradient checkpointing) and how many of the step's rows go
-through one forward. On an H100 an eager step is launch-bound below ~8k tokens per forward, and
-recomputation costs about a third of the step, so the fastest plan is "no checkpointing, the whole
-step in one forward" whenever its activations fit (../shared/gpu/README.md, feasibility table).
+how many of the step's rows go through one forward, and how many decoder layers recompute their
+activations in backward (gradient checkpointing). On an H100 the host's work to launch a forward +
+backward of the compiled 3B model hardly depends on its length: four 2048-token rows in four
+forwards take about three times as long as in one (GPU busy 19% against 67%), while recomputing
+every layer costs 30-40% (bench/README.md). So the plan puts as many rows in one forward as fit,
+then checkpoints as few layers as it must for them to fit.
 
 The plan never changes what is learned: every plan trains on the same rows per optimizer step and
 normalises the loss by the same label tokens, so only the dropout masks' order differs.
 
 Activation memory is measured, not guessed: `measure_footprint` runs forward + backward on two
-short packed rows with and without checkpointing and fits `peak = fixed + per_token x tokens`
-for each (fixed: the loss chunk's logits, gradients' first allocation). `choose_plan` then picks
-the fastest candidate whose estimate fits the budget.
+short packed rows with no layer and with every layer checkpointed and fits
+`peak = fixed + per_token x tokens` for each (fixed: the loss chunk's logits, gradients' first
+allocation); checkpointing k of L layers sits k/L of the way between them. `choose_plan` then
+picks the fastest candidate whose estimate fits the budget: `train.memory_budget_gib`, by default
+70% of the GPU (15.6 GiB of a 24 GB card, 56 GiB of an 80 GB one), never beyond 90% of the GPU or
+of `train.max_memory_gib`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from dataclasses import dataclass
 
 GIB = 2**30
 AUTO_BUDGET_FRACTION = 0.7
-"""Share of the GPU (or of `max_memory_gib`) the auto plan may fill: 15.6 GiB of a 24 GB card."""
+"""Share of the GPU (or of `max_memory_gib`) the plan fills when `memory_budget_gib` is 0."""
+GPU_FRACTION = 0.9
+"""Share of the GPU (or of `max_memory_gib`) no plan goes beyond, whatever `memory_budget_gib` says."""
 SAFETY = 1.15
 """Margin on the measured per-token cost (allocator fragmentation, the longest rows' attention)."""
 
@@ -39,30 +46,49 @@ class Footprint:
         return self.fixed + SAFETY * self.per_token * tokens
 
 
+def partial_footprint(full: Footprint, ckpt: Footprint, share: float) -> Footprint:
+    """The footprint with `share` of the decoder layers checkpointed: every layer holds the same
+    activations, so the per-token cost moves linearly from `full` (share 0) to `ckpt` (share 1)."""
+    if share <= 0:
+        return full
+    if share >= 1:
+        return ckpt
+    return Footprint(
+        fixed=max(full.fixed, ckpt.fixed),
+        per_token=full.per_token + share * (ckpt.per_token - full.per_token),
+    )
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How one optimizer step runs: rows per forward, forwards per step, recomputation."""
+    """How one optimizer step runs: rows per forward, forwards per step, recomputed layers."""
 
     rows_per_forward: int
     accumulation: int
-    gradient_checkpointing: bool
+    checkpointed_layers: int
+    layers: int
     estimated_gib: float | None = None
     reason: str = ""
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.checkpointed_layers > 0
+
     def describe(self) -> str:
-        ckpt = "on" if self.gradient_checkpointing else "off"
         est = f", estimated peak {self.estimated_gib:.1f} GiB" if self.estimated_gib is not None else ""
         return (
             f"memory plan: {self.rows_per_forward} rows per forward x {self.accumulation} forwards per step, "
-            f"gradient checkpointing {ckpt}{est} ({self.reason})"
+            f"gradient checkpointing on {self.checkpointed_layers} of {self.layers} layers{est} ({self.reason})"
         )
 
 
 def fixed_plan(
-    micro_batch_size: int, accumulation: int, gradient_checkpointing: bool, reason: str
+    micro_batch_size: int, accumulation: int, gradient_checkpointing: bool, layers: int, reason: str
 ) -> MemoryPlan:
-    """The configured micro-batch size, accumulation and checkpointing, unchanged."""
-    return MemoryPlan(micro_batch_size, accumulation, gradient_checkpointing, reason=reason)
+    """The configured micro-batch size, accumulation and checkpointing (all layers or none), unchanged."""
+    return MemoryPlan(
+        micro_batch_size, accumulation, layers if gradient_checkpointing else 0, layers, reason=reason
+    )
 
 
 def choose_plan(
@@ -70,6 +96,7 @@ def choose_plan(
     micro_batch_size: int,
     accumulation: int,
     row_tokens: int,
+    layers: int,
     footprint_full: Footprint,
     footprint_ckpt: Footprint,
     budget_bytes: float,
@@ -77,39 +104,38 @@ def choose_plan(
 ) -> MemoryPlan:
     """The fastest plan whose estimated peak fits `budget_bytes`.
 
-    Candidates, fastest first: no checkpointing with the most rows per forward (every divisor of
-    the rows per step, largest first), then checkpointing likewise. If none fits, the configured
-    micro-batch size with checkpointing (the most frugal setting the user asked for).
+    Candidates, fastest first: the most rows per forward (every divisor of the rows per step,
+    largest first), and for each the fewest checkpointed layers that fit. If none fits, the
+    configured micro-batch size with every layer checkpointed (the most frugal setting the user
+    asked for).
 
     Args:
         micro_batch_size, accumulation: the configured split of an optimizer step (their product
             is kept).
         row_tokens: tokens in one packed row (max_seq_len; rows are padded to the batch's longest).
-        footprint_full, footprint_ckpt: measured without / with checkpointing.
+        layers: decoder layers that can be checkpointed.
+        footprint_full, footprint_ckpt: measured with no layer / every layer checkpointed.
         budget_bytes: what the plan may fill, beyond what is already allocated.
         base_bytes: what is allocated already or reserved (weights, gradients, optimizer states):
             added to the estimates so they are whole-process peaks.
     """
     rows = micro_batch_size * accumulation
     sizes = [n for n in range(rows, 0, -1) if rows % n == 0]
-    for ckpt, footprint in ((False, footprint_full), (True, footprint_ckpt)):
-        for n in sizes:
+    fits = f"fits {(budget_bytes + base_bytes) / GIB:.1f} GiB"
+    for n in sizes:
+        for k in range(layers + 1):
+            footprint = partial_footprint(footprint_full, footprint_ckpt, k / layers if layers else 0.0)
             need = footprint.estimate(n * row_tokens)
             if need <= budget_bytes:
-                return MemoryPlan(
-                    n,
-                    rows // n,
-                    ckpt,
-                    estimated_gib=(need + base_bytes) / GIB,
-                    reason=f"fits {(budget_bytes + base_bytes) / GIB:.1f} GiB",
-                )
+                return MemoryPlan(n, rows // n, k, layers, (need + base_bytes) / GIB, fits)
     need = footprint_ckpt.estimate(micro_batch_size * row_tokens)
     return MemoryPlan(
         micro_batch_size,
         accumulation,
-        True,
-        estimated_gib=(need + base_bytes) / GIB,
-        reason=f"nothing fits {(budget_bytes + base_bytes) / GIB:.1f} GiB; the configured micro-batch with checkpointing",
+        layers,
+        layers,
+        (need + base_bytes) / GIB,
+        f"nothing {fits.replace('fits', 'fits in')}; the configured micro-batch with checkpointing",
     )
 
 
@@ -144,17 +170,23 @@ def _cuda_index(device: object) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
-def memory_budget(device: object, max_memory_gib: float, extra_reserved_bytes: float) -> tuple[float, float]:
-    """(bytes the plan may fill, bytes taken already): AUTO_BUDGET_FRACTION of the cap (max_memory_gib,
-    else the GPU's total memory) minus what is allocated now and `extra_reserved_bytes` (gradients
-    and optimizer states that the first step will allocate); and those two together."""
+def memory_budget(
+    device: object, budget_gib: float, max_memory_gib: float, extra_reserved_bytes: float
+) -> tuple[float, float]:
+    """(bytes the plan may fill, bytes taken already).
+
+    The whole process may reach `budget_gib` (0: AUTO_BUDGET_FRACTION of the cap), never more than
+    GPU_FRACTION of the cap (`max_memory_gib`, else the GPU's memory); the plan fills that minus
+    what is allocated now and `extra_reserved_bytes` (gradients and optimizer states the first
+    step will allocate)."""
     import torch
 
     index = _cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     cap = min(max_memory_gib * GIB, total) if max_memory_gib > 0 else total
+    target = min(budget_gib * GIB, GPU_FRACTION * cap) if budget_gib > 0 else AUTO_BUDGET_FRACTION * cap
     taken = torch.cuda.memory_allocated(index) + extra_reserved_bytes
-    return AUTO_BUDGET_FRACTION * cap - taken, taken
+    return target - taken, taken
 
 
 def apply_memory_cap(device: object, max_memory_gib: float) -> None:
