@@ -322,27 +322,24 @@ def disable_checkpointing(model: PreTrainedModel) -> None:
     model.disable_input_require_grads()
 
 
+def checkpointable_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The decoder layers that activation checkpointing applies to, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def checkpoint_layers(model: PreTrainedModel, count: int) -> None:
     """Checkpoint the first `count` decoder layers; the others keep their activations (0: none).
 
     Every layer holds the same activations, so which ones recompute does not change the memory
     saved; the memory plan (slackdist.train.memory) picks `count`."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if count <= 0:
         disable_checkpointing(model)
         return
     enable_checkpointing(model)
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(checkpointable_layers(model)):
         layer.gradient_checkpointing = i < count
-
-
-def checkpointable_layers(model: PreTrainedModel) -> int:
-    """How many decoder layers `checkpoint_layers` can checkpoint."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
 
 
 def checkpointing_enabled(model: PreTrainedModel) -> bool:

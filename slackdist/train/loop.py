@@ -358,7 +358,7 @@ def plan_memory(
 
     t = cfg.train
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = checkpointable_layers(base)
+    layers = len(checkpointable_layers(base))
     why = None
     if t.memory_plan == "fixed":
         why = "train.memory_plan=fixed"

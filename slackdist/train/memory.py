@@ -70,10 +70,6 @@ class MemoryPlan:
     estimated_gib: float | None = None
     reason: str = ""
 
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.checkpointed_layers > 0
-
     def describe(self) -> str:
         est = f", estimated peak {self.estimated_gib:.1f} GiB" if self.estimated_gib is not None else ""
         return (
@@ -121,13 +117,13 @@ def choose_plan(
     """
     rows = micro_batch_size * accumulation
     sizes = [n for n in range(rows, 0, -1) if rows % n == 0]
-    fits = f"fits {(budget_bytes + base_bytes) / GIB:.1f} GiB"
+    budget = f"{(budget_bytes + base_bytes) / GIB:.1f} GiB"
     for n in sizes:
         for k in range(layers + 1):
             footprint = partial_footprint(footprint_full, footprint_ckpt, k / layers if layers else 0.0)
             need = footprint.estimate(n * row_tokens)
             if need <= budget_bytes:
-                return MemoryPlan(n, rows // n, k, layers, (need + base_bytes) / GIB, fits)
+                return MemoryPlan(n, rows // n, k, layers, (need + base_bytes) / GIB, f"fits {budget}")
     need = footprint_ckpt.estimate(micro_batch_size * row_tokens)
     return MemoryPlan(
         micro_batch_size,
@@ -135,7 +131,7 @@ def choose_plan(
         layers,
         layers,
         (need + base_bytes) / GIB,
-        f"nothing {fits.replace('fits', 'fits in')}; the configured micro-batch with checkpointing",
+        f"nothing fits in {budget}; the configured micro-batch with checkpointing",
     )
 
 
