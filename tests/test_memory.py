@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from train_helpers import tiny_config, write_dataset
 
-from slackdist.train.memory import GIB, SAFETY, Footprint, choose_plan, fit_footprint, partial_footprint
+from slackdist.train.memory import (
+    GIB,
+    SAFETY,
+    Footprint,
+    budget_target,
+    choose_plan,
+    fit_footprint,
+    partial_footprint,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +62,24 @@ def test_partial_footprint_moves_linearly_with_the_checkpointed_share() -> None:
     assert partial_footprint(FULL, CKPT, 0.0) == FULL and partial_footprint(FULL, CKPT, 1.0) == CKPT
     half = partial_footprint(FULL, CKPT, 0.5)
     assert half.per_token == pytest.approx((FULL.per_token + CKPT.per_token) / 2)
+
+
+@pytest.mark.parametrize(
+    ("total_gib", "budget_gib", "max_memory_gib", "expected_gib"),
+    [
+        (80.0, 0.0, 0.0, 56.0),  # the default: 70% of the card
+        (22.3, 0.0, 0.0, 15.61),  # a 24 GB card
+        (80.0, 0.0, 22.3, 15.61),  # an 80 GB card told to act as a 24 GB one
+        (80.0, 0.0, 12.0, 8.4),  # the low-memory setting
+        (80.0, 16.0, 0.0, 16.0),  # an explicit budget
+        (80.0, 100.0, 0.0, 72.0),  # never beyond 90% of the card
+        (80.0, 16.0, 12.0, 10.8),  # nor of the allocator's cap
+    ],
+)
+def test_budget_target(
+    total_gib: float, budget_gib: float, max_memory_gib: float, expected_gib: float
+) -> None:
+    assert budget_target(total_gib * GIB, budget_gib, max_memory_gib) / GIB == pytest.approx(expected_gib)
 
 
 def test_large_budget_gets_the_whole_step_in_one_forward_without_recomputation() -> None:

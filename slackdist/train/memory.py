@@ -166,23 +166,26 @@ def _cuda_index(device: object) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
+def budget_target(total_bytes: float, budget_gib: float, max_memory_gib: float) -> float:
+    """The whole-process peak the plan aims under, in bytes: `budget_gib` (0: AUTO_BUDGET_FRACTION
+    of the cap), never more than GPU_FRACTION of the cap (`max_memory_gib`, else the GPU's memory)."""
+    cap = min(max_memory_gib * GIB, total_bytes) if max_memory_gib > 0 else total_bytes
+    if budget_gib > 0:
+        return min(budget_gib * GIB, GPU_FRACTION * cap)
+    return AUTO_BUDGET_FRACTION * cap
+
+
 def memory_budget(
     device: object, budget_gib: float, max_memory_gib: float, extra_reserved_bytes: float
 ) -> tuple[float, float]:
-    """(bytes the plan may fill, bytes taken already).
-
-    The whole process may reach `budget_gib` (0: AUTO_BUDGET_FRACTION of the cap), never more than
-    GPU_FRACTION of the cap (`max_memory_gib`, else the GPU's memory); the plan fills that minus
-    what is allocated now and `extra_reserved_bytes` (gradients and optimizer states the first
-    step will allocate)."""
+    """(bytes the plan may fill, bytes taken already): `budget_target` minus what is allocated now
+    and `extra_reserved_bytes` (gradients and optimizer states the first step will allocate)."""
     import torch
 
     index = _cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
-    cap = min(max_memory_gib * GIB, total) if max_memory_gib > 0 else total
-    target = min(budget_gib * GIB, GPU_FRACTION * cap) if budget_gib > 0 else AUTO_BUDGET_FRACTION * cap
     taken = torch.cuda.memory_allocated(index) + extra_reserved_bytes
-    return target - taken, taken
+    return budget_target(total, budget_gib, max_memory_gib) - taken, taken
 
 
 def apply_memory_cap(device: object, max_memory_gib: float) -> None:
