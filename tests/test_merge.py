@@ -35,8 +35,11 @@ def make_adapter(
 
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits computed in float64: the merged fp32 weights differ from base + adapter only by one fp32
+    rounding of W + s·BA, while an fp32 forward reorders sums differently on each CPU's kernels (AVX2 vs
+    AVX-512 missed 1e-5 by one value in 49,152), so float64 keeps the comparison about the merge alone."""
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model.double()(input_ids=ids).logits
 
 
 def reference_logits(model_dir: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
