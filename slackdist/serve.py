@@ -21,9 +21,21 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from slackdist.config import Config
 from slackdist.errors import SlackdistError
+from slackdist.generate import (
+    GenerationSettings,
+    ReplyStats,
+    context_limit,
+    stream_reply,
+    use_fast_path,
+    warm_up,
+    with_system_prompt,
+)
+from slackdist.model.load import InferenceModel, load_for_inference
+from slackdist.model.template import build_prompt_ids
 
 try:
     from fastapi import FastAPI, Request
@@ -36,11 +48,6 @@ except ImportError as e:  # raised while the CLI loads this command: printed as 
     raise SlackdistError(
         f"slackdist serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'slackdist[serve]'"
     ) from None
-
-if TYPE_CHECKING:
-    from slackdist.config import Config
-    from slackdist.generate import GenerationSettings
-    from slackdist.model.load import InferenceModel
 
 MAX_STOP_STRINGS = 4
 
@@ -136,9 +143,6 @@ def _check_length(
     req: ChatCompletionRequest,
 ) -> tuple[GenerationSettings, int]:
     """(settings with max_new_tokens, prompt tokens); 400 when prompt + requested reply exceed the context."""
-    from slackdist.generate import context_limit
-    from slackdist.model.template import build_prompt_ids
-
     try:
         n_prompt = len(build_prompt_ids(im.tokenizer, messages))
     except ValueError as e:
@@ -190,8 +194,6 @@ def build_app(
     Returns:
         The app (run it with uvicorn).
     """
-    from slackdist.generate import ReplyStats, stream_reply, with_system_prompt
-
     created = int(time.time())
     app = FastAPI(title="slackdist", version="1")
 
@@ -278,8 +280,6 @@ async def _sse(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events of one streamed completion; a closed connection stops generation."""
-    from slackdist.generate import ReplyStats, stream_reply
-
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
     done = object()
@@ -350,18 +350,15 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     Raises:
         SlackdistError: the model folder is not a model, or the port is taken.
     """
-    try:
+    try:  # the [serve] extra; only this command needs it
         import uvicorn
     except ImportError:
         raise SlackdistError("slackdist serve needs uvicorn: pip install 'slackdist[serve]'") from None
 
-    from slackdist.generate import GenerationSettings, default_system_prompt, use_fast_path, warm_up
-    from slackdist.model.load import load_for_inference
-
     _check_port_free(cfg.serve.host, cfg.serve.port)
     im = load_for_inference(cfg.chat.model_dir, base=cfg.chat.base, load_in_4bit=cfg.chat.load_in_4bit)
     settings = GenerationSettings.from_config(cfg.chat)
-    system = cfg.chat.system or default_system_prompt(im.config, persona=cfg.chat.persona)
+    system = cfg.chat.system or im.info.system_prompt_for(cfg.chat.persona)
     if use_fast_path(im, settings):
         print("compiling the decode step (once per start, up to a minute) ...", flush=True)
         warm_up(im, settings)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from slackdist.config import LoraSettings, ModelConfig
-from slackdist.train.compilation import compile_decoder_layers, decoder_layers, should_compile
+from slackdist.model.compilation import compile_decoder_layers, decoder_layers, should_compile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peft_model(model_dir: Path):
+    from slackdist.model.attention import register_varlen_attention
     from slackdist.model.load import add_lora, load_base_model
-    from slackdist.train.attention import register_varlen_attention
 
     model = load_base_model(ModelConfig(base_model=str(model_dir)), dtype=torch.float32, quantize=False)
     model.set_attn_implementation(register_varlen_attention())
@@ -43,7 +43,7 @@ def _batch(length: int, seed: int, vocab: int) -> dict[str, torch.Tensor]:
 def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     from accelerate import Accelerator
 
-    from slackdist.train.loop import forward_loss
+    from slackdist.train.step import forward_loss
 
     loss = forward_loss(model, batch, accelerator=Accelerator(cpu=True), chunk_size=16)
     loss.backward()

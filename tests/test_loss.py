@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slackdist.train.loss import chunked_lm_loss
+from slackdist.model.loss import chunked_lm_loss
 
 
 def _setup(seed: int = 0, dtype=torch.float32):

@@ -14,9 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slackdist.data.examples import Example, load_examples, make_example
 from slackdist.errors import SlackdistError
-from slackdist.train.attention import cu_seqlens_from_position_ids
-from slackdist.train.packing import Example, collate, load_examples, make_example, pack
+from slackdist.model.attention import cu_seqlens_from_position_ids
+from slackdist.train.packing import collate, pack
 
 CONVERSATIONS = [
     [

@@ -36,8 +36,9 @@ def eval_loss_of_adapter(
     import torch.nn.functional as F
     from peft import PeftModel
 
+    from slackdist.data.examples import load_examples
     from slackdist.model.load import load_base_model, load_tokenizer, quiet_tied_lora_warning
-    from slackdist.train.packing import collate, load_examples, pack
+    from slackdist.train.packing import collate, pack
 
     tokenizer = load_tokenizer(str(model_dir))
     model_cfg = cfg.model
@@ -161,7 +162,7 @@ def test_train_end_to_end(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, 
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     out = tmp_path / "out"
     # min_delta so large that no eval after the first counts as an improvement: stops after `patience` more
@@ -188,7 +189,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir: Path, data_dir: P
 
 
 def test_keep_last_k_checkpoints_plus_best(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     out = tmp_path / "out"
     cfg = tiny_config(
@@ -260,9 +261,10 @@ def test_forward_loss_paths_agree_with_transformers(
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
+    from slackdist.data.examples import load_examples
     from slackdist.model.load import load_tokenizer
-    from slackdist.train.loop import forward_loss
-    from slackdist.train.packing import collate, load_examples, pack
+    from slackdist.train.packing import collate, pack
+    from slackdist.train.step import forward_loss
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = load_examples(
@@ -300,7 +302,7 @@ def test_forward_loss_paths_agree_with_transformers(
 def test_shard_rows_covers_every_row_once_with_equal_work_per_rank(
     num_rows: int, micro: int, accumulation: int, processes: int, first_row: int
 ) -> None:
-    from slackdist.train.loop import shard_rows
+    from slackdist.train.batches import shard_rows
 
     plans = [
         shard_rows(
@@ -325,7 +327,7 @@ def test_shard_rows_same_global_step_contents_for_any_process_count(
     num_rows: int, micro: int, accumulation: int
 ) -> None:
     """2 processes x GA n and 1 process x GA 2n train on the same rows in each optimizer step."""
-    from slackdist.train.loop import shard_rows
+    from slackdist.train.batches import shard_rows
 
     single = shard_rows(
         num_rows, micro_batch_size=micro, accumulation=2 * accumulation, num_processes=1, rank=0

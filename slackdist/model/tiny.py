@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from slackdist.errors import SlackdistError
 from slackdist.model.template import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerFast
-
     from slackdist.config import Config
 
 BPE_VOCAB_SIZE = 1000
@@ -163,9 +164,6 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
     Returns:
         The tokenizer, with `LLAMA3_CHAT_TEMPLATE` set.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -205,8 +203,6 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    import torch
-
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
@@ -280,9 +276,6 @@ def write_tiny_model(
     Raises:
         SlackdistError: impossible shape or dtype.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     _check_shape(hidden_size, layers, heads, kv_heads, intermediate_size)
     torch_dtype = _resolve_dtype(dtype)
     tokenizer = build_tiny_tokenizer()
