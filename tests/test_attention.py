@@ -1,4 +1,4 @@
-"""Varlen attention for packed rows (slackdist/train/attention.py).
+"""Varlen attention for packed rows (slackdist/model/attention.py).
 
 On CPU the fused torch kernel does not exist: these tests run the same attention
 function with its per-sequence SDPA stand-in, which covers the boundaries, reshapes and

@@ -1,4 +1,4 @@
-"""torch.compile of the decoder layers (slackdist/train/compilation.py) gives the eager model's loss and gradients."""
+"""torch.compile of the decoder layers (slackdist/model/compilation.py) gives the eager model's loss and gradients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Chunked lm_head + cross-entropy equals the plain full-logits loss (slackdist/train/loss.py)."""
+"""Chunked lm_head + cross-entropy equals the plain full-logits loss (slackdist/model/loss.py)."""
 
 from __future__ import annotations
 

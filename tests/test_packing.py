@@ -1,4 +1,4 @@
-"""Examples, packing and collation (slackdist/train/packing.py).
+"""Examples, packing and collation (slackdist/data/examples.py, slackdist/train/packing.py).
 
 The key property: packing changes nothing a conversation sees. Its logits inside a
 packed row equal its logits alone.
