@@ -183,7 +183,14 @@ class TrainConfig:
         "GPU memory this process may allocate at all (0: the whole GPU); the auto plan plans within it.",
     )
     compile: Literal["auto", "on", "off"] = opt(
-        "auto", "torch.compile each decoder layer (auto: on one unsharded CUDA GPU)."
+        "auto",
+        "torch.compile each decoder layer (auto: on one unsharded CUDA GPU, for runs of at least "
+        "compile_min_steps steps).",
+    )
+    compile_min_steps: int = opt(
+        150,
+        "With compile=auto, compile only runs planned for at least this many optimizer steps: compiling "
+        "costs a fixed start-up time that only enough faster steps repay (bench/time_to_model.py).",
     )
     loss_chunk_size: int = opt(1024, "Compute lm_head + loss in chunks of this many tokens (0: all at once).")
     eval_every_n_steps: int = opt(50, "Evaluate on validation.jsonl every N steps (0: per epoch only).")
