@@ -13,7 +13,8 @@ file and prompt:
   pre-tokenizer name) equals transformers' ids, and so do plain multilingual / code strings;
 - logits: the largest |difference| over every prompt position (`logits_all`), also relative to the largest
   |logit|, and the share of positions whose argmax agrees;
-- greedy: `--new-tokens` greedy tokens from llama.cpp equal transformers' `generate(do_sample=False)`;
+- greedy: up to `--new-tokens` greedy tokens, ending at the first end-of-turn token, from llama.cpp equal
+  transformers' `generate(do_sample=False)`;
 - q8_0 bytes: llama.cpp's own quantizer (`llama_model_quantize`) run on the f32 export writes the same
   Q8_0 blocks as the q8_0 export, so what q8_0 changes is quantization, not the export.
 
@@ -75,6 +76,7 @@ class Row:
     greedy_distinct_tokens: int
     """How many different tokens transformers' greedy reply holds (a random model often repeats one)."""
     new_tokens: int
+    """Length of transformers' greedy reply (shorter than asked when it ended its turn)."""
 
 
 def random_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
@@ -187,12 +189,13 @@ def load_llama_cpp(gguf_path: Path, n_ctx: int = 512) -> Any:
         )
 
 
-def _greedy_llama_cpp(llm: Any, ids: list[int], new_tokens: int) -> list[int]:
+def _greedy_llama_cpp(llm: Any, ids: list[int], new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy tokens up to `new_tokens`, ending with the first stop token (as `generate` in transformers)."""
     llm.reset()
     out: list[int] = []
     for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
         out.append(int(token))
-        if len(out) == new_tokens:
+        if len(out) == new_tokens or out[-1] in stop:
             break
     return out
 
@@ -201,7 +204,10 @@ def check_file(model: Any, tokenizer: Any, gguf_path: Path, new_tokens: int) -> 
     """Compare one GGUF file with the transformers model on every prompt; also the plain-text tokenization."""
     import torch
 
+    from slackdist.model.template import stop_token_ids
+
     llm = load_llama_cpp(gguf_path)
+    stop = set(stop_token_ids(tokenizer))
     rows = []
     for i, messages in enumerate(PROMPTS):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -216,15 +222,15 @@ def check_file(model: Any, tokenizer: Any, gguf_path: Path, new_tokens: int) -> 
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
                 do_sample=False,
+                eos_token_id=sorted(stop),
                 pad_token_id=tokenizer.pad_token_id,
             )[0, len(ids) :].tolist()
         llm.reset()
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)], dtype=np.float64)
         diff = float(np.abs(got - ref).max())
-        greedy = _greedy_llama_cpp(llm, ids, new_tokens)
+        greedy = _greedy_llama_cpp(llm, ids, new_tokens, stop)
         prefix = next((k for k, (a, b) in enumerate(zip(greedy, want, strict=False)) if a != b), len(want))
         rows.append(
             {
@@ -237,7 +243,7 @@ def check_file(model: Any, tokenizer: Any, gguf_path: Path, new_tokens: int) -> 
                 "greedy_equal": greedy == want,
                 "greedy_matching_prefix": prefix,
                 "greedy_distinct_tokens": len(set(want)),
-                "new_tokens": new_tokens,
+                "new_tokens": len(want),
             }
         )
     plain_equal = all(
@@ -268,7 +274,7 @@ def same_as_llama_quantize(f32_file: Path, q8_file: Path) -> bool:
     )
 
 
-def run(workdir: Path, new_tokens: int) -> dict[str, Any]:
+def run(workdir: Path, new_tokens: int, extra_models: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Build, export and check every (model, quant); the result as a JSON-ready dict."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -280,7 +286,8 @@ def run(workdir: Path, new_tokens: int) -> dict[str, Any]:
     rows: list[Row] = []
     plain: dict[str, bool] = {}
     q8_same: dict[str, bool] = {}
-    for label, folder in build_models(workdir).items():
+    models = build_models(workdir) | {folder.name: folder for folder in extra_models}
+    for label, folder in models.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = load_tokenizer(str(folder))
         files = {q: workdir / "gguf" / f"{label}-{q}.gguf" for q in QUANTS}
@@ -328,13 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gguf_check"))
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--json", type=Path, default=None, help="Write the result here")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="Also check this merged model folder (e.g. a real model; repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("llama-cpp-python is not installed: pip install llama-cpp-python", file=sys.stderr)
         return 2
-    result = run(args.workdir, args.new_tokens)
+    result = run(args.workdir, args.new_tokens, tuple(args.model))
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -117,13 +117,21 @@ def jinja_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
     return text
 
 
-def detect_format(tokenizer: PreTrainedTokenizerBase) -> OllamaFormat | None:
-    """The format whose layout equals the tokenizer's chat template on every probe, or None."""
+def detect_format(tokenizer: PreTrainedTokenizerBase, *, with_system: bool = False) -> OllamaFormat | None:
+    """The format whose layout equals the tokenizer's chat template on every probe, or None.
+
+    Args:
+        tokenizer: the exported model's tokenizer, with its chat template.
+        with_system: the Modelfile has a SYSTEM line, so Ollama always sends a system prompt: only probes
+            with one must agree (a template that inserts a default system prompt, as SmolLM2's does, then
+            still matches).
+    """
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None
-    rendered = [jinja_prompt(tokenizer, probe) for probe in PROBES]
+    probes = [p for p in PROBES if p[0]["role"] == "system"] if with_system else list(PROBES)
+    rendered = [jinja_prompt(tokenizer, probe) for probe in probes]
     for fmt in FORMATS:
-        if all(fmt.layout(probe) == text for probe, text in zip(PROBES, rendered, strict=True)):
+        if all(fmt.layout(probe) == text for probe, text in zip(probes, rendered, strict=True)):
             return fmt
     return None
 
@@ -204,8 +212,8 @@ def write_modelfile(gguf_path: Path, *, folder: Path, model_dir: Path, cfg: Conf
     """
     from slackdist.model.load import load_tokenizer
 
-    fmt = detect_format(load_tokenizer(str(folder)))
     system = cfg.export.system or training_system_prompt(model_dir)
+    fmt = detect_format(load_tokenizer(str(folder)), with_system=bool(system))
     notes = []
     if fmt is None:
         notes.append(

@@ -371,11 +371,20 @@ def test_chat_format_is_detected_by_rendering(models: dict[str, Path]) -> None:
     assert detect_format(tokenizer) is None
     tokenizer.chat_template = LLAMA3_WITH_DATE  # Llama 3 markers but a different system block: not equivalent
     assert detect_format(tokenizer) is None
+    assert detect_format(tokenizer, with_system=True) is None
+    # SmolLM2's template adds its own system prompt when there is none: equivalent once SYSTEM is always sent
+    tokenizer.chat_template = CHATML_DEFAULT_SYSTEM
+    assert detect_format(tokenizer) is None
+    assert detect_format(tokenizer, with_system=True).name == "chatml"
 
 
 CHATML_JINJA = (
     "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHATML_DEFAULT_SYSTEM = (
+    "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are SmolLM.<|im_end|>\n' }}{%- endif %}"
+    + CHATML_JINJA
 )
 LLAMA3_WITH_DATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
