@@ -9,8 +9,8 @@ classes) writes for the same folder, built with llama.cpp's Python writer (the `
   to the interleaved pairs ggml's rope reads (the converter's `LlamaModel.permute`);
 - tied embeddings: no `output.weight` (llama.cpp then uses `token_embd.weight` for the output);
 - llama3 rope scaling as the `rope_freqs.weight` factors (the converter's `generate_extra_tensors`);
-- the tokenizer: byte-level BPE (`gpt2`) tokens, token types and merges, bos/eos/eot/pad ids, the add-bos
-  flag, and the chat template without the `{% generation %}` markers only transformers knows;
+- the tokenizer (`slackdist/gguf_vocab.py`): byte-level BPE tokens, types and merges, special ids, the
+  add-bos flag and the chat template;
 - norms, biases and other 1-D tensors in F32, the rest in the requested type; Q8_0 through `gguf.quants`
   (a row that is not a whole number of 32-value blocks falls back to F16, as in the converter).
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import re
 import tempfile
@@ -35,25 +34,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slackdist.errors import SlackdistError, first_line
-from slackdist.model.tiny import LLAMA3_SPLIT_PATTERN
+from slackdist.gguf_vocab import add_tokenizer, import_gguf
 
 if TYPE_CHECKING:
     import gguf
-    from transformers import PreTrainedTokenizerBase
 
     from slackdist.config import Config
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
-# The 16-bit copy an adapter is merged into before export: as precise as the output needs.
+# The dtype a training output is merged in before export: as precise as the output needs.
 _MERGE_DTYPE = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "q8_0": "fp16"}
 _SKIPPED_TENSORS = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
-QWEN2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# `{% generation %}` / `{% endgeneration %}` mark assistant tokens for transformers' masks; other Jinja
-# engines (llama.cpp's, Jinja2 in llama-cpp-python) reject the unknown tag, and it renders nothing anyway.
-_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
 @dataclass(frozen=True)
@@ -95,16 +86,6 @@ class ExportResult:
     gguf_path: Path
     tensors: int
     bytes: int
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise SlackdistError(
-            "the gguf package is not installed: pip install 'slackdist[gguf]' (or pip install gguf)"
-        ) from None
-    return gguf
 
 
 # ---------------------------------------------------------------- reading the model folder
@@ -265,7 +246,7 @@ def llama3_rope_factors(hp: Hparams) -> np.ndarray:
 
 def _add_hparams(writer: gguf.GGUFWriter, hp: Hparams, file_type: gguf.LlamaFileType, folder: Path) -> None:
     """The keys `TextModel.set_gguf_parameters` + `LlamaModel.set_gguf_parameters` write."""
-    g = _gguf()
+    g = import_gguf()
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.hidden_size)
     writer.add_block_count(hp.layers)
@@ -308,7 +289,7 @@ def permute_rope_rows(weights: np.ndarray, heads: int) -> np.ndarray:
 
 def tensor_qtype(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationType:
     """The storage type of one tensor (the rules of the converter's `prepare_tensors`)."""
-    g = _gguf()
+    g = import_gguf()
     t = g.GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return t.F32  # llama.cpp's kernels for norms and 1-D tensors take F32 only
@@ -325,7 +306,7 @@ def plan_tensors(
     Raises:
         SlackdistError: a tensor without a GGUF name, or an untied model without lm_head.weight.
     """
-    g = _gguf()
+    g = import_gguf()
     index = _safetensors_index(folder)
     shapes = _shapes(index)
     name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], hp.layers)
@@ -360,161 +341,23 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _nbytes(plan: TensorPlan) -> int:
-    g = _gguf()
+    g = import_gguf()
     return int(np.prod(g.quant_shape_to_byte_shape(plan.shape, plan.qtype)))
 
 
 def _tensor_bytes(plan: TensorPlan, index: dict[str, Path]) -> np.ndarray:
-    g = _gguf()
+    g = import_gguf()
     data = plan.data if plan.data is not None else _load(index[plan.source], plan.source)
     if plan.permute_heads is not None:
         data = permute_rope_rows(data, plan.permute_heads)
     return g.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), plan.qtype)
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-def strip_generation_markers(template: str) -> str:
-    """The chat template without `{% generation %}` / `{% endgeneration %}` (they render nothing)."""
-    return _GENERATION_TAG.sub("", template)
-
-
-def bpe_pre_tokenizer(tokenizer_json: dict[str, Any], source: Path) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` name for a byte-level BPE tokenizer.json.
-
-    llama.cpp does not read the split regex from the file: it compiles a fixed list of pre-tokenizers and
-    picks one by this name. The converter picks it by hashing the tokenization of a test string with known
-    vocabularies; a fine-tuned or locally built tokenizer has no known hash, so the name is chosen here from
-    the pre-tokenizer itself.
-
-    Raises:
-        SlackdistError: not byte-level BPE, or a split llama.cpp does not implement under a known name.
-    """
-    model = tokenizer_json.get("model") or {}
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
-    if model.get("type") != "BPE" or not byte_level:
-        raise SlackdistError(
-            f"{source}: only byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style) can be exported; "
-            f"this one is {model.get('type', '?')} with pre-tokenizer {pre.get('type', 'none')} "
-            "(SentencePiece vocabularies need llama.cpp's convert_hf_to_gguf.py)"
-        )
-    splits = [(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    digits = any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts)
-    uses_regex = bool(byte_level[0].get("use_regex", True))
-    if splits == [LLAMA3_SPLIT_PATTERN]:
-        return "llama-bpe"
-    if splits == [QWEN2_SPLIT_PATTERN]:
-        return "qwen2"
-    if not splits and uses_regex and digits and len(parts) == 2:
-        return "smollm"
-    if not splits and uses_regex and len(parts) == 1:
-        return "gpt-2"
-    raise SlackdistError(
-        f"{source}: pre-tokenizer {json.dumps(pre)[:120]} is not one llama.cpp implements under a known name"
-    )
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _looks_special(token: str) -> bool:
-    return token.startswith("<|") and token.endswith("|>")
-
-
-def vocab_entries(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and types for ids 0..vocab_size-1 (the converter's `get_vocab_base`).
-
-    Ids the tokenizer does not use (the embedding is padded to a round size) become `[PADi]`, UNUSED.
-
-    Raises:
-        SlackdistError: the tokenizer has ids beyond the model's vocab_size.
-    """
-    g = _gguf()
-    reverse = {i: tok for tok, i in tokenizer.get_vocab().items()}
-    if max(reverse) >= vocab_size:
-        raise SlackdistError(
-            f"tokenizer has token id {max(reverse)} but the model's vocab_size is {vocab_size}"
-        )
-    added = tokenizer.get_added_vocab()
-    decoder = tokenizer.added_tokens_decoder
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        token = reverse.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(g.TokenType.UNUSED)
-            continue
-        if token in added:
-            info = decoder[i]
-            if not info.normalized:  # llama.cpp expects added tokens in their normalized form
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            kind = g.TokenType.CONTROL if info.special or _looks_special(token) else g.TokenType.USER_DEFINED
-        else:
-            kind = g.TokenType.NORMAL
-        tokens.append(token)
-        types.append(kind)
-    return tokens, types
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
-    """Tokenizer metadata: model, pre-tokenizer, tokens, types, merges, special ids, flags, chat template."""
-    from slackdist.model.load import load_tokenizer
-
-    g = _gguf()
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise SlackdistError(f"{folder}: no tokenizer.json (a fast tokenizer is needed)")
-    tokenizer = load_tokenizer(str(folder))
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise SlackdistError(f"{folder}: the tokenizer is not a fast (tokenizers) one")
-    # The pre-tokenizer transformers really runs: its tokenizer class can replace tokenizer.json's (a Qwen2
-    # folder gets Qwen2's digit split whatever the file says).
-    pre = bpe_pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()), path)
-    tokens, types = vocab_entries(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # gguf's SpecialVocab is the converter's reader of merges, special ids and add-bos/eos flags. It warns
-    # about the pair template (`bos A bos B`) of Llama 3 tokenizers, which llama.cpp never uses.
-    with _quiet_logger("gguf.vocab"):
-        special = g.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise SlackdistError(f"{path}: no BPE merges")
-    vocab = tokenizer.get_vocab()
-    for kind, token in (
-        ("bos", tokenizer.bos_token),
-        ("eos", tokenizer.eos_token),
-        ("pad", tokenizer.pad_token),
-    ):
-        if token is not None and token in vocab:
-            special.special_token_ids[kind] = vocab[token]
-    for end_of_turn in ("<|eot_id|>", "<|im_end|>"):
-        if end_of_turn in vocab:
-            special.special_token_ids.setdefault("eot", vocab[end_of_turn])
-            break
-    template = getattr(tokenizer, "chat_template", None)
-    special.chat_template = strip_generation_markers(template) if isinstance(template, str) else None
-    special.add_to_gguf(writer, quiet=True)
-
-
 # ---------------------------------------------------------------- the file
 
 
 def file_type(quant: str) -> gguf.LlamaFileType:
-    g = _gguf()
+    g = import_gguf()
     names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
     return g.LlamaFileType[names[quant]]
 
@@ -538,7 +381,7 @@ def export_gguf(
     """
     from tqdm.auto import tqdm
 
-    g = _gguf()
+    g = import_gguf()
     if quant not in QUANTS:
         raise SlackdistError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
     config = read_config(folder)
@@ -552,7 +395,7 @@ def export_gguf(
     writer.add_name(name or folder.resolve().name)
     _add_hparams(writer, hp, file_type(quant), folder)
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, folder, hp.vocab_size)
+    add_tokenizer(writer, folder, hp.vocab_size)
     for plan in plans:
         writer.add_tensor_info(
             plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan), raw_dtype=plan.qtype

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slackdist.cli import main
-from slackdist.export_gguf import bpe_pre_tokenizer, permute_rope_rows, strip_generation_markers, tensor_qtype
+from slackdist.export_gguf import permute_rope_rows, tensor_qtype
+from slackdist.gguf_vocab import bpe_pre_tokenizer, strip_generation_markers
 from slackdist.model.tiny import LLAMA3_SPLIT_PATTERN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,7 +291,7 @@ BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False
 
 def test_pre_tokenizer_names_follow_the_split(tmp_path: Path) -> None:
     from slackdist.errors import SlackdistError
-    from slackdist.export_gguf import QWEN2_SPLIT_PATTERN
+    from slackdist.gguf_vocab import QWEN2_SPLIT_PATTERN
 
     src = tmp_path / "tokenizer.json"
     assert bpe_pre_tokenizer(_pre(_split(LLAMA3_SPLIT_PATTERN), BYTE_LEVEL), src) == "llama-bpe"
