@@ -231,7 +231,7 @@ class ExportConfig:
     quant: Literal["f32", "f16", "bf16", "q8_0"] = opt(
         "q8_0", "Weight type of the 2-D tensors (norms and 1-D tensors stay f32)."
     )
-    out: str = opt("", "A .gguf file, or a folder for NAME-QUANT.gguf + Modelfile (default: MODEL_DIR/gguf).")
+    out: str = opt("", "A .gguf file, or a folder for NAME-QUANT.gguf + Modelfile (empty: MODEL_DIR/gguf).")
     system: str | None = opt(None, "Modelfile SYSTEM prompt (default: the training one for #general).")
     base: str | None = opt(None, "Base model of a training output (default: from adapter_config.json).")
 

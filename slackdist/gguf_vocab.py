@@ -96,6 +96,12 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether encoding plain text prepends the begin-of-text token (llama.cpp's `add_bos_token`)."""
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
 def _looks_special(token: str) -> bool:
     return token.startswith("<|") and token.endswith("|>")
 
@@ -173,6 +179,10 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> Non
         if end_of_turn in vocab:
             special.special_token_ids.setdefault("eot", vocab[end_of_turn])
             break
+    # What the tokenizer does, not what its config files say (older gguf versions miss the post-processor)
+    ids = tokenizer("x")["input_ids"]
+    special.add_special_token["bos"] = adds_bos(tokenizer)
+    special.add_special_token["eos"] = bool(ids) and ids[-1] == tokenizer.eos_token_id
     template = getattr(tokenizer, "chat_template", None)
     special.chat_template = strip_generation_markers(template) if isinstance(template, str) else None
     special.add_to_gguf(writer, quiet=True)

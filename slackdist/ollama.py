@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from slackdist.errors import SlackdistError
 from slackdist.files import write_text_atomic
+from slackdist.gguf_vocab import adds_bos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -102,17 +103,12 @@ PROBES: tuple[Messages, ...] = (
 )
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    ids = tokenizer("x")["input_ids"]
-    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-
-
 def jinja_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
     """The model's own chat template rendered with the generation prompt, minus a begin-of-text token that
     the tokenizer adds by itself (llama.cpp and Ollama add it from the GGUF's add-bos flag)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
         text = text[len(bos) :]
     return text
 

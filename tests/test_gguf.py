@@ -152,6 +152,7 @@ def test_metadata_and_tokenizer_read_back(models: dict[str, Path], exported, lab
     assert meta["tokenizer.ggml.eot_token_id"] == vocab["<|eot_id|>"]
     assert meta["tokenizer.ggml.padding_token_id"] == vocab["<|finetune_right_pad_id|>"]
     assert meta["tokenizer.ggml.add_bos_token"] is True  # Llama 3 tokenizers prepend <|begin_of_text|>
+    assert meta["tokenizer.ggml.add_eos_token"] is False
     assert meta["tokenizer.chat_template"] == strip_generation_markers(tokenizer.chat_template)
     assert (
         "generation -%}" in tokenizer.chat_template
