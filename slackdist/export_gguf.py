@@ -464,18 +464,28 @@ def output_path(out: str, model_dir: Path, quant: str) -> Path:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist export --model-dir DIR --format gguf [--quant q8_0] [--out FILE_OR_DIR] [--system TEXT]`."""
-    from slackdist.ollama import write_modelfile
+    from slackdist.files import write_text_atomic
+    from slackdist.ollama import build_modelfile
 
     e = cfg.export
     model_dir = Path(e.model_dir)
     out_path = output_path(e.out, model_dir, e.quant)
-    with merged_source(model_dir, base=e.base, quant=e.quant, scratch=out_path.parent) as folder:
-        result = export_gguf(folder, out_path, quant=e.quant, name=model_dir.resolve().name)
-        modelfile = write_modelfile(result.gguf_path, folder=folder, model_dir=model_dir, cfg=cfg)
+    out_existed = out_path.parent.exists()
+    try:
+        with merged_source(model_dir, base=e.base, quant=e.quant, scratch=out_path.parent) as folder:
+            modelfile = build_modelfile(out_path.name, folder=folder, model_dir=model_dir, cfg=cfg)
+            result = export_gguf(folder, out_path, quant=e.quant, name=model_dir.resolve().name)
+        write_text_atomic(out_path.parent / "Modelfile", modelfile.text)
+    except BaseException:
+        if not out_existed and out_path.parent.is_dir() and not any(out_path.parent.iterdir()):
+            out_path.parent.rmdir()  # a failed export leaves no empty output folder behind
+        raise
     size_mb = result.bytes / 2**20
     print(f"GGUF written to {result.gguf_path} ({result.tensors} tensors, {size_mb:.1f} MiB, {e.quant})")
-    print(f"Ollama Modelfile written to {modelfile.path}")
+    print(f"Ollama Modelfile written to {out_path.parent / 'Modelfile'}")
     if modelfile.note:
         print(modelfile.note)
-    print(f"run it: llama-cli -m {result.gguf_path} -cnv   |   ollama create team -f {modelfile.path}")
+    print(
+        f"run it: llama-cli -m {result.gguf_path} -cnv   |   cd {out_path.parent} && ollama create team -f Modelfile"
+    )
     return 0

@@ -10,14 +10,12 @@ template through Go's text/template, the engine Ollama uses, where a Go toolchai
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slackdist.errors import SlackdistError
-from slackdist.files import write_text_atomic
 from slackdist.gguf_vocab import adds_bos
 
 if TYPE_CHECKING:
@@ -184,24 +182,25 @@ def training_system_prompt(model_dir: Path) -> str | None:
 
 
 @dataclass(frozen=True)
-class ModelfileResult:
-    path: Path
+class Modelfile:
+    text: str
     format: str | None
     note: str | None
     """What the user should know (no template matched, no system prompt found)."""
 
 
-def write_modelfile(gguf_path: Path, *, folder: Path, model_dir: Path, cfg: Config) -> ModelfileResult:
-    """Write `Modelfile` next to the GGUF file (atomically).
+def build_modelfile(gguf_name: str, *, folder: Path, model_dir: Path, cfg: Config) -> Modelfile:
+    """The Modelfile for a GGUF file that sits beside it (built before the GGUF is written, so a problem here
+    leaves nothing behind).
 
     Args:
-        gguf_path: the exported file; FROM points at it relatively.
-        folder: the merged model folder that was exported (its tokenizer decides the template).
+        gguf_name: the GGUF file's name; FROM points at it relatively.
+        folder: the merged model folder being exported (its tokenizer decides the template).
         model_dir: the folder the user named (its training config gives the system prompt).
         cfg: `export.system` overrides the training system prompt; `chat` gives the sampling parameters.
 
     Returns:
-        The Modelfile's path, the chat format used and a note for the user, if any.
+        The Modelfile's text, the chat format used and a note for the user, if any.
 
     Raises:
         SlackdistError: an invalid training config, or a system prompt a Modelfile cannot quote.
@@ -225,7 +224,5 @@ def write_modelfile(gguf_path: Path, *, folder: Path, model_dir: Path, cfg: Conf
         "top_p": cfg.chat.top_p,
         "repeat_penalty": cfg.chat.repetition_penalty,
     }
-    path = gguf_path.parent / "Modelfile"
-    text = modelfile_text(os.path.basename(gguf_path), fmt=fmt, system=system, parameters=parameters)
-    write_text_atomic(path, text)
-    return ModelfileResult(path, fmt.name if fmt else None, "\n".join(notes) or None)
+    text = modelfile_text(gguf_name, fmt=fmt, system=system, parameters=parameters)
+    return Modelfile(text, fmt.name if fmt else None, "\n".join(notes) or None)

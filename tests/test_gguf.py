@@ -468,7 +468,9 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(
     broken = shutil.copytree(models["tied"], tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     assert "unreadable safetensors" in _export_error(["--model-dir", str(broken), "--out", str(out)], capsys)
-    assert not out.exists() or not any(out.iterdir())  # no half-written file, no Modelfile
+    quote = ["--model-dir", str(models["tied"]), "--out", str(out), "--system", 'say """hi"""']
+    assert 'contains """' in _export_error(quote, capsys)
+    assert not out.exists()  # no half-written file, no Modelfile, no empty output folder
 
 
 # ---------------------------------------------------------------- llama.cpp (opt-in)
