@@ -238,6 +238,22 @@ class ServeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`slackdist export`: a merged model or training output as a GGUF file for llama.cpp / Ollama."""
+
+    model_dir: str = opt(
+        "llama3_slack_finetuned", "Merged model folder, or a training output (merged in a temp folder first)."
+    )
+    format: Literal["gguf"] = opt("gguf", "Output format.")
+    quant: Literal["f32", "f16", "bf16", "q8_0"] = opt(
+        "q8_0", "Weight type of the 2-D tensors (norms and 1-D tensors stay f32)."
+    )
+    out: str = opt("", "A .gguf file, or a folder for NAME-QUANT.gguf + Modelfile (empty: MODEL_DIR/gguf).")
+    system: str | None = opt(None, "Modelfile SYSTEM prompt (default: the training one for #general).")
+    base: str | None = opt(None, "Base model of a training output (default: from adapter_config.json).")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -245,6 +261,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
         """Check every section; raise one ConfigError listing all problems.
