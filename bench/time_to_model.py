@@ -152,20 +152,19 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     model = gpu_common.build_model_dir(args.model_dir, tokenizer=tokenizer)
     rows: list[dict] = []
-    datasets = [work / "data" / n for n in args.datasets.split(",")]
-    for data in datasets:
-        for name in args.variants.split(","):
-            rows.append(run_ours(name, model, data, work, args.timeout))
-            print(json.dumps(rows[-1]), flush=True)
-        if args.peer:
-            rows.append(run_peer(args.peer, model, data, work, args.peer_pythonpath, args.timeout))
-            print(json.dumps(rows[-1]), flush=True)
+
+    def keep(row: dict) -> None:  # written after every run: a call cut short still returns what ran
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                {"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1
-            )
-        )
+        result = {"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+    for data in [work / "data" / n for n in args.datasets.split(",")]:
+        for name in args.variants.split(","):  # a name given twice runs twice (a warm compile cache)
+            keep(run_ours(name, model, data, work, args.timeout))
+        if args.peer:
+            keep(run_peer(args.peer, model, data, work, args.peer_pythonpath, args.timeout))
     print(f"\nGPU: {gpu_common.gpu_name()}; wall = launch to exit (adapter saved), each run its own process")
     print_table(rows)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from slackdist.errors import SlackdistError
 from slackdist.gguf_vocab import adds_bos
+from slackdist.model.info import INFO_FILE, read_model_info
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -163,22 +164,14 @@ def modelfile_text(
 
 
 def training_system_prompt(model_dir: Path) -> str | None:
-    """The system prompt training used for #general, from the `slackdist_config.yaml` stored with the model
-    (in the folder, or its parent for `OUTPUT/merged`); None without one.
+    """The system prompt training used for #general, from the `slackdist_inference.json` that every
+    folder `slackdist train` and `slackdist merge` write; None without one.
 
     Raises:
-        SlackdistError: the config file is there but invalid.
+        SlackdistError: the file is there but unreadable.
     """
-    from slackdist.config import ConfigError, load_config
-    from slackdist.generate import default_system_prompt
-
-    for candidate in (model_dir / "slackdist_config.yaml", model_dir.parent / "slackdist_config.yaml"):
-        if candidate.is_file():
-            try:
-                return default_system_prompt(load_config(candidate))
-            except ConfigError as e:
-                raise SlackdistError(str(e)) from None
-    return None
+    info = read_model_info(model_dir)
+    return None if info is None else info.system_prompt_for()
 
 
 @dataclass(frozen=True)
@@ -217,7 +210,7 @@ def build_modelfile(gguf_name: str, *, folder: Path, model_dir: Path, cfg: Confi
         )
     if not system:
         notes.append(
-            f"note: no slackdist_config.yaml with {model_dir}: the Modelfile has no SYSTEM line (pass --system TEXT)"
+            f"note: no {INFO_FILE} in {model_dir}: the Modelfile has no SYSTEM line (pass --system TEXT)"
         )
     parameters = {
         "temperature": cfg.chat.temperature,

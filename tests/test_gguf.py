@@ -333,10 +333,14 @@ def test_modelfile_has_template_stops_system_and_sampling(exported) -> None:
 def test_training_output_is_merged_for_export_with_its_system_prompt(
     models: dict[str, Path], exported, tmp_path: Path, capsys
 ) -> None:
-    from slackdist.config import load_config, save_config
+    from slackdist.config import load_config
+    from slackdist.model.info import write_model_info
+    from slackdist.model.load import load_tokenizer
+    from slackdist.train.checkpoint import model_info
 
     adapter = shutil.copytree(models["tied"].parent / "adapter", tmp_path / "run")
-    save_config(load_config(overrides={"data.workspace": "acme-eng"}), adapter / "slackdist_config.yaml")
+    cfg = load_config(overrides={"data.workspace": "acme-eng"})
+    write_model_info(model_info(cfg, load_tokenizer(str(adapter))), adapter)  # as training writes it
     out = tmp_path / "out"
     assert main(["export", "--model-dir", str(adapter), "--out", str(out), "--quant", "f32"]) == 0
     assert "merging the adapter" in capsys.readouterr().out
