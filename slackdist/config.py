@@ -182,13 +182,18 @@ class TrainConfig:
         0.0,
         "GPU memory this process may allocate at all (0: the whole GPU); the auto plan plans within it.",
     )
+    memory_plan_cache: bool = opt(
+        True,
+        "Reuse the memory probe's figures measured earlier for the same model, LoRA, GPU and libraries "
+        "(kept in ~/.cache/slackdist; SLACKDIST_CACHE_DIR moves it).",
+    )
     compile: Literal["auto", "on", "off"] = opt(
         "auto",
         "torch.compile each decoder layer (auto: on one unsharded CUDA GPU, for runs of at least "
         "compile_min_steps steps).",
     )
     compile_min_steps: int = opt(
-        150,
+        250,
         "With compile=auto, compile only runs planned for at least this many optimizer steps: compiling "
         "costs a fixed start-up time that only enough faster steps repay (bench/time_to_model.py).",
     )
@@ -221,6 +226,11 @@ class ChatConfig:
     repetition_penalty: float = opt(1.1, "Repetition penalty.")
     seed: int | None = opt(None, "Seed for sampling.")
     load_in_4bit: bool | None = opt(None, "Load the base in 4-bit (default: on GPU yes, on CPU no).")
+    merge_adapter: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "Adapter folders: fold the adapter into a 16-bit base in memory so replies take the fast decode path "
+        "(auto: on a CUDA GPU with room for the 16-bit base, else the 4-bit base + adapter).",
+    )
     max_context_tokens: int = opt(
         0,
         "Prompt + reply token budget; older turns are dropped to fit (0: the model's train.max_seq_len, "

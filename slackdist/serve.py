@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+from slackdist.chat import fast_replies, load_model
 from slackdist.config import Config
 from slackdist.errors import SlackdistError
 from slackdist.generate import (
@@ -30,11 +31,10 @@ from slackdist.generate import (
     ReplyStats,
     context_limit,
     stream_reply,
-    use_fast_path,
     warm_up,
     with_system_prompt,
 )
-from slackdist.model.load import InferenceModel, load_for_inference
+from slackdist.model.load import InferenceModel
 from slackdist.model.template import build_prompt_ids
 
 try:
@@ -356,12 +356,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         raise SlackdistError("slackdist serve needs uvicorn: pip install 'slackdist[serve]'") from None
 
     _check_port_free(cfg.serve.host, cfg.serve.port)
-    im = load_for_inference(cfg.chat.model_dir, base=cfg.chat.base, load_in_4bit=cfg.chat.load_in_4bit)
+    im = fast_replies(load_model(cfg))
     settings = GenerationSettings.from_config(cfg.chat)
     system = cfg.chat.system or im.info.system_prompt_for(cfg.chat.persona)
-    if use_fast_path(im, settings):
-        print("compiling the decode step (once per start, up to a minute) ...", flush=True)
-        warm_up(im, settings)
+    warm_up(im, settings)
     app = build_app(im, settings, model_name=cfg.serve.model_name, system_prompt=system)
     print(
         f"serving {cfg.chat.model_dir} as '{cfg.serve.model_name}' on http://{cfg.serve.host}:{cfg.serve.port}/v1"

@@ -267,7 +267,7 @@ class LoRARecipe:
         state.epoch += 1
         state.step_in_epoch = state.rows_done_in_epoch = 0
         state.finished = state.finished or state.epoch >= self.t.num_epochs
-        if self.t.clear_cache_between_epochs:
+        if self.t.clear_cache_between_epochs and not state.finished:  # nothing follows the last epoch
             with self.phases.timed("clear cache"):
                 gc.collect()
                 if torch.cuda.is_available():
