@@ -230,15 +230,15 @@ class RequestGuard:
                 )
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        # The error is made where it is raised: one kept in a local would hold this frame, and the
+        # chunks read so far, in a reference cycle (frame -> error -> traceback -> frame) until the
+        # cyclic garbage collector runs.
         limit = self.policy.max_request_bytes
-        too_large = RequestError(
-            f"The request body is larger than this server accepts ({limit} bytes; --max-request-bytes).",
-            status=413,
-            code="request_too_large",
-        )
         declared = _headers(scope).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise too_large if declared.isdigit() else RequestError("invalid Content-Length")
+        if declared is not None and not declared.isdigit():
+            raise RequestError("invalid Content-Length header")
+        if declared is not None and int(declared) > limit:
+            raise _too_large(limit)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -247,10 +247,18 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
+        f"The request body is larger than this server accepts ({limit} bytes; --max-request-bytes).",
+        status=413,
+        code="request_too_large",
+    )
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
