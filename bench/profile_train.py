@@ -2,7 +2,7 @@
 
     python3 bench/profile_train.py [--variant default|plain|...] [--warm 8] [--steps 3] [--json PATH]
 
-Runs the real training recipe (`slackdist.train.loop.LoRARecipe`) in this process on the
+Runs the real training recipe (`slackdist.train.recipe.LoRARecipe`) in this process on the
 Llama-3.2-3B-shaped model and the synthetic chats of `gpu_common.py`, with the flags of a
 `train_throughput.py` variant; profiles `--steps` optimizer steps after `--warm` (compilation and
 the allocator settle there), then prints GPU kernel time by category, the GPU's busy share of the
@@ -74,7 +74,7 @@ def main() -> None:
 
     from slackdist.cli import build_parser
     from slackdist.config import config_from_args
-    from slackdist.train.loop import LoRARecipe
+    from slackdist.train.recipe import LoRARecipe
 
     model = gpu_common.build_model_dir(args.model_dir, layers=args.layers)
     data = gpu_common.write_dataset(args.data_dir)
@@ -88,12 +88,16 @@ def main() -> None:
     ) as prof:
 
         class Profiled(LoRARecipe):
-            def log_step(self, stats, seconds):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
-                super().log_step(stats, seconds)
+            def step(self, micro_batches):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
+                started = time.perf_counter()
+                stats = super().step(micro_batches)
                 if self.state.global_step > args.warm:
-                    self.profiled_seconds = getattr(self, "profiled_seconds", 0.0) + seconds
+                    self.profiled_seconds = (
+                        getattr(self, "profiled_seconds", 0.0) + time.perf_counter() - started
+                    )
                     self.profiled_tokens = getattr(self, "profiled_tokens", 0) + stats.input_tokens
                 prof.step()
+                return stats
 
         recipe = Profiled(cfg)
         recipe.setup()

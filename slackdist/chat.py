@@ -17,14 +17,20 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
+from slackdist.config import Config
 from slackdist.errors import SlackdistError
-
-if TYPE_CHECKING:
-    from slackdist.config import Config
-    from slackdist.generate import GenerationSettings, ReplyStats
-    from slackdist.model.load import InferenceModel
+from slackdist.generate import (
+    GenerationSettings,
+    ReplyStats,
+    context_limit,
+    stream_reply,
+    trim_history,
+    use_fast_path,
+    warm_up,
+)
+from slackdist.model.load import InferenceModel, load_for_inference
 
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 HELP = """\
@@ -95,8 +101,6 @@ class ChatSession:
             self.system = system
 
     def _fit(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
-        from slackdist.generate import context_limit, trim_history
-
         limit = context_limit(self.im, self.settings)
         messages = [{"role": "system", "content": self.system}, *turns]
         return trim_history(self.im.tokenizer, messages, limit, min(self.settings.max_new_tokens, limit // 2))
@@ -108,8 +112,6 @@ class ChatSession:
 
         Ctrl+C (SIGINT) meanwhile ends the reply, not the program.
         """
-        from slackdist.generate import ReplyStats, stream_reply
-
         stats = ReplyStats()
         stop = threading.Event()
         pieces = stream_reply(self.im, messages, self.settings, stop_event=stop, adapter=adapter, stats=stats)
@@ -201,8 +203,8 @@ def _stats_line(stats: ReplyStats) -> str:
 
 def run_repl(session: ChatSession) -> int:
     """The interactive loop on a terminal: `you> ` prompts until exit, Ctrl+D or Ctrl+C."""
-    try:
-        import readline  # noqa: F401 - line editing and history for input()
+    try:  # not on every platform; importing it gives input() line editing and history
+        import readline  # noqa: F401
     except ImportError:
         pass
     session._note(f"Chatting as '{session.label}'. /help lists the commands; exit or Ctrl+D leaves.")
@@ -238,8 +240,6 @@ def load_model(cfg: Config) -> InferenceModel:
         raise SlackdistError(
             f"{model_dir}: no such model folder (train one with `python main.py --train`, or pass --model-dir DIR)"
         )
-    from slackdist.model.load import load_for_inference
-
     print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
     return load_for_inference(str(model_dir), base=cfg.chat.base, load_in_4bit=cfg.chat.load_in_4bit)
 
@@ -250,12 +250,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     Raises:
         SlackdistError: bad model folder; with --prompt, a prompt that does not fit.
     """
-    from slackdist.generate import GenerationSettings, default_system_prompt, use_fast_path, warm_up
-
     im = load_model(cfg)
     settings = GenerationSettings.from_config(cfg.chat)
-    persona = cfg.chat.persona or (im.config.data.persona if im.config is not None else None)
-    system = cfg.chat.system or default_system_prompt(im.config, persona=persona)
+    persona = cfg.chat.persona or im.info.persona
+    system = cfg.chat.system or im.info.system_prompt_for(persona)
     interactive = args.prompt is None and sys.stdin.isatty()
     session = ChatSession(im, settings, system, label=persona or "bot", interactive=interactive)
     if use_fast_path(im, settings):

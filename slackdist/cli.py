@@ -26,11 +26,16 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (),
         "Write a tiny random Llama-3-architecture model for tests and demos",
     ),
-    "train": ("slackdist.train.loop", ("model", "lora", "train"), "QLoRA fine-tuning on prepared data"),
+    "train": ("slackdist.train.recipe", ("model", "lora", "train"), "QLoRA fine-tuning on prepared data"),
     "merge": ("slackdist.train.merge", (), "Merge an adapter into its 16-bit base; sharded safetensors"),
     "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
     "eval": ("slackdist.eval", ("chat",), "Held-out loss/perplexity and sample replies, base vs tuned"),
     "serve": ("slackdist.serve", ("chat", "serve"), "OpenAI-compatible /v1/chat/completions server"),
+    "export": (
+        "slackdist.export_gguf",
+        ("export",),
+        "Merged model or training output -> GGUF (llama.cpp) + Ollama Modelfile",
+    ),
 }
 
 

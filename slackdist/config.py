@@ -45,6 +45,8 @@ PERSONA_SYSTEM_PROMPT = (
 )
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
+MAX_SEQ_LEN = 2048
+"""The longest conversation, in tokens: `train.max_seq_len`, which `data.max_tokens` follows."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
@@ -69,7 +71,10 @@ class DataConfig:
     gap_hours: float = opt(2.0, "Messages outside threads split into a new conversation after this gap.")
     min_turns: int = opt(2, "Keep conversations with at least this many turns (from at least 2 speakers).")
     max_turns: int = opt(40, "Split conversations longer than this into overlapping windows.")
-    max_tokens: int = opt(2048, "Token budget of one conversation (with --tokenizer, measured by it).")
+    max_tokens: int = opt(
+        MAX_SEQ_LEN,
+        "Token budget of one conversation (with --tokenizer, measured by it); unless set, train.max_seq_len.",
+    )
     window_overlap: int = opt(4, "Turns shared by consecutive windows when a conversation is split.")
     tokenizer: str | None = opt(
         None, "Tokenizer (hub id or dir) for the token budget; else ~4 chars a token."
@@ -142,7 +147,10 @@ class TrainConfig:
     output_dir: str = opt(
         "llama3_slack_finetuned", "Where the adapter, checkpoints and logs go.", flag="output"
     )
-    max_seq_len: int = opt(2048, "Tokens per packed row.")
+    max_seq_len: int = opt(
+        MAX_SEQ_LEN,
+        "Tokens per packed row: the longest conversation training keeps (and chat's context by default).",
+    )
     micro_batch_size: int = opt(2, "Packed rows per device per forward.")
     gradient_accumulation_steps: int = opt(2, "Micro-batches per optimizer step.")
     packing: bool = opt(True, "Pack several conversations per row (no attention across them).")
@@ -175,7 +183,14 @@ class TrainConfig:
         "GPU memory this process may allocate at all (0: the whole GPU); the auto plan plans within it.",
     )
     compile: Literal["auto", "on", "off"] = opt(
-        "auto", "torch.compile each decoder layer (auto: on one unsharded CUDA GPU)."
+        "auto",
+        "torch.compile each decoder layer (auto: on one unsharded CUDA GPU, for runs of at least "
+        "compile_min_steps steps).",
+    )
+    compile_min_steps: int = opt(
+        150,
+        "With compile=auto, compile only runs planned for at least this many optimizer steps: compiling "
+        "costs a fixed start-up time that only enough faster steps repay (bench/time_to_model.py).",
     )
     loss_chunk_size: int = opt(1024, "Compute lm_head + loss in chunks of this many tokens (0: all at once).")
     eval_every_n_steps: int = opt(50, "Evaluate on validation.jsonl every N steps (0: per epoch only).")
@@ -207,7 +222,9 @@ class ChatConfig:
     seed: int | None = opt(None, "Seed for sampling.")
     load_in_4bit: bool | None = opt(None, "Load the base in 4-bit (default: on GPU yes, on CPU no).")
     max_context_tokens: int = opt(
-        0, "Prompt + reply token budget; older turns are dropped to fit (0: the model's limit, at most 4096)."
+        0,
+        "Prompt + reply token budget; older turns are dropped to fit (0: the model's train.max_seq_len, "
+        "4096 for a model trained elsewhere; never beyond the model's limit).",
     )
 
 
@@ -244,6 +261,22 @@ class ServeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`slackdist export`: a merged model or training output as a GGUF file for llama.cpp / Ollama."""
+
+    model_dir: str = opt(
+        "llama3_slack_finetuned", "Merged model folder, or a training output (merged in a temp folder first)."
+    )
+    format: Literal["gguf"] = opt("gguf", "Output format.")
+    quant: Literal["f32", "f16", "bf16", "q8_0"] = opt(
+        "q8_0", "Weight type of the 2-D tensors (norms and 1-D tensors stay f32)."
+    )
+    out: str = opt("", "A .gguf file, or a folder for NAME-QUANT.gguf + Modelfile (empty: MODEL_DIR/gguf).")
+    system: str | None = opt(None, "Modelfile SYSTEM prompt (default: the training one for #general).")
+    base: str | None = opt(None, "Base model of a training output (default: from adapter_config.json).")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -251,6 +284,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
         """Check every section; raise one ConfigError listing all problems.
@@ -394,6 +428,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         ConfigError: unreadable YAML, unknown keys, bad values.
     """
     cfg = Config()
+    given: set[str] = set()
     if path is not None:
         path = Path(path)
         try:
@@ -405,9 +440,25 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...)")
         apply_overrides(cfg, raw, str(path))
+        given |= _dotted_keys(raw)
     if overrides:
         apply_overrides(cfg, overrides, "command line")
+        given |= _dotted_keys(overrides)
+    if "data.max_tokens" not in given:
+        # One length: the conversations `prepare` writes are the ones training can keep.
+        cfg.data.max_tokens = cfg.train.max_seq_len
     return cfg
+
+
+def _dotted_keys(values: dict[str, Any]) -> set[str]:
+    """`{"train": {"lr": 1}, "data.seed": 2}` -> {"train.lr", "data.seed"}."""
+    keys = set()
+    for key, value in values.items():
+        if "." not in key and isinstance(value, dict):
+            keys |= {f"{key}.{name}" for name in value}
+        else:
+            keys.add(key)
+    return keys
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,33 +1,37 @@
 """`slackdist eval --model-dir DIR [--data DIR]`: held-out loss and sample replies, base vs tuned.
 
 Loss is the mean next-token cross-entropy per label token on `test.jsonl`, with the
-labels training uses (`slackdist.train.packing.make_example`: assistant tokens by
+labels training uses (`slackdist.data.examples.make_example`: assistant tokens by
 default, from `encode_chat`), for the base model (the adapter disabled) and the tuned
-model; perplexity is `exp(loss)`. Sample generations answer the last assistant turn of
-a few held-out conversations (prompt = the conversation before it, reference = that
-turn). Results go to `eval.json` and `eval.md` in `--out` (default: the model folder).
+model; perplexity is `exp(loss)`. Conversations longer than the model was trained on
+(`train.max_seq_len` of its folder's config) are left out, as training leaves them out.
+Sample generations answer the last assistant turn of a few held-out conversations (prompt =
+the conversation before it, reference = that turn). Results go to `eval.json` and `eval.md` in `--out` (default: the model folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from slackdist.chat import load_model
+from slackdist.config import Config, TrainConfig
+from slackdist.data.examples import Example, load_examples, read_records
 from slackdist.errors import SlackdistError
 from slackdist.files import write_json_atomic, write_text_atomic
-
-if TYPE_CHECKING:
-    from slackdist.config import Config
-    from slackdist.generate import GenerationSettings
-    from slackdist.model.load import InferenceModel
-    from slackdist.train.packing import Example
+from slackdist.generate import GenerationSettings, context_limit, reply, trim_history
+from slackdist.model.load import InferenceModel
+from slackdist.model.loss import chunked_lm_loss
 
 TEST_FILE = "test.jsonl"
 LOSS_CHUNK_TOKENS = 1024
-DEFAULT_MAX_SEQ_LEN = 2048
 
 
 @dataclass
@@ -60,20 +64,13 @@ def heldout_loss(
 
     Args:
         im: the loaded model.
-        examples: token ids and labels (`slackdist.train.packing.load_examples`).
+        examples: token ids and labels (`slackdist.data.examples.load_examples`).
         adapter: False measures the base model (the adapter disabled).
         max_batches: evaluate at most this many conversations (0: all).
 
     Returns:
         The loss, its perplexity and how many label tokens / conversations it covers.
     """
-    import contextlib
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from slackdist.train.loss import chunked_lm_loss
-
     model = im.model
     device = next(model.parameters()).device
     todo = examples[:max_batches] if max_batches > 0 else examples
@@ -121,10 +118,6 @@ def sample_replies(
     Raises:
         PromptTooLongError: a conversation whose last user turn alone does not fit the context.
     """
-    from tqdm.auto import tqdm
-
-    from slackdist.generate import context_limit, reply, trim_history
-
     has_base = hasattr(im.model, "disable_adapter")
     limit = context_limit(im, settings)
     samples = []
@@ -220,11 +213,9 @@ def evaluate(
     Raises:
         SlackdistError: missing or malformed test.jsonl, or no label tokens in it.
     """
-    from slackdist.train.packing import load_examples, read_records
-
     path = data_dir / TEST_FILE
-    train_on = im.config.train.train_on if im.config is not None else "assistant"
-    max_seq_len = im.config.train.max_seq_len if im.config is not None else DEFAULT_MAX_SEQ_LEN
+    trained = im.config.train if im.config is not None else TrainConfig()
+    train_on, max_seq_len = trained.train_on, trained.max_seq_len
     records = [record for _, record in read_records(path)]
     if not records:
         raise SlackdistError(f"{path}: no conversations to evaluate on")
@@ -256,9 +247,6 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     Raises:
         SlackdistError: bad model folder or data.
     """
-    from slackdist.chat import load_model
-    from slackdist.generate import GenerationSettings
-
     im = load_model(cfg)
     data_dir = data_dir_for(im, args.data, cfg.chat.model_dir)
     settings = GenerationSettings.from_config(cfg.chat)

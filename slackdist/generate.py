@@ -16,30 +16,31 @@ then every reply reuses it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
-import json
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from slackdist.config import ChatConfig, Config, DataConfig
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from slackdist.config import ChatConfig
 from slackdist.errors import SlackdistError
+from slackdist.model.load import InferenceModel
+from slackdist.model.template import build_prompt_ids, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from slackdist.model.load import InferenceModel
-
-# Context window when neither the settings nor the model say less. Llama 3.2 accepts 128k tokens, but a
-# static KV cache is allocated at full size and the tuned model has only seen `train.max_seq_len` tokens.
+# Context window of a model without a training config, when neither the settings nor the model say
+# less. Llama 3.2 accepts 128k tokens, but a static KV cache is allocated at full size.
 DEFAULT_CONTEXT_TOKENS = 4096
-DEFAULT_CHANNEL = "general"
-UNKNOWN_WORKSPACE = "Slack"
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -76,7 +77,7 @@ class GenerationSettings:
     min_new_tokens: int = 0
     """Suppress end-of-turn before this many tokens (benchmarks force a fixed length)."""
     max_context_tokens: int = 0
-    """Prompt + reply budget; 0: the model's limit, at most DEFAULT_CONTEXT_TOKENS."""
+    """Prompt + reply budget; 0: the length the model was trained on (`context_limit`)."""
     fast: bool | None = None
     """Static KV cache + compiled decode step; None: merged 16-bit models on CUDA (`use_fast_path`)."""
 
@@ -116,46 +117,6 @@ class ReplyStats:
 # ---------------------------------------------------------------- prompts
 
 
-def default_system_prompt(
-    config: Config | None, *, persona: str | None = None, channel: str = DEFAULT_CHANNEL
-) -> str:
-    """The system prompt training used, for one channel (default #general).
-
-    Built with `records.format_system_prompt` from the training config stored with the model
-    (`slackdist_config.yaml`): same template, workspace and persona as the training records.
-
-    Args:
-        config: the training config (None for a model without one: the stock template).
-        persona: answer as this person; default: the persona the model was trained on, if any.
-        channel: channel name for the prompt.
-    """
-    from slackdist.data.records import format_system_prompt
-
-    data = config.data if config is not None else DataConfig()
-    persona = persona or data.persona
-    return format_system_prompt(
-        data.system_prompt, workspace=workspace_name(config), channel=channel, persona=persona
-    )
-
-
-def workspace_name(config: Config | None) -> str:
-    """The workspace name training put in its system prompts.
-
-    `data.workspace` of the training config when set; else the name `prepare` chose (the
-    export's folder name), read from `report.json` in the training data folder; else "Slack".
-    """
-    if config is None:
-        return UNKNOWN_WORKSPACE
-    if config.data.workspace:
-        return config.data.workspace
-    try:
-        report = json.loads((Path(config.train.data_dir) / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return UNKNOWN_WORKSPACE
-    workspace = report.get("workspace") if isinstance(report, dict) else None
-    return workspace if isinstance(workspace, str) and workspace else UNKNOWN_WORKSPACE
-
-
 def with_system_prompt(messages: list[dict[str, str]], system: str) -> list[dict[str, str]]:
     """The messages with `system` as their system prompt, unless they already open with one."""
     if messages and messages[0].get("role") == "system":
@@ -164,11 +125,15 @@ def with_system_prompt(messages: list[dict[str, str]], system: str) -> list[dict
 
 
 def context_limit(im: InferenceModel, settings: GenerationSettings) -> int:
-    """Tokens of prompt + reply the model is asked to handle."""
+    """Tokens of prompt + reply the model is asked to handle: `settings.max_context_tokens`, else the
+    longest conversation the model was trained on (`train.max_seq_len`), else DEFAULT_CONTEXT_TOKENS;
+    never beyond the model's own limit."""
     model_limit = getattr(_text_config(im.model), "max_position_embeddings", None) or DEFAULT_CONTEXT_TOKENS
     if settings.max_context_tokens > 0:
-        return min(settings.max_context_tokens, model_limit)
-    return min(model_limit, DEFAULT_CONTEXT_TOKENS)
+        wanted = settings.max_context_tokens
+    else:
+        wanted = im.max_seq_len or DEFAULT_CONTEXT_TOKENS
+    return min(wanted, model_limit)
 
 
 def trim_history(
@@ -193,8 +158,6 @@ def trim_history(
     Raises:
         PromptTooLongError: even the newest turn alone does not fit.
     """
-    from slackdist.model.template import build_prompt_ids
-
     budget = max_context_tokens - max_new_tokens
     system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
     turns = list(messages[len(system) :])
@@ -283,54 +246,43 @@ _STOP_IDS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary
 
 def _stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """`template.stop_token_ids`, once per tokenizer (it builds the whole vocabulary dict: ~0.1 s at 128k)."""
-    from slackdist.model.template import stop_token_ids
-
     if tokenizer not in _STOP_IDS:
         _STOP_IDS[tokenizer] = stop_token_ids(tokenizer)
     return _STOP_IDS[tokenizer]
 
 
-def _stop_criteria(events: list[threading.Event]) -> Any:
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once any event is set (Ctrl+C, a closed stream)."""
 
-    class StopOnEvent(StoppingCriteria):
-        """Ends generation at the next token once any event is set (Ctrl+C, a closed stream)."""
+    def __init__(self, events: list[threading.Event]) -> None:
+        self.events = events
 
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            stop = any(e.is_set() for e in events)
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopOnEvent()])
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _token_streamer(out: queue.SimpleQueue) -> Any:
-    from transformers.generation.streamers import BaseStreamer
+class _TokenStreamer(BaseStreamer):
+    """Puts each generated token id on a queue; `generate` first puts the prompt, which is skipped."""
 
-    class TokenStreamer(BaseStreamer):
-        """Puts each generated token id on a queue; `generate` first puts the prompt, which is skipped."""
+    def __init__(self, out: queue.SimpleQueue) -> None:
+        self.out = out
+        self.prompt_seen = False
 
-        def __init__(self) -> None:
-            self.prompt_seen = False
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.out.put(token)
 
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            for token in value.reshape(-1).tolist():
-                out.put(token)
-
-        def end(self) -> None:
-            pass
-
-    return TokenStreamer()
+    def end(self) -> None:
+        pass
 
 
 def _generate_kwargs(
     im: InferenceModel, settings: GenerationSettings, max_new_tokens: int, limit: int, fast: bool
 ) -> dict[str, Any]:
-    from transformers import GenerationConfig
-
     sample = settings.temperature > 0
     tokenizer = im.tokenizer
     kwargs: dict[str, Any] = dict(
@@ -365,10 +317,6 @@ def _generate_job(
     out: queue.SimpleQueue,
 ) -> None:
     """Runs on the worker thread: one `generate` call, every token onto `out`, then `_END`."""
-    import contextlib
-
-    import torch
-
     try:
         if any(e.is_set() for e in events):  # cancelled while queued
             return
@@ -381,8 +329,8 @@ def _generate_job(
             im.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                streamer=_token_streamer(out),
-                stopping_criteria=_stop_criteria(events),
+                streamer=_TokenStreamer(out),
+                stopping_criteria=StoppingCriteriaList([_StopOnEvent(events)]),
                 **kwargs,
             )
     except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
@@ -480,8 +428,6 @@ def stream_reply(
         SlackdistError: `adapter=False` on a model without an adapter.
         ValueError: malformed messages (from `encode_chat`).
     """
-    from slackdist.model.template import build_prompt_ids
-
     t0 = time.perf_counter()
     stats = stats if stats is not None else ReplyStats()
     if not adapter and not hasattr(im.model, "disable_adapter"):

@@ -32,10 +32,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from slackdist.config import ServeConfig
+# transformers renders chat templates with jinja2 (a dependency of ours, optional in transformers).
+from jinja2 import TemplateError
+
+from slackdist.config import Config, ServeConfig
 from slackdist.errors import SlackdistError
+from slackdist.generate import (
+    GenerationSettings,
+    ReplyStats,
+    context_limit,
+    stream_reply,
+    use_fast_path,
+    warm_up,
+    with_system_prompt,
+)
+from slackdist.model.load import InferenceModel, load_for_inference
+from slackdist.model.template import build_prompt_ids
 
 try:
     from fastapi import FastAPI, Request
@@ -43,17 +57,11 @@ try:
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as e:  # raised while the CLI loads this command: printed as one line
     raise SlackdistError(
         f"slackdist serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'slackdist[serve]'"
     ) from None
-
-if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-    from slackdist.config import Config
-    from slackdist.generate import GenerationSettings
-    from slackdist.model.load import InferenceModel
 
 MAX_STOP_STRINGS = 4
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -414,11 +422,6 @@ def _check_length(
     req: ChatCompletionRequest,
 ) -> tuple[GenerationSettings, int]:
     """(settings with max_new_tokens, prompt tokens); 400 when prompt + requested reply exceed the context."""
-    from jinja2 import TemplateError
-
-    from slackdist.generate import context_limit
-    from slackdist.model.template import build_prompt_ids
-
     limit = context_limit(im, settings)
     requested = req.max_completion_tokens or req.max_tokens
     try:
@@ -524,8 +527,6 @@ def prepare_request(
     Raises:
         RequestError: invalid JSON or fields, or a prompt the context cannot hold.
     """
-    from slackdist.generate import with_system_prompt
-
     try:
         req = ChatCompletionRequest.model_validate(parse_json(body))
     except ValidationError as e:
@@ -569,8 +570,6 @@ def build_app(
     Returns:
         The app (run it with uvicorn).
     """
-    from slackdist.generate import ReplyStats, stream_reply
-
     created = int(time.time())
     app = FastAPI(title="slackdist", version="1")
     app.add_middleware(RequestGuard, policy=policy or AccessPolicy())
@@ -640,8 +639,6 @@ async def _sse(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events of one streamed completion; a closed connection stops generation."""
-    from slackdist.generate import ReplyStats, stream_reply
-
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
     done = object()
@@ -722,19 +719,16 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     Raises:
         SlackdistError: the model folder is not a model, or the port is taken.
     """
-    try:
+    try:  # the [serve] extra; only this command needs it
         import uvicorn
     except ImportError:
         raise SlackdistError("slackdist serve needs uvicorn: pip install 'slackdist[serve]'") from None
-
-    from slackdist.generate import GenerationSettings, default_system_prompt, use_fast_path, warm_up
-    from slackdist.model.load import load_for_inference
 
     policy = AccessPolicy.from_config(cfg.serve, os.environ)
     _check_port_free(cfg.serve.host, cfg.serve.port)
     im = load_for_inference(cfg.chat.model_dir, base=cfg.chat.base, load_in_4bit=cfg.chat.load_in_4bit)
     settings = GenerationSettings.from_config(cfg.chat)
-    system = cfg.chat.system or default_system_prompt(im.config, persona=cfg.chat.persona)
+    system = cfg.chat.system or im.info.system_prompt_for(cfg.chat.persona)
     if use_fast_path(im, settings):
         print("compiling the decode step (once per start, up to a minute) ...", flush=True)
         warm_up(im, settings)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from slackdist.config import Config, LoraSettings, save_config
+from slackdist.model.info import write_model_info
+from slackdist.train.checkpoint import model_info
 
 WORKSPACE = "acme"
 
 
 def write_tiny_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, scale: float = 0.3) -> Path:
-    """Write OUT/adapter_config.json + adapter_model.safetensors + tokenizer + slackdist_config.yaml.
+    """Write OUT/adapter_config.json + adapter_model.safetensors + tokenizer + slackdist_config.yaml +
+    slackdist_inference.json.
 
     Args:
         base_dir: a tiny model from `write_tiny_model`.
@@ -40,11 +43,13 @@ def write_tiny_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, scale: f
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
-    load_tokenizer(str(base_dir)).save_pretrained(out_dir)
+    tokenizer = load_tokenizer(str(base_dir))
+    tokenizer.save_pretrained(out_dir)
     cfg = Config()
     cfg.data.workspace = WORKSPACE
     cfg.model.base_model = str(base_dir)
     cfg.model.load_in_4bit = False
     cfg.train.output_dir = str(out_dir)
     save_config(cfg, out_dir / "slackdist_config.yaml")
+    write_model_info(model_info(cfg, tokenizer), out_dir)
     return out_dir

@@ -1,4 +1,4 @@
-"""Varlen attention for packed rows (slackdist/train/attention.py).
+"""Varlen attention for packed rows (slackdist/model/attention.py).
 
 On CPU the fused torch kernel does not exist: these tests run the same attention
 function with its per-sequence SDPA stand-in, which covers the boundaries, reshapes and
@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from slackdist.train.attention import (
+from slackdist.data.examples import make_example
+from slackdist.model.attention import (
     VARLEN_ATTENTION,
     cu_seqlens_from_position_ids,
     register_varlen_attention,
     varlen_attention_forward,
     varlen_kwargs,
 )
-from slackdist.train.packing import collate, make_example, pack
+from slackdist.train.packing import collate, pack
 
 CHATS = [
     [
@@ -134,9 +135,9 @@ def test_varlen_gets_no_dense_mask(tiny_model_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_kernel_matches_sdpa_on_gpu(tmp_path):
+    from slackdist.model.attention import varlen_available
     from slackdist.model.load import load_tokenizer
     from slackdist.model.tiny import write_tiny_model
-    from slackdist.train.attention import varlen_available
 
     assert varlen_available("cuda"), "torch.nn.attention.varlen.varlen_attn is missing (torch >= 2.10 needed)"
     # head_dim 64 and GQA 8:2, bf16: the shapes the flash kernel is built for

@@ -1,4 +1,4 @@
-"""torch.compile of the decoder layers (slackdist/train/compilation.py) gives the eager model's loss and gradients."""
+"""torch.compile of the decoder layers (slackdist/model/compilation.py) gives the eager model's loss and gradients."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from slackdist.config import LoraSettings, ModelConfig
-from slackdist.train.compilation import compile_decoder_layers, decoder_layers, should_compile
+from slackdist.model.compilation import compile_decoder_layers, decoder_layers, should_compile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peft_model(model_dir: Path):
+    from slackdist.model.attention import register_varlen_attention
     from slackdist.model.load import add_lora, load_base_model
-    from slackdist.train.attention import register_varlen_attention
 
     model = load_base_model(ModelConfig(base_model=str(model_dir)), dtype=torch.float32, quantize=False)
     model.set_attn_implementation(register_varlen_attention())
@@ -43,7 +43,7 @@ def _batch(length: int, seed: int, vocab: int) -> dict[str, torch.Tensor]:
 def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     from accelerate import Accelerator
 
-    from slackdist.train.loop import forward_loss
+    from slackdist.train.step import forward_loss
 
     loss = forward_loss(model, batch, accelerator=Accelerator(cpu=True), chunk_size=16)
     loss.backward()
@@ -78,14 +78,17 @@ def test_compiled_layers_match_eager(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "sharded", "expected"),
+    ("setting", "device", "sharded", "steps", "expected"),
     [
-        ("auto", "cuda", False, True),
-        ("auto", "cuda", True, False),
-        ("auto", "cpu", False, False),
-        ("on", "cpu", False, True),
-        ("off", "cuda", False, False),
+        ("auto", "cuda", False, 150, True),
+        ("auto", "cuda", False, 149, False),  # too short a run to repay compiling
+        ("auto", "cuda", True, 1000, False),
+        ("auto", "cpu", False, 1000, False),
+        ("on", "cpu", False, 1, True),
+        ("off", "cuda", False, 1000, False),
     ],
 )
-def test_should_compile(setting: str, device: str, sharded: bool, expected: bool) -> None:
-    assert should_compile(setting, device_type=device, sharded=sharded) is expected
+def test_should_compile(setting: str, device: str, sharded: bool, steps: int, expected: bool) -> None:
+    on, why = should_compile(setting, device_type=device, sharded=sharded, steps=steps, min_steps=150)
+    assert on is expected
+    assert why

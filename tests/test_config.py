@@ -99,3 +99,17 @@ def test_bad_config_file_is_one_line_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown key 'train.nope'" in proc.stderr
+
+
+def test_data_max_tokens_follows_train_max_seq_len_unless_set(tmp_path):
+    """One length: the longest conversation `prepare` writes is the longest training keeps."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_seq_len: 4096\n")
+
+    def max_tokens(*argv: str) -> int:
+        return config_from_args(build_parser().parse_args(["prepare", "export", *argv])).data.max_tokens
+
+    assert max_tokens() == Config().train.max_seq_len
+    assert max_tokens("--config", str(path)) == 4096
+    assert max_tokens("--set", "train.max_seq_len=1024") == 1024
+    assert max_tokens("--config", str(path), "--max-tokens", "512") == 512  # set on its own, it stays

@@ -49,8 +49,9 @@ def run_training(cfg, tmp_path: Path, *, processes: int) -> subprocess.Completed
 def test_two_process_ddp_equals_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
+    from slackdist.data.examples import load_examples
     from slackdist.model.load import load_tokenizer
-    from slackdist.train.packing import load_examples, pack
+    from slackdist.train.packing import pack
 
     data = write_dataset(tmp_path / "data", n_train=21, n_val=5, seed=2)
     common = {

@@ -14,9 +14,9 @@ from inference_helpers import write_tiny_adapter
 from train_helpers import chat_record, tiny_config, write_dataset
 
 from slackdist.cli import main as cli_main
+from slackdist.data.examples import make_example
 from slackdist.generate import GenerationSettings
 from slackdist.model.load import load_for_inference
-from slackdist.train.packing import make_example
 
 
 def _write_test_split(data_dir: Path, n: int = 6, seed: int = 1) -> Path:
@@ -36,7 +36,7 @@ def _read(out: Path) -> dict:
 
 
 def test_training_lowers_heldout_loss(tiny_model_dir, data_dir, tmp_path, capsys):
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     out = tmp_path / "run"
     train(tiny_config(tiny_model_dir, data_dir, out, **{"train.learning_rate": 2e-2}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -9,16 +11,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inference_helpers import WORKSPACE, write_tiny_adapter
+from inference_helpers import write_tiny_adapter
 
-from slackdist.config import ChatConfig, Config, DataConfig
-from slackdist.data.records import RecordBuilder
+from slackdist.config import ChatConfig
 from slackdist.generate import (
+    DEFAULT_CONTEXT_TOKENS,
     GenerationSettings,
     IncrementalDecoder,
     PromptTooLongError,
     ReplyStats,
-    default_system_prompt,
+    context_limit,
     reply,
     stream_reply,
     trim_history,
@@ -125,26 +127,14 @@ def test_prompt_ids_fed_to_the_model_are_the_training_prefix(im):
     assert seen[0] == build_prompt_ids(im.tokenizer, CHAT)
 
 
-def test_default_system_prompt_is_the_training_one():
-    cfg = Config()
-    cfg.data.workspace = WORKSPACE
-    trained = RecordBuilder(cfg.data, workspace=WORKSPACE).system("general")[0]
-    assert default_system_prompt(cfg) == trained
-    persona = Config(data=DataConfig(workspace=WORKSPACE, persona="Ada", roles="persona"))
-    assert (
-        default_system_prompt(persona)
-        == RecordBuilder(persona.data, workspace=WORKSPACE).system("general")[0]
-    )
-    assert "Ada" in default_system_prompt(persona)
-
-
-def test_workspace_comes_from_the_prepared_data_when_the_config_has_none(tmp_path):
-    cfg = Config()
-    cfg.train.data_dir = str(tmp_path)
-    assert "the Slack Slack workspace" in default_system_prompt(cfg)  # nothing known yet
-    (tmp_path / "report.json").write_text('{"workspace": "houstondatavis_2016"}', encoding="utf-8")
-    expected = RecordBuilder(cfg.data, workspace="houstondatavis_2016").system("general")[0]
-    assert default_system_prompt(cfg) == expected
+def test_context_is_the_length_the_model_was_trained_on(im, tiny_model_dir):
+    shorter = copy.deepcopy(im.config)
+    shorter.train.max_seq_len = 1000
+    assert context_limit(dataclasses.replace(im, config=shorter), GenerationSettings()) == 1000
+    assert context_limit(im, GenerationSettings(max_context_tokens=100)) == 100  # set on its own, it stays
+    untrained = load_for_inference(str(tiny_model_dir), device="cpu")  # no training config
+    assert untrained.config is None
+    assert context_limit(untrained, GenerationSettings()) == DEFAULT_CONTEXT_TOKENS
 
 
 def test_settings_from_config():

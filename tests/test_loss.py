@@ -1,4 +1,4 @@
-"""Chunked lm_head + cross-entropy equals the plain full-logits loss (slackdist/train/loss.py)."""
+"""Chunked lm_head + cross-entropy equals the plain full-logits loss (slackdist/model/loss.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slackdist.train.loss import chunked_lm_loss
+from slackdist.model.loss import chunked_lm_loss
 
 
 def _setup(seed: int = 0, dtype=torch.float32):

@@ -1,13 +1,19 @@
-"""The memory plan (slackdist/train/memory.py): choosing it, and that it never changes what is learned."""
+"""The memory plan (slackdist/train/memory.py): the probe, choosing a plan, and that a plan never changes what is
+learned."""
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from train_helpers import tiny_config, write_dataset
 
 from slackdist.train.memory import (
@@ -18,6 +24,8 @@ from slackdist.train.memory import (
     choose_plan,
     fit_footprint,
     partial_footprint,
+    probe_footprints,
+    probe_step,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,9 +121,110 @@ def test_nothing_fits_falls_back_to_the_configured_micro_batch_with_recomputatio
     assert "nothing fits" in plan.reason
 
 
-def test_a_probe_that_ran_out_of_memory_never_wins() -> None:
-    plan = _plan(60.0, micro=1, accumulation=4, full=Footprint(math.inf, math.inf))
-    assert _split(plan) == (4, 1, LAYERS)
+class TensorMemory(TorchDispatchMode):
+    """A `PeakMeter` for the CPU, where torch keeps no allocator statistics: the bytes of the tensor
+    storages a step creates and still holds, and their peak. Beyond `cap_bytes` it refuses with
+    torch.OutOfMemoryError, as the CUDA allocator does beyond `train.max_memory_gib`."""
+
+    def __init__(self, cap_bytes: float = math.inf) -> None:
+        super().__init__()
+        self.cap_bytes = cap_bytes
+        self.peak_bytes = 0.0
+        self.refusals: list[bool] = []
+        """One entry per refusal: whether it struck in backward."""
+
+    def __enter__(self) -> TensorMemory:
+        self.live, self.peak_bytes, self.held = 0, 0.0, {}
+        return super().__enter__()
+
+    def _freed(self, held: dict, key: int, nbytes: int) -> None:
+        if held is self.held and held.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or id(t.untyped_storage()) in self.held:
+                continue
+            storage, nbytes = t.untyped_storage(), t.untyped_storage().nbytes()
+            callback = functools.partial(self._freed, self.held, id(storage), nbytes)
+            self.held[id(storage)] = weakref.ref(storage, lambda _, callback=callback: callback())
+            self.live += nbytes
+            self.peak_bytes = max(self.peak_bytes, float(self.live))
+            if self.live > self.cap_bytes:
+                self.refusals.append(torch._C._current_autograd_node() is not None)
+                raise torch.OutOfMemoryError(f"{self.live} bytes held, over the cap of {self.cap_bytes:.0f}")
+        return out
+
+
+PROBE_SIZES = (256, 512)
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_model_dir: Path):
+    """`run_step` of the probe `plan_memory` runs on a GPU, on the tiny model with LoRA on the CPU."""
+    from accelerate import Accelerator
+
+    from slackdist.config import LoraSettings, ModelConfig
+    from slackdist.model.load import add_lora, load_base_model, load_tokenizer
+
+    base = load_base_model(ModelConfig(base_model=str(tiny_model_dir)), dtype=torch.float32, quantize=False)
+    model = add_lora(base, LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
+    pad_id = load_tokenizer(str(tiny_model_dir)).pad_token_id
+    accelerator = Accelerator(cpu=True)
+
+    def run_step(n: int) -> None:
+        probe_step(model, n, accelerator=accelerator, pad_id=pad_id, varlen=False, chunk_size=64)
+
+    # What the first steps leave behind (caches, the input-grad hook of the first checkpointing) is
+    # not a step's memory: measure from then on.
+    probe_footprints(model, run_step, TensorMemory(), PROBE_SIZES)
+    return model, run_step
+
+
+def _peak(fp: Footprint, tokens: int) -> float:
+    return fp.fixed + fp.per_token * tokens
+
+
+def test_real_probe_measures_what_checkpointing_saves(probe) -> None:
+    model, run_step = probe
+    full, ckpt = probe_footprints(model, run_step, TensorMemory(), PROBE_SIZES)
+    assert 0 < ckpt.per_token < full.per_token  # recomputed layers hold fewer activations per token
+    assert probe_footprints(model, run_step, TensorMemory(), PROBE_SIZES) == (full, ckpt)  # deterministic
+    layers = model.config.num_hidden_layers
+    assert _split(_plan(1e3, 1, 4, 512, full, ckpt, layers)) == (4, 1, 0)  # plenty of room: no recomputation
+
+
+def test_a_probe_that_runs_out_of_memory_never_wins(probe) -> None:
+    """Under a cap only the checkpointed step fits, the step without checkpointing runs out of memory:
+    the handler turns that into an infinite footprint and the plan recomputes every layer."""
+    model, run_step = probe
+    full, ckpt = probe_footprints(model, run_step, TensorMemory(), PROBE_SIZES)
+    rng = torch.get_rng_state()
+    meter = TensorMemory(cap_bytes=(_peak(full, 512) + _peak(ckpt, 512)) / 2)
+    capped_full, capped_ckpt = probe_footprints(model, run_step, meter, PROBE_SIZES)
+    assert len(meter.refusals) == 1 and capped_full == Footprint(math.inf, math.inf)
+    assert capped_ckpt == ckpt
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's dropout masks are not shifted
+    layers = model.config.num_hidden_layers
+    assert _split(_plan(1e3, 1, 4, 512, capped_full, capped_ckpt, layers)) == (4, 1, layers)
+
+
+def test_out_of_memory_in_backward_leaves_no_gradients(probe) -> None:
+    """A cap that the checkpointed step only breaks in backward (where it recomputes), and that the step
+    without checkpointing breaks at once: both settings are out of memory, the handler drops the
+    gradients the failed backward had made, the plan falls back to the configured split, and the
+    model trains on."""
+    model, run_step = probe
+    _, ckpt = probe_footprints(model, run_step, TensorMemory(), PROBE_SIZES)
+    meter = TensorMemory(cap_bytes=(_peak(ckpt, 256) + _peak(ckpt, 512)) / 2)
+    footprints = probe_footprints(model, run_step, meter, PROBE_SIZES)
+    assert footprints == (Footprint(math.inf, math.inf),) * 2
+    assert meter.refusals[-1] is True  # the checkpointed step failed in backward, gradients half made
+    assert all(p.grad is None for p in model.parameters())
+    plan = _plan(1e3, 1, 4, 512, *footprints, model.config.num_hidden_layers)
+    assert _split(plan) == (1, 4, model.config.num_hidden_layers) and "nothing fits" in plan.reason
+    run_step(PROBE_SIZES[1])
 
 
 def test_a_model_without_checkpointable_layers_plans_rows_only() -> None:
@@ -164,7 +273,7 @@ def test_plan_keeps_the_rows_per_step_and_nothing_faster_fits(
 def test_rows_per_forward_does_not_change_the_losses(tiny_model_dir: Path, tmp_path: Path) -> None:
     """What the auto plan relies on: 4 rows in one forward or 1 row x 4 accumulation steps train the
     same model (dropout off, so only float rounding differs)."""
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     data = write_dataset(tmp_path / "data", n_train=24, n_val=4)
     losses = {}

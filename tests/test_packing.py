@@ -1,4 +1,4 @@
-"""Examples, packing and collation (slackdist/train/packing.py).
+"""Examples, packing and collation (slackdist/data/examples.py, slackdist/train/packing.py).
 
 The key property: packing changes nothing a conversation sees. Its logits inside a
 packed row equal its logits alone.
@@ -14,9 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slackdist.data.examples import Example, load_examples, make_example
 from slackdist.errors import SlackdistError
-from slackdist.train.attention import cu_seqlens_from_position_ids
-from slackdist.train.packing import Example, collate, load_examples, make_example, pack
+from slackdist.model.attention import cu_seqlens_from_position_ids
+from slackdist.train.packing import collate, pack
 
 CONVERSATIONS = [
     [

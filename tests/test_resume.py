@@ -23,10 +23,7 @@ from train_helpers import read_metrics, step_losses, tiny_config, write_dataset
 from slackdist.config import save_config
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def config_for(model_dir: Path, data_dir: Path, out: Path, **overrides):
@@ -50,7 +47,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
@@ -109,7 +106,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 def test_killed_run_resumes_exactly(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, uninterrupted
 ) -> None:
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     out = tmp_path / "out"
     proc = start_training(
@@ -138,7 +135,7 @@ def test_killed_run_resumes_exactly(
 def test_sigterm_checkpoints_exits_75_and_resume_auto_continues(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, uninterrupted
 ) -> None:
-    from slackdist.train.loop import PREEMPTED_EXIT_CODE, train
+    from slackdist.train.recipe import PREEMPTED_EXIT_CODE, train
 
     out = tmp_path / "out"
     proc = start_training(config_for(tiny_model_dir, data_dir, out), tmp_path)  # no periodic checkpoints

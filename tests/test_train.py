@@ -36,8 +36,9 @@ def eval_loss_of_adapter(
     import torch.nn.functional as F
     from peft import PeftModel
 
+    from slackdist.data.examples import load_examples
     from slackdist.model.load import load_base_model, load_tokenizer, quiet_tied_lora_warning
-    from slackdist.train.packing import collate, load_examples, pack
+    from slackdist.train.packing import collate, pack
 
     tokenizer = load_tokenizer(str(model_dir))
     model_cfg = cfg.model
@@ -113,6 +114,21 @@ def test_train_end_to_end(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, 
     evals = {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}
     assert 10 in evals and steps[-1] in evals
 
+    # the time a user waited, by phase (bench/time_to_model.py reads it): the parts add up to the whole
+    (phases,) = [m["phases"] for m in metrics if "phases" in m]
+    assert {
+        "start-up",
+        "data",
+        "load",
+        "steps",
+        "eval",
+        "best adapter",
+        "checkpoints",
+        "final save",
+    } <= phases.keys()
+    parts = sum(v for k, v in phases.items() if k not in ("warm-up", "total"))
+    assert 0 < phases["warm-up"] < phases["steps"] and parts <= phases["total"] < 1.5 * parts + 5
+
     # the adapter: PEFT layout, 2 tensors per LoRA module (7 projections x 2 layers + lm_head), trained
     weights = load_file(out / "adapter_model.safetensors")
     assert len(weights) == 2 * (7 * 2 + 1)
@@ -161,7 +177,7 @@ def test_train_end_to_end(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, 
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     out = tmp_path / "out"
     # min_delta so large that no eval after the first counts as an improvement: stops after `patience` more
@@ -188,7 +204,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir: Path, data_dir: P
 
 
 def test_keep_last_k_checkpoints_plus_best(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    from slackdist.train.loop import train
+    from slackdist.train.recipe import train
 
     out = tmp_path / "out"
     cfg = tiny_config(
@@ -260,9 +276,10 @@ def test_forward_loss_paths_agree_with_transformers(
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
+    from slackdist.data.examples import load_examples
     from slackdist.model.load import load_tokenizer
-    from slackdist.train.loop import forward_loss
-    from slackdist.train.packing import collate, load_examples, pack
+    from slackdist.train.packing import collate, pack
+    from slackdist.train.step import forward_loss
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = load_examples(
@@ -300,7 +317,7 @@ def test_forward_loss_paths_agree_with_transformers(
 def test_shard_rows_covers_every_row_once_with_equal_work_per_rank(
     num_rows: int, micro: int, accumulation: int, processes: int, first_row: int
 ) -> None:
-    from slackdist.train.loop import shard_rows
+    from slackdist.train.batches import shard_rows
 
     plans = [
         shard_rows(
@@ -325,7 +342,7 @@ def test_shard_rows_same_global_step_contents_for_any_process_count(
     num_rows: int, micro: int, accumulation: int
 ) -> None:
     """2 processes x GA n and 1 process x GA 2n train on the same rows in each optimizer step."""
-    from slackdist.train.loop import shard_rows
+    from slackdist.train.batches import shard_rows
 
     single = shard_rows(
         num_rows, micro_batch_size=micro, accumulation=2 * accumulation, num_processes=1, rank=0

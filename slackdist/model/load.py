@@ -42,14 +42,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, load_config
 from slackdist.errors import SlackdistError, first_line
-from slackdist.model.template import ensure_chat_template
+from slackdist.model.attention import register_varlen_attention, varlen_available
+from slackdist.model.info import CONFIG_FILE, ModelInfo, read_model_info
+from slackdist.model.template import chat_template_name, ensure_chat_template
 
 if TYPE_CHECKING:
-    from peft import PeftModel
-    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +107,6 @@ def resolve_attn_implementation(name: str, device: torch.device | str, dtype: to
     Raises:
         SlackdistError: flash_attention_2 asked for but not installed.
     """
-    from slackdist.train.attention import register_varlen_attention, varlen_available
-
     on_gpu_16bit = torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     if name == "flash_attention_2":
         if not _flash_attn_installed():
@@ -126,7 +128,7 @@ def resolve_attn_implementation(name: str, device: torch.device | str, dtype: to
 
 
 def _flash_attn_installed() -> bool:
-    try:
+    try:  # an optional package: only its presence is asked for
         import flash_attn  # noqa: F401
     except ImportError:
         return False
@@ -139,8 +141,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     Raises:
         SlackdistError: the folder or hub id has no loadable tokenizer.
     """
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -154,7 +154,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 @functools.cache
 def _bnb_4bit_problem(device_type: str) -> str | None:
     """Why 4-bit bitsandbytes cannot run on this device type, or None when it can (probed once)."""
-    try:
+    try:  # optional (the [gpu] extra), and a broken native library raises at import
         import bitsandbytes.functional as bnbf
     except Exception as e:  # ImportError, or a broken native library raising at import
         return f"bitsandbytes is not importable ({first_line(e)})"
@@ -194,8 +194,6 @@ def quantization_config(
     if problem:
         _warn_once(f"4-bit quantization unavailable: {problem}; loading the base unquantized (plain LoRA)")
         return None
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
@@ -245,8 +243,6 @@ def load_base_model(
     Raises:
         SlackdistError: the model cannot be loaded (named in the message).
     """
-    from transformers import AutoModelForCausalLM
-
     device = _device_of(device_map)
     quantize = model_cfg.load_in_4bit if quantize is None else quantize
     bnb_config = quantization_config(replace(model_cfg, load_in_4bit=quantize), dtype, device=device)
@@ -286,8 +282,6 @@ def quiet_tied_lora_warning() -> Iterator[None]:
 
 def lora_config(lora_cfg: LoraSettings) -> Any:
     """The PEFT LoraConfig for our settings (r, alpha, dropout, init, target modules)."""
-    from peft import LoraConfig
-
     return LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
@@ -324,8 +318,6 @@ def disable_checkpointing(model: PreTrainedModel) -> None:
 
 def checkpointable_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The decoder layers that activation checkpointing applies to, in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
@@ -333,7 +325,7 @@ def checkpoint_layers(model: PreTrainedModel, count: int) -> None:
     """Checkpoint the first `count` decoder layers; the others keep their activations (0: none).
 
     Every layer holds the same activations, so which ones recompute does not change the memory
-    saved; the memory plan (slackdist.train.memory) picks `count`."""
+    saved; the memory plan (`slackdist.train.memory`) picks `count`."""
     if count <= 0:
         disable_checkpointing(model)
         return
@@ -366,8 +358,6 @@ def add_lora(model: PreTrainedModel, lora_cfg: LoraSettings, *, gradient_checkpo
     Raises:
         SlackdistError: none of the target modules exists in the model.
     """
-    from peft import get_peft_model
-
     model.requires_grad_(False)
     model.config.use_cache = False
     if gradient_checkpointing:
@@ -394,17 +384,24 @@ class InferenceModel:
     base: str | None
     """The base model of an adapter; None for merged models."""
     config: Config | None
-    """The training config (slackdist_config.yaml in the folder or its parent), if present."""
+    """The training config (the folder's slackdist_config.yaml), if it has one."""
+    info: ModelInfo
+    """How training prompted the model (`ModelInfo.untrained()` for a folder training did not write)."""
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest conversation the model was trained on (`train.max_seq_len`), if known."""
+        return self.config.train.max_seq_len if self.config is not None else None
 
 
 def _find_config(folder: Path) -> Config | None:
-    for candidate in (folder / "slackdist_config.yaml", folder.parent / "slackdist_config.yaml"):
-        if candidate.is_file():
-            try:
-                return load_config(candidate)
-            except ConfigError as e:
-                raise SlackdistError(str(e)) from None
-    return None
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SlackdistError(str(e)) from None
 
 
 def _has_weights(folder: Path) -> bool:
@@ -443,7 +440,7 @@ def load_for_inference(
         device: "cuda", "cuda:1", "cpu"... (default: CUDA if available, else CPU).
 
     Returns:
-        The model (eval mode, KV cache on) with its tokenizer and training config.
+        The model (eval mode, KV cache on) with its tokenizer, training config and model info.
 
     Raises:
         SlackdistError: the folder is none of those, or a part of it cannot be loaded.
@@ -475,13 +472,19 @@ def load_for_inference(
     tokenizer = load_tokenizer(
         str(folder) if has_tokenizer else source, trust_remote_code=model_cfg.trust_remote_code
     )
+    info = read_model_info(folder)
+    if info is not None and chat_template_name(tokenizer) != info.chat_template:
+        logger.warning(
+            "%s: trained with the %s chat template, but its tokenizer renders %s",
+            model_dir,
+            info.chat_template,
+            chat_template_name(tokenizer),
+        )
     model_cfg = replace(model_cfg, base_model=source)
     model = load_base_model(
         model_cfg, dtype=dtype, device_map={"": device}, quantize=quantize, attn_implementation="sdpa"
     )
     if is_adapter:
-        from peft import PeftModel
-
         try:
             with quiet_tied_lora_warning():
                 model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
@@ -497,4 +500,5 @@ def load_for_inference(
         kind="adapter" if is_adapter else "merged",
         base=source if is_adapter else None,
         config=config,
+        info=info or ModelInfo.untrained(),
     )

@@ -115,6 +115,13 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     return tokenizer
 
 
+def chat_template_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Which template the tokenizer renders: "llama3", "generic", or "own" (one it brought itself)."""
+    names = {LLAMA3_CHAT_TEMPLATE: "llama3", GENERIC_CHAT_TEMPLATE: "generic"}
+    template = getattr(tokenizer, "chat_template", None)
+    return names.get(template, "own") if isinstance(template, str) else "own"
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end a reply: eos, and `<|eot_id|>` / `<|end_of_text|>` where the vocabulary has them."""
     vocab = tokenizer.get_vocab()

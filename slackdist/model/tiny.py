@@ -14,16 +14,18 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from slackdist.errors import SlackdistError
 from slackdist.model.template import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerFast
-
     from slackdist.config import Config
 
 BPE_VOCAB_SIZE = 1000
@@ -150,7 +152,9 @@ def tiny_corpus() -> list[str]:
     return _CORPUS.splitlines(keepends=True)
 
 
-def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_size: int = BPE_VOCAB_SIZE, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on the built-in corpus and wrap it as a Llama 3 style tokenizer.
 
     The Llama 3 special tokens come after the learned vocabulary (as in Llama 3);
@@ -159,13 +163,11 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
 
     Args:
         vocab_size: byte alphabet plus learned merges (the corpus may give fewer).
+        corpus: training text (default: the built-in corpus); benchmarks train on their data.
 
     Returns:
         The tokenizer, with `LLAMA3_CHAT_TEMPLATE` set.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -179,7 +181,7 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tok.train_from_iterator(tiny_corpus() if corpus is None else corpus, trainer=trainer)
     tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
     bos = LLAMA3_SPECIAL_TOKENS[0]
     tok.post_processor = processors.Sequence(
@@ -205,8 +207,6 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    import torch
-
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
@@ -280,9 +280,6 @@ def write_tiny_model(
     Raises:
         SlackdistError: impossible shape or dtype.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     _check_shape(hidden_size, layers, heads, kv_heads, intermediate_size)
     torch_dtype = _resolve_dtype(dtype)
     tokenizer = build_tiny_tokenizer()

@@ -1,8 +1,21 @@
-"""Adapter saves, checkpoints and resume for the training loop.
+"""The output folder of a training run: what goes where, and the saves that write it.
 
-Layout (see COMMON.md): OUT/adapter_model.safetensors + adapter_config.json (final adapter),
-OUT/best/ (best-eval adapter), OUT/checkpoints/step-000100/ (adapter + tokenizer +
-slackdist_config.yaml + trainer_state.json + `accelerator.save_state` files).
+    OUT/adapter_model.safetensors, adapter_config.json   the final adapter (the best-eval one when an
+                                                          eval ran, else the last weights)
+    OUT/tokenizer.json, chat_template.jinja, ...          the tokenizer with its chat template
+    OUT/slackdist_config.yaml, slackdist_inference.json   the resolved config and how to prompt the model
+    OUT/trainer_state.json                                where training ended
+    OUT/metrics.jsonl, loss.png, runs/                    metrics (`slackdist.train.metrics`), TensorBoard
+    OUT/best/                                             the best-eval adapter (+ eval.json)
+    OUT/checkpoints/step-000100/                          adapter + `accelerator.save_state` files
+                                                          (optimizer, scheduler, every rank's RNG) +
+                                                          trainer_state.json, the newest K and the best
+    OUT/merged/                                           with train.merge_after_training
+
+Every model folder here (OUT, best/, each checkpoint) carries the tokenizer, the config and
+`slackdist_inference.json` (`slackdist.model.info`), so chat, eval and serve load any of them alone.
+A run stopped by SIGTERM / SIGUSR1 (`PreemptionFlag`) checkpoints and exits; `--resume auto`
+(`resume_point`) continues from the newest complete checkpoint.
 
 Why the adapter is written by hand (workaround B of ../shared/notes/fsdp_qlora_measured.md):
 peft 0.21 picks adapter keys by walking the live module tree and strips only a *leading*
@@ -22,33 +35,53 @@ fp32). Merged models are sharded (`slackdist.train.merge`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from accelerate import Accelerator
+from peft import set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from slackdist.config import Config, save_config
+from slackdist.data.records import format_system_prompt
 from slackdist.errors import SlackdistError, first_line
 from slackdist.files import write_json_atomic
-
-if TYPE_CHECKING:
-    import torch
-    from accelerate import Accelerator
-
-    from slackdist.config import Config
+from slackdist.model.info import (
+    CONFIG_FILE,
+    DEFAULT_CHANNEL,
+    PERSONA_PLACEHOLDER,
+    UNKNOWN_WORKSPACE,
+    ModelInfo,
+    write_model_info,
+)
+from slackdist.model.template import chat_template_name
+from slackdist.train.distributed import Topology, gather_state_dict
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
-CONFIG_FILE = "slackdist_config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+BEST_EVAL = "eval.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+RUNS_DIR = "runs"
+MERGED_DIR = "merged"
+PREPARE_REPORT = "report.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Wrapper names that FSDP / activation checkpointing / torch.compile / DDP put into parameter names.
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -99,8 +132,6 @@ class TrainerState:
 
 def lora_module_names(model: torch.nn.Module) -> list[str]:
     """Names of the modules that carry a LoRA adapter (works through DDP/FSDP wrappers)."""
-    from peft.tuners.lora import LoraLayer
-
     return [clean_key(name) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
@@ -140,8 +171,6 @@ def verify_adapter(path: str | os.PathLike[str], expected_modules: int, *, train
     Raises:
         SlackdistError: missing tensors (the silent FSDP1 adapter loss) or untrained lora_B.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
@@ -159,29 +188,9 @@ def verify_adapter(path: str | os.PathLike[str], expected_modules: int, *, train
     return len(keys)
 
 
-def gather_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full state dict on the main process (collective: every rank calls it).
-
-    Under DeepSpeed ZeRO-3 only the LoRA parameters are gathered: `get_state_dict` would
-    consolidate every partitioned tensor of the 4-bit base too, which at Llama-3.2-3B size had not
-    finished after minutes (H100). Other ranks get an empty dict there.
-    """
-    from accelerate.utils import DistributedType
-
-    plugin = accelerator.state.deepspeed_plugin
-    if accelerator.distributed_type != DistributedType.DEEPSPEED or plugin.zero_stage != 3:
-        return accelerator.get_state_dict(model)
-    import deepspeed
-
-    named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if ".lora_" in n]
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        if not accelerator.is_main_process:
-            return {}
-        return {n: p.detach().to("cpu", copy=True) for n, p in named}
-
-
 def save_adapter(
     accelerator: Accelerator,
+    topology: Topology,
     model: torch.nn.Module,
     out_dir: str | os.PathLike[str],
     *,
@@ -195,6 +204,7 @@ def save_adapter(
 
     Args:
         accelerator: the run's accelerator.
+        topology: how the run is spread (what gathering the weights takes).
         model: the prepared model.
         out_dir: folder for adapter_model.safetensors + adapter_config.json (created).
         base_model: recorded as `base_model_name_or_path` (absolute when it is a local folder).
@@ -206,11 +216,7 @@ def save_adapter(
     Raises:
         SlackdistError: the written adapter fails verification.
     """
-    import copy
-
-    from safetensors.torch import save_file
-
-    full = gather_state_dict(accelerator, model)
+    full = gather_state_dict(accelerator, topology, model)
     if not accelerator.is_main_process:
         return None
     peft_model = accelerator.unwrap_model(model)
@@ -246,9 +252,6 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str | os.PathLike[
     Raises:
         SlackdistError: the file is missing or does not fit the model.
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise SlackdistError(f"{path}: missing; cannot resume from {adapter_dir}")
@@ -271,7 +274,7 @@ def copy_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         os.replace(tmp, dst / name)
 
 
-# ------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------ checkpoints and resume
 
 
 def checkpoint_dir(out_dir: str | os.PathLike[str], step: int) -> Path:
@@ -320,20 +323,21 @@ def resolve_resume(resume: str | None, out_dir: str | os.PathLike[str]) -> Path 
     return path
 
 
-def load_trainer_state(checkpoint: str | os.PathLike[str]) -> TrainerState:
-    """Read trainer_state.json of a checkpoint.
+def resume_point(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (checked before anything heavy loads).
 
     Raises:
-        SlackdistError: missing or unreadable file.
+        SlackdistError: `--resume PATH` is not a checkpoint, or a fresh run would mix with an earlier
+            run's checkpoints in the same output folder.
     """
-    path = Path(checkpoint) / TRAINER_STATE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise SlackdistError(f"{path}: cannot read trainer state ({e})") from None
-    state = TrainerState()
-    state.load_state_dict(data)
-    return state
+    out = Path(cfg.train.output_dir)
+    found = resolve_resume(cfg.train.resume, out)
+    if found is None and not cfg.train.resume and find_latest_checkpoint(out) is not None:
+        raise SlackdistError(
+            f"{out / CHECKPOINTS}: checkpoints of an earlier run; continue it with --resume auto, "
+            "or train into another --output (or delete that folder)"
+        )
+    return found
 
 
 def prune_checkpoints(
@@ -354,49 +358,9 @@ def prune_checkpoints(
     return removed
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    *,
-    out_dir: str | os.PathLike[str],
-    state: TrainerState,
-    cfg: Config,
-    tokenizer: Any,
-    keep_last: int,
-) -> Path:
-    """Write OUT/checkpoints/step-N: `save_state` + adapter + tokenizer + config + trainer_state.json.
-
-    Collective (every rank calls it; each writes its RNG state and, under FSDP/DeepSpeed, its shard).
-    Everything goes into a temp folder that the main process renames when complete, so a run killed
-    mid-save leaves no half checkpoint for `--resume auto` to pick.
-
-    Returns:
-        The checkpoint folder.
-    """
-    from slackdist.config import save_config
-
-    final = checkpoint_dir(out_dir, state.global_step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), **_deepspeed_kwargs(accelerator, "save"))
-    save_adapter(accelerator, model, tmp, base_model=cfg.model.base_model, trained=state.updates > 0)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(str(tmp))
-        save_config(cfg, tmp / CONFIG_FILE)
-        write_json_atomic(tmp / TRAINER_STATE, state.state_dict())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune_checkpoints(out_dir, keep_last, protect=state.best_step)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint_state(accelerator: Accelerator, checkpoint: str | os.PathLike[str]) -> None:
+def load_checkpoint_state(
+    accelerator: Accelerator, topology: Topology, checkpoint: str | os.PathLike[str]
+) -> None:
     """`accelerator.load_state` of a checkpoint: adapter (or FSDP / DeepSpeed shards), optimizer, scheduler,
     RNG of every rank and the registered trainer state. Collective.
 
@@ -405,7 +369,7 @@ def load_checkpoint_state(accelerator: Accelerator, checkpoint: str | os.PathLik
             by another slackdist version, optimizer or launch config).
     """
     try:
-        accelerator.load_state(str(checkpoint), **_deepspeed_kwargs(accelerator, "load"))
+        accelerator.load_state(str(checkpoint), **topology.load_state_kwargs)
     except (
         ValueError
     ) as e:  # torch.optim: "loaded state dict contains a parameter group that doesn't match..."
@@ -415,29 +379,17 @@ def load_checkpoint_state(accelerator: Accelerator, checkpoint: str | os.PathLik
         ) from None
 
 
-def _deepspeed_kwargs(accelerator: Accelerator, mode: str) -> dict[str, Any]:
-    """DeepSpeed writes the whole module state dict, including bitsandbytes' quant_state entries
-    (`...weight.absmax`, `...weight.quant_map`), which a strict load rejects as unexpected keys. The frozen
-    base comes from the model files at startup anyway: save only trainable parameters, load non-strictly
-    (the LoRA weights come back through the optimizer's fp32 partitions)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return {}
-    return {"exclude_frozen_parameters": True} if mode == "save" else {"load_module_strict": False}
-
-
-def register_adapter_state_hooks(accelerator: Accelerator, model: torch.nn.Module) -> None:
+def register_adapter_state_hooks(
+    accelerator: Accelerator, topology: Topology, model: torch.nn.Module
+) -> None:
     """Make `save_state` / `load_state` carry only the LoRA weights, via the checkpoint's adapter file.
 
-    Without FSDP/DeepSpeed, accelerate would write the whole model (4-bit base included, ~2 GB at
-    3B) into every checkpoint. The save hook drops those weights (the adapter is saved next to them
-    anyway); the load hook loads the adapter instead. Under FSDP/DeepSpeed accelerate saves each
-    rank's shard itself (these hooks see no weights there) and loads it back.
+    Unsharded, accelerate would write the whole model (4-bit base included, ~2 GB at 3B) into every
+    checkpoint. The save hook drops those weights (the adapter is saved next to them anyway); the
+    load hook loads the adapter instead. Sharded (FSDP / DeepSpeed), accelerate saves each rank's
+    shard itself (these hooks see no weights there) and loads it back.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if topology.sharded:
         return
 
     def drop_weights(models: list, weights: list, output_dir: str) -> None:
@@ -449,3 +401,168 @@ def register_adapter_state_hooks(accelerator: Accelerator, model: torch.nn.Modul
 
     accelerator.register_save_state_pre_hook(drop_weights)
     accelerator.register_load_state_pre_hook(load_adapter)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1; the recipe finishes the current optimizer step, checkpoints and exits 75."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                return
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def set(self) -> bool:
+        return self.signal is not None
+
+
+# ------------------------------------------------------------------ model folders
+
+
+def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
+    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+    try:
+        report = json.loads((Path(data_dir) / PREPARE_REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    workspace = report.get("workspace") if isinstance(report, dict) else None
+    return workspace if isinstance(workspace, str) and workspace else None
+
+
+def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
+    """How the trained model is prompted: training's system prompt for #general (the template and
+    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack")
+    and the chat template its tokenizer renders."""
+    workspace = cfg.data.workspace or prepared_workspace(cfg.train.data_dir) or UNKNOWN_WORKSPACE
+
+    def prompt(persona: str | None) -> str:
+        return format_system_prompt(
+            cfg.data.system_prompt, workspace=workspace, channel=DEFAULT_CHANNEL, persona=persona
+        )
+
+    return ModelInfo(
+        workspace=workspace,
+        system_prompt=prompt(None),
+        persona_system_prompt=prompt(PERSONA_PLACEHOLDER),
+        persona=cfg.data.persona,
+        chat_template=chat_template_name(tokenizer),
+    )
+
+
+class OutputFolder:
+    """OUT of one run and the saves into it (module docstring). Saves are collective: every rank
+    calls them (weights are gathered, sharded state is written per rank); the main process writes
+    the rest, each file or folder under a temporary name first."""
+
+    def __init__(self, cfg: Config, *, accelerator: Accelerator, topology: Topology, tokenizer: Any) -> None:
+        self.path = Path(cfg.train.output_dir)
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.topology = topology
+        self.tokenizer = tokenizer
+        self.info = model_info(cfg, tokenizer)
+        self.metrics_file = self.path / METRICS_FILE
+        self.loss_plot = self.path / LOSS_PLOT
+        self.best = self.path / BEST
+        self.checkpoints = self.path / CHECKPOINTS
+        self.merged = self.path / MERGED_DIR
+
+    def create(self) -> None:
+        """Make OUT and put the resolved config in it first (main process)."""
+        if self.topology.is_main_process:
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.path / CONFIG_FILE)
+
+    def _describe(self, folder: Path) -> None:
+        """What makes a model folder loadable alone: tokenizer, config, model info (main process)."""
+        self.tokenizer.save_pretrained(str(folder))
+        save_config(self.cfg, folder / CONFIG_FILE)
+        write_model_info(self.info, folder)
+
+    def _adapter(self, model: torch.nn.Module, folder: Path, state: TrainerState) -> None:
+        save_adapter(
+            self.accelerator,
+            self.topology,
+            model,
+            folder,
+            base_model=self.cfg.model.base_model,
+            trained=state.updates > 0,
+        )
+
+    def save_checkpoint(self, model: torch.nn.Module, state: TrainerState) -> Path:
+        """Write OUT/checkpoints/step-N: `save_state` + adapter + tokenizer + config + trainer_state.json.
+
+        Each rank writes its RNG state and, under FSDP / DeepSpeed, its shard. Everything goes into
+        a temp folder that the main process renames when complete, so a run killed mid-save leaves
+        no half checkpoint for `--resume auto` to pick; then all but the newest
+        `train.keep_last_n_checkpoints` (and the best) are deleted.
+
+        Returns:
+            The checkpoint folder.
+        """
+        accelerator, main = self.accelerator, self.topology.is_main_process
+        final = checkpoint_dir(self.path, state.global_step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), **self.topology.save_state_kwargs)
+        self._adapter(model, tmp, state)
+        if main:
+            self._describe(tmp)
+            write_json_atomic(tmp / TRAINER_STATE, state.state_dict())
+        accelerator.wait_for_everyone()
+        if main:
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            prune_checkpoints(self.path, self.cfg.train.keep_last_n_checkpoints, protect=state.best_step)
+        accelerator.wait_for_everyone()
+        return final
+
+    def save_best(self, model: torch.nn.Module, state: TrainerState, eval_loss: float) -> None:
+        """The adapter of a new best eval into OUT/best, with its eval.json."""
+        self._adapter(model, self.best, state)
+        if self.topology.is_main_process:
+            self._describe(self.best)
+            write_json_atomic(self.best / BEST_EVAL, {"step": state.global_step, "eval_loss": eval_loss})
+
+    def save_final(self, model: torch.nn.Module, state: TrainerState) -> None:
+        """The final adapter at OUT's root, with tokenizer, config, model info and trainer state.
+
+        The root adapter is the best-eval one when an eval ran (as `load_best_model_at_end`),
+        else the last weights.
+        """
+        use_best = (
+            state.best_step not in (None, state.global_step) and (self.best / ADAPTER_WEIGHTS).is_file()
+        )
+        if not use_best:
+            self._adapter(model, self.path, state)
+        if self.topology.is_main_process:
+            if use_best:
+                copy_adapter(self.best, self.path)
+                logger.warning(
+                    "final adapter = best eval (step %d, loss %.4f)", state.best_step, state.best_eval_loss
+                )
+            self._describe(self.path)
+            write_json_atomic(self.path / TRAINER_STATE, state.state_dict())
+        self.accelerator.wait_for_everyone()

@@ -11,19 +11,33 @@ then checkpoints as few layers as it must for them to fit.
 The plan never changes what is learned: every plan trains on the same rows per optimizer step and
 normalises the loss by the same label tokens, so only the dropout masks' order differs.
 
-Activation memory is measured, not guessed: `measure_footprint` runs forward + backward on two
-short packed rows with no layer and with every layer checkpointed and fits
-`peak = fixed + per_token x tokens` for each (fixed: the loss chunk's logits, gradients' first
-allocation); checkpointing k of L layers sits k/L of the way between them. `choose_plan` then
-picks the fastest candidate whose estimate fits the budget: `train.memory_budget_gib`, by default
-70% of the GPU (15.6 GiB of a 24 GB card, 56 GiB of an 80 GB one), never beyond 90% of the GPU or
-of `train.max_memory_gib`.
+Activation memory is measured, not guessed: the probe (`probe_footprints`) runs forward +
+backward on two short packed rows of random tokens with no layer and with every layer
+checkpointed and fits `peak = fixed + per_token x tokens` for each (fixed: the loss chunk's
+logits, gradients' first allocation); checkpointing k of L layers sits k/L of the way between
+them. A probe that runs out of memory (e.g. beyond `train.max_memory_gib`, which the allocator
+enforces) counts as an infinite footprint, so that setting never wins. `choose_plan` then picks
+the fastest candidate whose estimate fits the budget: `train.memory_budget_gib`, by default 70% of
+the GPU (15.6 GiB of a 24 GB card, 56 GiB of an 80 GB one), never beyond 90% of the GPU or of
+`train.max_memory_gib`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+
+from slackdist.config import Config
+from slackdist.model.load import checkpoint_layers, checkpointable_layers
+from slackdist.model.loss import IGNORE_INDEX
+from slackdist.train.distributed import Topology
+from slackdist.train.packing import PackedRow
+from slackdist.train.step import forward_loss, make_step_inputs
 
 GIB = 2**30
 AUTO_BUDGET_FRACTION = 0.7
@@ -142,26 +156,107 @@ def fit_footprint(tokens: tuple[int, int], peaks: tuple[float, float]) -> Footpr
     return Footprint(fixed=max(p1 - per_token * t1, 0.0), per_token=per_token)
 
 
-def measure_footprint(run_step: Callable[[int], None], device: object, tokens: tuple[int, int]) -> Footprint:
-    """Peak memory above the current allocation of `run_step(n)` (forward + backward of an
-    n-token packed row, gradients cleared after) at two sizes, fitted to a line. CUDA only."""
-    import torch
+class PeakMeter(Protocol):
+    """Measures one step: `with meter: step()`, then `meter.peak_bytes` is the peak memory the step
+    allocated beyond what was allocated when it started."""
 
+    peak_bytes: float
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> Any: ...
+
+
+class CudaPeak:
+    """`PeakMeter` from the CUDA caching allocator's statistics."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0.0
+        self._before = 0
+
+    def __enter__(self) -> CudaPeak:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._before = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak_bytes = float(torch.cuda.max_memory_allocated(self.device) - self._before)
+
+
+def measure_footprint(
+    run_step: Callable[[int], None], meter: PeakMeter, tokens: tuple[int, int]
+) -> Footprint:
+    """`run_step(n)` (forward + backward of an n-token packed row, gradients cleared after) at two
+    sizes, its peaks fitted to a line.
+
+    Raises:
+        torch.cuda.OutOfMemoryError: the step ran out of memory.
+    """
     peaks = []
     for n in tokens:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run_step(n)
-        torch.cuda.synchronize(device)
-        peaks.append(float(torch.cuda.max_memory_allocated(device) - before))
+        with meter:
+            run_step(n)
+        peaks.append(meter.peak_bytes)
     return fit_footprint(tokens, (peaks[0], peaks[1]))
+
+
+PROBE_SEGMENT = 256
+"""Conversation length in the memory probe's packed rows."""
+
+
+def probe_step(
+    model: Any, tokens: int, *, accelerator: Accelerator, pad_id: int, varlen: bool, chunk_size: int
+) -> None:
+    """Forward + backward of one packed row of random tokens (conversations of PROBE_SEGMENT), then
+    drop the gradients: what one training micro-batch of `tokens` tokens allocates."""
+    ids = torch.randint(0, model.config.vocab_size, (tokens,)).tolist()
+    positions = [i % PROBE_SEGMENT for i in range(tokens)]
+    labels = [IGNORE_INDEX if p == 0 else t for p, t in zip(positions, ids, strict=True)]
+    lens = [min(PROBE_SEGMENT, tokens - i) for i in range(0, tokens, PROBE_SEGMENT)]
+    row = PackedRow(input_ids=ids, labels=labels, position_ids=positions, seq_lens=lens)
+    batch = make_step_inputs([[row]], pad_id=pad_id, device=accelerator.device, varlen=varlen).batches[0]
+    with accelerator.autocast():
+        loss = forward_loss(model, batch, accelerator=accelerator, chunk_size=chunk_size)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _measure(
+    model: Any, run_step: Callable[[int], None], meter: PeakMeter, tokens: tuple[int, int]
+) -> Footprint:
+    """`measure_footprint`, or an infinite footprint when the probe itself runs out of memory."""
+    try:
+        return measure_footprint(run_step, meter, tokens)
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, whichever device refused
+        model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return Footprint(math.inf, math.inf)
+
+
+def probe_footprints(
+    model: Any, run_step: Callable[[int], None], meter: PeakMeter, tokens: tuple[int, int]
+) -> tuple[Footprint, Footprint]:
+    """The footprints with no decoder layer and with every layer checkpointed (infinite where the
+    probe ran out of memory). Leaves every layer checkpointed; the run's RNG is left as it was,
+    so the probe does not shift the run's dropout masks."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = len(checkpointable_layers(base))
+    device = next(model.parameters()).device
+    model.train()
+    footprints = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for count in (0, layers):
+            checkpoint_layers(base, count)
+            footprints.append(_measure(model, run_step, meter, tokens))
+    return footprints[0], footprints[1]
 
 
 def _cuda_index(device: object) -> int:
     """`torch.device("cuda")` (Accelerate's device on one GPU) has no index; memory calls need one."""
-    import torch
-
     index = getattr(device, "index", None)
     return torch.cuda.current_device() if index is None else index
 
@@ -180,8 +275,6 @@ def memory_budget(
 ) -> tuple[float, float]:
     """(bytes the plan may fill, bytes taken already): `budget_target` minus what is allocated now
     and `extra_reserved_bytes` (gradients and optimizer states the first step will allocate)."""
-    import torch
-
     index = _cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     taken = torch.cuda.memory_allocated(index) + extra_reserved_bytes
@@ -191,10 +284,68 @@ def memory_budget(
 def apply_memory_cap(device: object, max_memory_gib: float) -> None:
     """Make the caching allocator refuse memory beyond `max_memory_gib` (e.g. to share a GPU or to
     check that a run fits a smaller card). No-op when 0."""
-    import torch
-
     if max_memory_gib <= 0:
         return
     index = _cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(max_memory_gib * GIB / total, 1.0), index)
+
+
+def plan_memory(
+    model: Any, cfg: Config, accelerator: Accelerator, topology: Topology, *, pad_id: int, varlen: bool
+) -> MemoryPlan:
+    """How each optimizer step runs; sets the model's checkpointing to match.
+
+    The fixed plan (the config as given) with `train.memory_plan=fixed`, under FSDP / DeepSpeed and
+    off the GPU; else the probe. Called before wrapping (no DDP hooks yet). Each rank measures its
+    own GPU; all ranks adopt the most cautious figures so they run the same plan.
+    """
+    t = cfg.train
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = len(checkpointable_layers(base))
+    why = None
+    if t.memory_plan == "fixed":
+        why = "train.memory_plan=fixed"
+    elif topology.sharded:
+        why = "FSDP / DeepSpeed"
+    elif not topology.on_gpu:
+        why = "not on a GPU"
+    if why is not None:
+        return fixed_plan(
+            t.micro_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing, layers, why
+        )
+
+    def run_step(n: int) -> None:
+        probe_step(
+            model, n, accelerator=accelerator, pad_id=pad_id, varlen=varlen, chunk_size=t.loss_chunk_size
+        )
+
+    device = topology.device
+    sizes = (max(1024, t.loss_chunk_size), 2 * max(1024, t.loss_chunk_size))
+    full, ckpt = probe_footprints(model, run_step, CudaPeak(device), sizes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # fp32 gradients, their flat copy for the optimizer and AdamW's two fp32 states: what the first
+    # optimizer step allocates
+    budget, taken = memory_budget(
+        device, t.memory_budget_gib, t.max_memory_gib, extra_reserved_bytes=16 * trainable
+    )
+    figures = torch.tensor(
+        [full.fixed, full.per_token, ckpt.fixed, ckpt.per_token, -budget, taken], device=device
+    )
+    if topology.world_size > 1:
+        torch.distributed.all_reduce(figures, op=torch.distributed.ReduceOp.MAX)
+    f = figures.tolist()
+    plan = choose_plan(
+        micro_batch_size=t.micro_batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        row_tokens=t.max_seq_len,
+        layers=layers,
+        footprint_full=Footprint(f[0], f[1]),
+        footprint_ckpt=Footprint(f[2], f[3]),
+        budget_bytes=-f[4],
+        base_bytes=f[5],
+    )
+    checkpoint_layers(base, plan.checkpointed_layers)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)  # the logged peak is training's, not the probe's
+    return plan

@@ -4,6 +4,9 @@ The base is loaded in 16-bit (or fp32) on the CPU, never in 4-bit: merging into 
 re-quantize the sum and lose most of the adapter. The result loads with plain
 `AutoModelForCausalLM.from_pretrained(MERGED)`.
 
+The merged folder describes itself like the adapter folder it came from: the training config
+(`slackdist_config.yaml`) and the model info (`slackdist_inference.json`) are copied with it.
+
 Tied embeddings (Llama 3.2 1B/3B): with a LoRA on `lm_head`, the merged output projection is
 embedding + delta while the input embedding must stay the base embedding. So the merge unties
 first: lm_head gets its own copy of the embedding, `tie_word_embeddings` becomes False, and both
@@ -20,12 +23,19 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
 from slackdist.errors import SlackdistError, first_line
+from slackdist.model.info import CONFIG_FILE, INFO_FILE
+from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
 
 if TYPE_CHECKING:
     from slackdist.config import Config
 
-_DTYPES = ("bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _adapter_meta(adapter_dir: Path) -> dict[str, Any]:
@@ -50,9 +60,6 @@ def untie_adapted_embeddings(peft_model: Any) -> bool:
     lm_head (and with PEFT's `ensure_weight_tying`, where lm_head's LoRA is the embedding's LoRA
     transposed, it would apply it twice; peft 0.21 does exactly that).
     """
-    import torch
-    from peft.tuners.lora import LoraLayer
-
     base = peft_model.get_base_model()
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     if not getattr(config, "tie_word_embeddings", False):
@@ -69,8 +76,6 @@ def untie_adapted_embeddings(peft_model: Any) -> bool:
 
 def _retie_if_equal(model: Any) -> None:
     """Tie the embeddings again when the merge left them equal (PEFT's `ensure_weight_tying` adapters)."""
-    import torch
-
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     if torch.equal(inp.weight, out.weight):
         out.weight = inp.weight
@@ -91,8 +96,9 @@ def merge_adapter(
 
     Args:
         adapter_dir: a training output folder or a checkpoint (adapter_config.json + adapter_model.safetensors).
-        output_dir: folder for config.json, model-*.safetensors (+ index), tokenizer and chat template;
-            written to a temp folder next to it, then renamed (an existing folder is replaced).
+        output_dir: folder for config.json, model-*.safetensors (+ index), tokenizer and chat template,
+            and the adapter folder's slackdist_config.yaml / slackdist_inference.json; written to a temp
+            folder next to it, then renamed (an existing folder is replaced).
         base: base model (default: `base_model_name_or_path` of adapter_config.json).
         dtype: bf16, fp16 or fp32 for the merged weights.
         max_shard_size: largest safetensors shard ("2GB", "500MB", ...).
@@ -103,12 +109,6 @@ def merge_adapter(
     Raises:
         SlackdistError: not an adapter folder, no base model, or a base that cannot load.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
-
     if dtype not in _DTYPES:
         raise SlackdistError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
@@ -118,9 +118,8 @@ def merge_adapter(
         raise SlackdistError(
             f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; pass --base"
         )
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, device_map={"": "cpu"})
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], device_map={"": "cpu"})
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{base}: cannot load the base model ({first_line(e)})") from None
     with quiet_tied_lora_warning():
@@ -137,6 +136,9 @@ def merge_adapter(
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
+        for name in (CONFIG_FILE, INFO_FILE):
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, tmp / name)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)

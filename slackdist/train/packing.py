@@ -1,4 +1,4 @@
-"""Chat records -> token ids with labels -> packed rows -> padded batches.
+"""Examples (token ids with labels, `slackdist.data.examples`) -> packed rows -> padded batches.
 
 A packed row holds several conversations back to back. Each conversation's
 `position_ids` restart at 0, and the attention backends use those restarts as sequence
@@ -12,34 +12,14 @@ otherwise be trained to predict the next conversation's first token.
 from __future__ import annotations
 
 import bisect
-import json
-import logging
-import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from slackdist.errors import SlackdistError
-from slackdist.model.template import encode_chat
+import torch
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Example:
-    """One conversation as token ids and labels (-100 where no loss is taken)."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+from slackdist.data.examples import Example
+from slackdist.model.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -56,113 +36,6 @@ class PackedRow:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-class Examples(list):
-    """`list[Example]` that also says how many records were read and how many were too long."""
-
-    num_records: int = 0
-    num_too_long: int = 0
-
-
-def make_example(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    *,
-    train_on: Literal["assistant", "all"],
-) -> Example:
-    """Token ids of a conversation (through `encode_chat`) and its labels.
-
-    Args:
-        tokenizer: tokenizer with our chat template.
-        messages: chat messages.
-        train_on: "assistant" labels the assistant turns' content and end-of-turn tokens;
-            "all" labels every token (system and user turns, headers and all).
-
-    Raises:
-        ValueError: malformed messages.
-    """
-    ids, mask = encode_chat(tokenizer, messages)
-    if train_on == "all":
-        labels = list(ids)
-    else:
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-    return Example(input_ids=ids, labels=labels)
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
-def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SlackdistError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SlackdistError(f"{path}: cannot read ({e})") from None
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SlackdistError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-            raise SlackdistError(f'{path}:{lineno}: expected an object with a "messages" list')
-        records.append((lineno, record))
-    return records
-
-
-def load_examples(
-    path: str | os.PathLike[str],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    train_on: Literal["assistant", "all"],
-    max_seq_len: int,
-    progress: bool | None = None,
-) -> Examples:
-    """Tokenize a JSONL file of chat records into examples, dropping those over `max_seq_len`.
-
-    Args:
-        path: train.jsonl / validation.jsonl / test.jsonl from `slackdist prepare`.
-        tokenizer: tokenizer with our chat template.
-        train_on: which tokens carry the loss (see `make_example`).
-        max_seq_len: longest example kept, in tokens.
-        progress: show a tqdm bar (default: on the main process only, from RANK).
-
-    Returns:
-        The examples in file order (an `Examples` list with `num_records`, `num_too_long`).
-
-    Raises:
-        SlackdistError: missing file, a line that is not JSON, or a malformed record (file:line).
-    """
-    from tqdm.auto import tqdm
-
-    path = Path(path)
-    records = read_records(path)
-    examples = Examples()
-    examples.num_records = len(records)
-    show = _is_main_process() if progress is None else progress
-    for lineno, record in tqdm(records, desc=f"tokenizing {path.name}", unit="conv", disable=not show):
-        try:
-            example = make_example(tokenizer, record["messages"], train_on=train_on)
-        except ValueError as e:
-            raise SlackdistError(f"{path}:{lineno}: {e}") from None
-        if len(example) > max_seq_len:
-            examples.num_too_long += 1
-            continue
-        examples.append(example)
-    if examples.num_too_long:
-        logger.warning(
-            "%s: dropped %d of %d conversations longer than max_seq_len=%d tokens",
-            path,
-            examples.num_too_long,
-            examples.num_records,
-            max_seq_len,
-        )
-    return examples
 
 
 def _rng(seed: int, epoch: int) -> random.Random:
@@ -187,7 +60,8 @@ def _bins_best_fit_decreasing(lengths: list[int], order: list[int], capacity: in
     return bins
 
 
-def _row(examples: list[Example]) -> PackedRow:
+def packed_row(examples: list[Example]) -> PackedRow:
+    """The examples laid end to end, positions restarting and the first label masked for each."""
     row = PackedRow(input_ids=[], labels=[], position_ids=[], seq_lens=[])
     for ex in examples:
         row.input_ids += ex.input_ids
@@ -197,42 +71,53 @@ def _row(examples: list[Example]) -> PackedRow:
     return row
 
 
-def pack(
-    examples: list[Example], max_seq_len: int, *, seed: int, epoch: int, packing: bool = True
-) -> list[PackedRow]:
-    """Shuffle the examples for this epoch and lay them into rows of at most `max_seq_len` tokens.
+def pack_order(
+    lengths: list[int], max_seq_len: int, *, seed: int, epoch: int, packing: bool = True
+) -> list[list[int]]:
+    """Which examples go into which row, rows in training order: the packing decision without the rows.
 
-    Deterministic for a given (seed, epoch); different epochs give different rows and
-    order. Packing is best-fit-decreasing over the shuffled examples (nearly full rows),
-    then the rows themselves are shuffled.
+    Shuffles the examples for this epoch, then bins them best-fit-decreasing into rows of at most
+    `max_seq_len` tokens (nearly full rows) and shuffles the rows. Deterministic for a given
+    (seed, epoch); different epochs give different rows and order.
 
     Args:
-        examples: from `load_examples`.
+        lengths: tokens of each example.
         max_seq_len: tokens per row.
         seed: run seed.
         epoch: epoch number (0-based).
-        packing: False gives one conversation per row (still shuffled).
+        packing: False gives one example per row (still shuffled).
 
     Returns:
-        The rows, in training order.
+        Per row, the indices of its examples.
 
     Raises:
         ValueError: an example longer than `max_seq_len`.
     """
-    lengths = [len(ex) for ex in examples]
     too_long = [n for n in lengths if n > max_seq_len]
     if too_long:
         raise ValueError(
             f"{len(too_long)} examples are longer than max_seq_len={max_seq_len} (longest {max(too_long)})"
         )
     rng = _rng(seed, epoch)
-    order = list(range(len(examples)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     if not packing:
-        return [_row([examples[i]]) for i in order]
+        return [[i] for i in order]
     bins = _bins_best_fit_decreasing(lengths, order, max_seq_len)
     rng.shuffle(bins)
-    return [_row([examples[i] for i in b]) for b in bins]
+    return bins
+
+
+def pack(
+    examples: list[Example], max_seq_len: int, *, seed: int, epoch: int, packing: bool = True
+) -> list[PackedRow]:
+    """The rows of `pack_order`, built: every packed row of one epoch at once (e.g. validation).
+
+    Raises:
+        ValueError: an example longer than `max_seq_len`.
+    """
+    order = pack_order([len(ex) for ex in examples], max_seq_len, seed=seed, epoch=epoch, packing=packing)
+    return [packed_row([examples[i] for i in b]) for b in order]
 
 
 def collate(
@@ -256,8 +141,6 @@ def collate(
         `num_label_tokens` (0-dim long tensor: labels that count after the one-token shift,
         i.e. `labels[:, 1:] != -100`), plus the varlen entries when asked.
     """
-    import torch
-
     if not rows:
         raise ValueError("collate needs at least one row")
     width = max(len(r) for r in rows)

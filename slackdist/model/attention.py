@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 VARLEN_ATTENTION = "slackdist_varlen"
 
@@ -37,13 +40,17 @@ def varlen_available(device: torch.device | str | None = None) -> bool:
     """Whether torch's fused varlen kernel can run on `device` (CUDA, torch >= 2.10)."""
     if device is not None and torch.device(device).type != "cuda":
         return False
-    if not torch.cuda.is_available():
-        return False
+    return torch.cuda.is_available() and _varlen_kernel() is not None
+
+
+@functools.cache
+def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
+    """`torch.nn.attention.varlen.varlen_attn`, or None before torch 2.10 (so imported here only)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    return varlen_attn
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -105,9 +112,7 @@ _gqa_state = {"native": True}
 
 @functools.cache
 def _kernel_takes_gqa() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return "enable_gqa" in inspect.signature(_varlen_kernel()).parameters
 
 
 def _reference_varlen(
@@ -126,7 +131,7 @@ def _fused_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
 ) -> torch.Tensor:
     """torch's FlashAttention-2 varlen kernel, causal, over q `[N, Hq, D]`, k/v `[N, Hkv, D]`."""
-    from torch.nn.attention.varlen import varlen_attn
+    varlen_attn = _varlen_kernel()
 
     def run(k: torch.Tensor, v: torch.Tensor, **extra: Any) -> torch.Tensor:
         # window_size=(-1, 0) is causal: this kernel has no is_causal flag
@@ -166,8 +171,6 @@ def varlen_attention_forward(
     batch, heads, length, head_dim = query.shape
     if key.shape[2] != length or attention_mask is not None:
         # A KV cache (generation) or an explicit mask: not the packed-training case.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"{VARLEN_ATTENTION} attention has no dropout (got attention_dropout={dropout})")
@@ -200,9 +203,7 @@ def register_varlen_attention() -> str:
     Pass the name as `attn_implementation` to `from_pretrained` or set it on a loaded
     model with `model.set_attn_implementation(name)`.
     """
-    from transformers import AttentionInterface
-
     # Outside any compiled graph: the sequence boundaries change with every batch
-    # (slackdist.train.compilation).
+    # (slackdist.model.compilation).
     AttentionInterface.register(VARLEN_ATTENTION, torch.compiler.disable(varlen_attention_forward))
     return VARLEN_ATTENTION

@@ -1,0 +1,119 @@
+"""The package's import rules, read from its source with `ast` so they stay true.
+
+- `model/`, `slack/` and `data/` never import `train/`: training builds on them, not the reverse.
+- `chat`, `eval`, `serve` and `generate` import nothing from `train/` except `merge`, and never the data
+  pipeline's `data/records` nor the prepared data's report.json, directly or through what they import:
+  a model folder carries what inference needs.
+- In the modules that train and run models, imports sit at the top of the module; only optional or
+  version-dependent packages are imported where they are used (LAZY).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import slackdist
+
+PACKAGE = Path(slackdist.__file__).resolve().parent
+INFERENCE = ("slackdist.chat", "slackdist.eval", "slackdist.serve", "slackdist.generate")
+LAZY = {
+    "bitsandbytes.functional",  # optional ([gpu] extra); a broken native library raises at import
+    "bitsandbytes.optim",
+    "deepspeed",  # only where a DeepSpeed launch config is used
+    "flash_attn",  # optional: only its presence is asked for
+    "torch.nn.attention.varlen",  # torch >= 2.10 only
+    "matplotlib",  # optional at run time, slow to import, needed at the end of a run
+    "matplotlib.pyplot",
+    "readline",  # not on every platform
+    "uvicorn",  # the [serve] extra
+}
+TOP_LEVEL_RULE = ("slackdist.train.", "slackdist.model.", "slackdist.chat", "slackdist.eval", "slackdist.serve",
+                  "slackdist.generate")  # fmt: skip
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """Modules an import statement loads (`from a import b` is `a.b` when that is a module)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    assert node.level == 0, "relative imports are not used in slackdist"
+    names = [node.module]
+    names += [
+        f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in MODULES
+    ]
+    return names
+
+
+def _imports(module: str) -> list[tuple[str, bool]]:
+    """(imported module, inside a function) for every import statement of `module`."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.extend((name, in_function) for name in _imported(child))
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def _reachable(module: str) -> set[str]:
+    """slackdist modules that importing `module` imports, itself included."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in MODULES:
+            continue
+        seen.add(name)
+        todo += [imported for imported, _ in _imports(name) if imported.startswith("slackdist")]
+    return seen
+
+
+def test_the_package_is_read() -> None:
+    """The rules below are checked on real modules (a broken walk would pass them vacuously)."""
+    assert {"slackdist.train.recipe", "slackdist.model.load", "slackdist.chat"} <= MODULES.keys()
+    assert "slackdist.model.load" in _reachable("slackdist.chat")
+    assert ("slackdist.model.load", False) in _imports("slackdist.train.recipe")
+
+
+@pytest.mark.parametrize("layer", ["slackdist.model", "slackdist.slack", "slackdist.data"])
+def test_lower_layers_never_import_train(layer: str) -> None:
+    for module in (m for m in MODULES if m == layer or m.startswith(layer + ".")):
+        wrong = [name for name, _ in _imports(module) if name.startswith("slackdist.train")]
+        assert not wrong, f"{module} imports {wrong}"
+
+
+@pytest.mark.parametrize("module", INFERENCE)
+def test_inference_needs_only_merge_from_train_and_no_data_pipeline(module: str) -> None:
+    reachable = _reachable(module)
+    from_train = sorted(
+        m for m in reachable if m.startswith("slackdist.train.") and m != "slackdist.train.merge"
+    )
+    assert not from_train, f"importing {module} imports {from_train}"
+    assert "slackdist.data.records" not in reachable
+    for name in reachable:
+        constants = {
+            n.value for n in ast.walk(ast.parse(MODULES[name].read_text())) if isinstance(n, ast.Constant)
+        }
+        assert "report.json" not in constants, (
+            f"{name} (imported by {module}) reads the prepared data's report"
+        )
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith(TOP_LEVEL_RULE)])
+def test_imports_are_at_the_top_unless_optional(module: str) -> None:
+    inside = {name for name, in_function in _imports(module) if in_function}
+    assert inside <= LAZY, f"{module} imports {sorted(inside - LAZY)} inside a function"
