@@ -245,6 +245,29 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "Address to listen on.")
     port: int = opt(8000, "Port to listen on.")
     model_name: str = opt("slackdist", "Model id reported by /v1/models.")
+    api_key: str | None = opt(
+        None,
+        "Require 'Authorization: Bearer KEY' on every path but /health (default: $SLACKDIST_API_KEY; "
+        "prefer the variable, flags show in `ps`).",
+    )
+    allowed_hosts: list[str] = opt(
+        None,
+        "Host header names to answer besides localhost, 127.0.0.1 and ::1 ('*': any). Default: only "
+        "those when --host is a loopback address, else any.",
+        factory=list,
+    )
+    max_request_bytes: int = opt(4 * 2**20, "Largest request body; a larger one gets 413 unread.")
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section, one line per key."""
+        out = []
+        if not 0 <= self.port <= 65535:
+            out.append(f"serve.port={self.port}: must be in [0, 65535]")
+        if self.api_key is not None and not self.api_key.strip():
+            out.append("serve.api_key: must not be empty (leave it out for no key)")
+        if self.max_request_bytes < 1024:
+            out.append(f"serve.max_request_bytes={self.max_request_bytes}: must be >= 1024")
+        return out
 
 
 @dataclass
@@ -322,6 +345,7 @@ class Config:
             problems.append(f"lora.r={self.lora.r}: must be > 0")
         if not 0 <= self.lora.dropout < 1:
             problems.append(f"lora.dropout={self.lora.dropout}: must be in [0, 1)")
+        problems += self.serve.problems()
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
