@@ -359,7 +359,9 @@ def report_claims(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     q, t = report["quality"], report["totals"]
     return {
-        "coverage": q.get("reply_partner_coverage", t.get("coverage")),
+        # Older reports had only the coverage of all human messages.
+        "coverage": q.get("reply_partner_coverage"),
+        "human_coverage": t.get("coverage"),
         "conversations_whole": q.get("conversations_kept_whole_ratio"),
         "threads_whole": q.get("threads_kept_whole_ratio"),
         "replies_with_parent": q.get("replies_placed_with_parent_ratio"),

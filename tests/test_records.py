@@ -31,7 +31,9 @@ from slackdist.slack.export import Channel
 INFRA = Channel(id="C9", name="infra", kind="public", folder="infra")
 
 
-def conv_of(speakers: list[str], *, start: float = 1_600_000_000.0, thread: bool = False, texts=None):
+def conv_of(
+    speakers: list[str], *, start: float = 1_600_000_000.0, thread: bool = False, texts=None, channel=INFRA
+):
     posts = []
     for i, who in enumerate(speakers):
         ts = f"{start + i * 60:.6f}"
@@ -43,10 +45,10 @@ def conv_of(speakers: list[str], *, start: float = 1_600_000_000.0, thread: bool
                 speaker_id="U" + who.upper(),
                 text=texts[i] if texts else f"{who} says {i}",
                 source="d",
-                channel_id=INFRA.id,
+                channel_id=channel.id,
             )
         )
-    (conv,) = group_channel(INFRA, posts, gap_hours=2)
+    (conv,) = group_channel(channel, posts, gap_hours=2)
     return conv
 
 
@@ -77,19 +79,7 @@ def test_dm_system_prompt_names_the_participants_not_the_dm_id():
 
 def test_dm_records_name_their_speakers_in_the_system_prompt():
     dm = Channel(id="D0DMADAGR1", name="D0DMADAGR1", kind="dm", folder="D0DMADAGR1")
-    posts = [
-        Post(
-            ts=f"{1e9 + i:.6f}",
-            thread_ts=None,
-            speaker=w,
-            speaker_id="U" + w,
-            text="hi",
-            source="d",
-            channel_id=dm.id,
-        )
-        for i, w in enumerate(["Ann", "Bob"])
-    ]
-    (conv,) = group_channel(dm, posts, gap_hours=2)
+    conv = conv_of(["ann", "bob"], channel=dm)
     builder = RecordBuilder(DataConfig(), workspace="acme")
     plan, built = builder.build_conversation(conv)
     system = built[0][1].record["messages"][0]["content"]

@@ -232,17 +232,20 @@ class ReportBuilder:
         for _, b in built:
             if b.record is not None:
                 self._find_messages(conv, b, reached)
-        n_posts = conv.n_messages
-        multi = len({t.speaker_id or t.speaker for t in conv.turns}) >= 2
         tally = self._tallies.get(conv.channel.id)
         if tally is None:
             tally = self._tallies[conv.channel.id] = _ChannelTally()
         tally.groups.update(reached)
         speakers = tally.speakers
+        keys = set()
+        n_posts = 0
         for turn in conv.turns:
             key = turn.speaker_id or turn.speaker
+            keys.add(key)
+            n_posts += turn.n_messages
             for post in turn.posts:
                 speakers[post.ts] = key
+        multi = len(keys) >= 2
         groups = set(reached.values())
         whole = len(reached) == n_posts and len(groups) == 1
         if len(reached) < n_posts:
@@ -283,20 +286,19 @@ class ReportBuilder:
         q = self.quality
         cid = b.record["meta"]["conversation_id"]
         group = window_group(cid)
-        for m, turns in zip(b.record["messages"][1:], b.groups, strict=True):
-            content = m["content"]
+        messages = b.record["messages"]
+        for i, turns in enumerate(b.groups, 1):
+            content = messages[i]["content"]
             cursor = 0
             for turn in turns:
                 # A turn's text is its messages' texts joined: found whole, each of them is there in order.
-                at = content.find(turn.text, cursor) if not turn.truncated else -1
-                if at >= 0 and not turn.code:
-                    cursor = at + len(turn.text)
-                    if turn.n_messages == 1:
-                        reached.setdefault(turn.posts[0].ts, group)
-                    else:
+                if not turn.truncated and not turn.code:
+                    at = content.find(turn.text, cursor)
+                    if at >= 0:
+                        cursor = at + len(turn.text)
                         for post in turn.posts:
                             reached.setdefault(post.ts, group)
-                    continue
+                        continue
                 for post in turn.posts:
                     begin, end, whole = locate(content, post.text, cursor)
                     if begin < 0:
