@@ -702,3 +702,24 @@ def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path,
     while not group_gone():  # no worker outlives it
         assert time.monotonic() < deadline, "a worker process is still running"
         time.sleep(0.01)
+
+
+def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
+    # A Ctrl-C that lands while code from a string runs (a dataclass or namedtuple being defined by a lazy
+    # import) made `python -m` end by SIGINT (-2) after our handler had run; it must still exit 130.
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\nimport slackdist.data.prepare as p\n\n"
+        "def run_channel(job, src, index):\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')\n\n"
+        "p.run_channel = run_channel\nfrom slackdist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "interrupted_in_exec", "prepare", str(REPO / "tests/fixtures/sample_export"),
+         "--out", str(out), "--workers", "1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == ["slackdist prepare: interrupted, nothing written"]
+    assert leftovers(tmp_path, "out") == []

@@ -749,6 +749,17 @@ def summary_lines(report: Report) -> list[str]:
     return lines
 
 
+def _forget_interrupt_in_exec() -> None:
+    """Let a handled Ctrl-C exit with our code (130), not by SIGINT.
+
+    CPython (3.11) remembers a KeyboardInterrupt that passed through code run from a string (``exec`` /
+    ``eval``: dataclass and namedtuple definitions while a module is imported lazily) even when it is
+    caught later, and under ``python -m`` then ends the process by SIGINT (https://bugs.python.org/issue1054041
+    added that exit); the next string evaluation resets the flag.
+    """
+    eval("None")  # noqa: S307 - a constant: only its side effect on the interpreter's flag matters
+
+
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist prepare EXPORT --out DIR`.
 
@@ -761,6 +772,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     try:
         report = prepare(args.export, args.out, data)
     except KeyboardInterrupt:
+        _forget_interrupt_in_exec()
         kept = f"; {args.out} is as it was" if args.out is not None and Path(args.out).exists() else ""
         print(f"slackdist prepare: interrupted, nothing written{kept}", file=sys.stderr)
         return 130
