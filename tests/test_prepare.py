@@ -519,7 +519,7 @@ def test_a_workspace_that_talks_only_with_agents(tmp_path, capsys):
         "agents: no conversation left (6 human messages",
         "12 messages in DMs and group DMs (--include-dms keeps them)",
         "6 bot messages (--include-bots keeps them)",
-        "6 integration feed posts (kept only in channels named with --channels)",
+        "6 integration feed posts (--include-bots keeps them in channels named with --channels)",
     )
     assert leftovers(tmp_path, "none") == []
     out = tmp_path / "out"
@@ -722,4 +722,25 @@ def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.splitlines() == ["slackdist prepare: interrupted, nothing written"]
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_a_worker_killed_mid_run_is_a_one_line_error_not_a_hang(tmp_path, big_export):
+    import psutil
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slackdist", "prepare", str(big_export), "--out", str(out), "--workers", "2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(psutil.Process(proc.pid).children()) == 2, "two workers", proc)
+        psutil.Process(proc.pid).children()[0].kill()  # as the out-of-memory killer would
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 2
+    assert_one_line_error(err, "a worker process stopped unexpectedly")
     assert leftovers(tmp_path, "out") == []

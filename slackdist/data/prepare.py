@@ -380,28 +380,22 @@ def _hand_out(job: _Job, conns: list[Connection], order: list[int], plots: bool)
     """
     todo = iter(order)
     busy: dict[Connection, int] = {}
-    for conn in conns:
+
+    def give(conn: Connection) -> None:
         index = next(todo, None)
-        conn.send(index)  # None: nothing to do, exit
-        if index is not None:
+        _pipe(job, conn.send, index)  # None: nothing left, exit
+        if index is None:
+            busy.pop(conn, None)
+        else:
             busy[conn] = index
+
+    for conn in conns:
+        give(conn)
     done, idle_at = 0, len(order) - len(conns) + 1
     while busy:
         for conn in wait(list(busy)):
-            try:
-                ok, payload = conn.recv()
-            except EOFError:
-                name = job.channels[busy[conn]].name
-                raise SlackdistError(
-                    f"{job.export}: a worker process stopped while reading #{name} (out of memory?); "
-                    "run again, or with --workers 1"
-                ) from None
-            index = next(todo, None)
-            conn.send(index)  # the next channel before this result is merged: the worker keeps busy
-            if index is None:
-                del busy[conn]
-            else:
-                busy[conn] = index
+            ok, payload = _pipe(job, conn.recv)
+            give(conn)  # the next channel before this result is merged: the worker keeps busy
             if not ok:
                 raise payload
             done += 1
@@ -410,6 +404,17 @@ def _hand_out(job: _Job, conns: list[Connection], order: list[int], plots: bool)
                 # matplotlib import here instead of after the last channel.
                 import_plotting()
             yield payload
+
+
+def _pipe(job: _Job, op: Any, *args: Any) -> Any:
+    """One send or receive on a worker's pipe; a closed pipe means the worker is gone."""
+    try:
+        return op(*args)
+    except (EOFError, OSError) as e:
+        raise SlackdistError(
+            f"{job.export}: a worker process stopped unexpectedly (killed, or out of memory?); run again, "
+            "or with --workers 1"
+        ) from e
 
 
 @contextmanager
@@ -684,7 +689,9 @@ def _left_out(src: ExportSource, report: ReportBuilder | None, cfg: DataConfig, 
     if dropped["bot"] - notes[_FEED_NOTE]:
         hints.append(f"{dropped['bot'] - notes[_FEED_NOTE]} bot messages (--include-bots keeps them)")
     if feeds:
-        hints.append(f"{feeds} integration feed posts (kept only in channels named with --channels)")
+        hints.append(
+            f"{feeds} integration feed posts (--include-bots keeps them in channels named with --channels)"
+        )
     return hints
 
 
