@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import zipfile
@@ -846,3 +847,15 @@ def test_bots_are_kept_with_include_bots_except_integration_feeds(sample_export_
         assert drop_reason(m, include_bots=True, include_feeds=True) is None
     added = by_text(messages, "added an integration")
     assert drop_reason(added, include_bots=True) == "system:bot_add"  # Slack's notices stay dropped
+
+
+def test_short_reads_are_read_to_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_export(
+        tmp_path / "x",
+        {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": [msg("1.1", "whole")]},
+    )
+    expected, _ = read_all(root)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 7)))  # as a network filesystem may
+    messages, warnings = read_all(root)
+    assert [m.text for m in messages] == [m.text for m in expected] == ["whole"] and not warnings
