@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -511,21 +513,27 @@ def agent_workspace(root: Path) -> Path:
     )
 
 
+def nothing_left_until_flags(export: Path, capsys, hints: list[str], flags: list[str]) -> Path:
+    """Without ``flags``: exit 2 with one line holding every hint and nothing written; with them, the output."""
+    out = export.parent / "out"
+    assert cli_main(["prepare", str(export), "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, *hints)
+    assert leftovers(export.parent, "out") == []
+    assert cli_main(["prepare", str(export), "--out", str(out), *flags]) == 0
+    return out
+
+
 def test_a_workspace_that_talks_only_with_agents(tmp_path, capsys):
-    export = agent_workspace(tmp_path / "agents")
-    assert cli_main(["prepare", str(export), "--out", str(tmp_path / "none")]) == 2
-    assert_one_line_error(
-        capsys.readouterr().err,
+    hints = [
         "agents: no conversation left (6 human messages",
         "12 messages in DMs and group DMs (--include-dms keeps them)",
         "6 bot messages (--include-bots keeps them)",
         "6 integration feed posts (--include-bots keeps them in channels named with --channels)",
+    ]
+    out = nothing_left_until_flags(
+        agent_workspace(tmp_path / "agents"), capsys, hints, ["--include-bots", "--include-dms"]
     )
-    assert leftovers(tmp_path, "none") == []
-    out = tmp_path / "out"
-    assert cli_main(["prepare", str(export), "--out", str(out), "--include-bots", "--include-dms"]) == 0
-    records = all_records(out)
-    assert {r["meta"]["channel"] for r in records} == {"help", "D0AGENTDM1"}
+    assert {r["meta"]["channel"] for r in all_records(out)} == {"help", "D0AGENTDM1"}
     texts = record_texts(out)
     assert sum(t.startswith("Helper: Run make deploy-") for t in texts) >= 5
     assert not [t for t in texts if "all green" in t or "passed" in t]  # the CI feed stays out
@@ -548,16 +556,12 @@ def test_a_workspace_with_only_private_channels_and_dms_names_both_flags(tmp_pat
             ],
         },
     )
-    assert cli_main(["prepare", str(export), "--out", str(tmp_path / "o")]) == 2
-    assert_one_line_error(
-        capsys.readouterr().err,
+    hints = [
         "private: no conversation left (0 human messages",
         "5 messages in private channels (--include-private keeps them)",
         "3 messages in DMs and group DMs (--include-dms keeps them)",
-    )
-    assert leftovers(tmp_path, "o") == []
-    out = tmp_path / "o"
-    assert cli_main(["prepare", str(export), "--out", str(out), "--include-private", "--include-dms"]) == 0
+    ]
+    out = nothing_left_until_flags(export, capsys, hints, ["--include-private", "--include-dms"])
     assert {r["meta"]["channel"] for r in all_records(out)} == {"team", "mpdm-ada--bob-1"}
 
 
@@ -617,9 +621,12 @@ def test_a_zip_bomb_is_one_line_and_never_inflated(tmp_path):
         tmp_path / "liar.zip", [*members, ("general/2021-01-01.json", deflate_bomb(2), 0, 1 << 20, 8, 0)]
     )
     assert bomb.stat().st_size < 2_200_000
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc for the peak memory of the child")
+    # VmHWM: the peak RSS of this process image (ru_maxrss would carry pytest's own peak across the exec)
     child = (
-        "import resource, sys\nfrom slackdist.cli import main\nrc = main(sys.argv[1:])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)"
+        "import sys\nfrom slackdist.cli import main\nrc = main(sys.argv[1:])\n"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\nsys.exit(rc)"
     )
     for path, needle in ((bomb, "refusing a likely zip bomb"), (liar, "damaged zip member")):
         proc = subprocess.run(
@@ -651,6 +658,21 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@contextmanager
+def running_prepare(export: Path, out: Path, workers: str) -> Iterator[subprocess.Popen]:
+    """`slackdist prepare` in its own process group (like a job in a terminal); killed if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slackdist", "prepare", str(export), "--out", str(out), "--workers", workers],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     """Poll ``condition`` until it holds; fail (never hang) when the deadline passes or prepare exits."""
     deadline = time.monotonic() + seconds
@@ -666,26 +688,17 @@ def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path,
     out = tmp_path / "out"
     prepare(REPO / "tests/fixtures/sample_export", out, DataConfig())
     before = snapshot(out)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "slackdist", "prepare", str(big_export), "--out", str(out), "--workers", workers],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own process group, like a job in a terminal
-    )  # fmt: skip
-    try:
 
-        def temp() -> list[Path]:
-            return [p for p in leftovers(tmp_path, "out") if p.name != "out"]
+    def temp() -> list[Path]:
+        return [p for p in leftovers(tmp_path, "out") if p.name != "out"]
 
+    with running_prepare(big_export, out, workers) as proc:
         if moment == "temp_folder":
             wait_for(lambda: bool(temp()), "a temporary folder", proc)
         else:
             wait_for(lambda: any(any((t / "parts").glob("*")) for t in temp()), "a part file", proc)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode == 130
     assert err.splitlines() == [f"slackdist prepare: interrupted, nothing written; {out} is as it was"]
     assert snapshot(out) == before
@@ -729,18 +742,10 @@ def test_a_worker_killed_mid_run_is_a_one_line_error_not_a_hang(tmp_path, big_ex
     import psutil
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "slackdist", "prepare", str(big_export), "--out", str(out), "--workers", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
+    with running_prepare(big_export, out, "2") as proc:
         wait_for(lambda: len(psutil.Process(proc.pid).children()) == 2, "two workers", proc)
         psutil.Process(proc.pid).children()[0].kill()  # as the out-of-memory killer would
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode == 2
     assert_one_line_error(err, "a worker process stopped unexpectedly")
     assert leftovers(tmp_path, "out") == []

@@ -49,7 +49,6 @@ from slackdist.slack.export import (
     count_messages,
     drop_reason,
     iter_messages,
-    left_out_as_private,
     list_channels,
     load_users,
     open_export,
@@ -494,6 +493,7 @@ def prepare(
         with open_export(export, warnings) as src:
             users = load_users(src, warnings)
             _strict(cfg, warnings)
+            private: list[Channel] = []
             channels = list_channels(
                 src,
                 include_dms=cfg.include_dms,
@@ -501,9 +501,10 @@ def prepare(
                 channels=cfg.channels,
                 exclude_channels=cfg.exclude_channels,
                 warnings=warnings,
+                left_out_private=private,
             )
             if not channels:
-                raise SlackdistError(_nothing_left(src, None, cfg))
+                raise SlackdistError(_nothing_left(src, None, cfg, private))
             workspace = cfg.workspace or src.name
             persona = resolve_persona(cfg.persona, users) if cfg.persona else None
             builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona)
@@ -543,7 +544,7 @@ def prepare(
                     starts.update(result.starts)
                     group_records.update(result.group_records)
             if report.quality.records == 0:
-                raise SlackdistError(_nothing_left(src, report, cfg, warnings.notes))
+                raise SlackdistError(_nothing_left(src, report, cfg, private, warnings.notes))
             if cfg.split_by == "time":
                 assign = time_split(starts, fractions)
                 for group, n in group_records.items():
@@ -650,13 +651,17 @@ def _strict(cfg: DataConfig, warnings: Warnings) -> None:
 
 
 def _nothing_left(
-    src: ExportSource, report: ReportBuilder | None, cfg: DataConfig, notes: Counter | None = None
+    src: ExportSource,
+    report: ReportBuilder | None,
+    cfg: DataConfig,
+    private: list[Channel],
+    notes: Counter | None = None,
 ) -> str:
     """The one-line error when no record is left: what was left out, and the flag that keeps it."""
     human = 0 if report is None else sum(s.human_messages for s in report.channels.values())
     if cfg.persona and human:
         return f"{src.path}: --as {cfg.persona!r}: that person answers in no conversation ({human} human messages read)"
-    left_out = _left_out(src, report, cfg, notes or Counter())
+    left_out = _left_out(src, report, private, notes or Counter())
     if report is None and not left_out:
         return f"{src.path}: no channel left after --channels / --exclude-channels"
     top = "" if report is None else ", ".join(f"{k} {v}" for k, v in report.dropped.most_common(3))
@@ -667,15 +672,10 @@ def _nothing_left(
     )
 
 
-def _left_out(src: ExportSource, report: ReportBuilder | None, cfg: DataConfig, notes: Counter) -> list[str]:
+def _left_out(
+    src: ExportSource, report: ReportBuilder | None, private: list[Channel], notes: Counter
+) -> list[str]:
     """Messages left out by the privacy and bot switches, each with the flag that keeps them."""
-    private = left_out_as_private(
-        src,
-        include_dms=cfg.include_dms,
-        include_private=cfg.include_private,
-        channels=cfg.channels,
-        exclude_channels=cfg.exclude_channels,
-    )
     dms = [c for c in private if c.kind in ("dm", "mpim")]
     hints = []
     n_private = count_messages(src, [c for c in private if c.kind == "private"])

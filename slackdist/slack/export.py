@@ -738,6 +738,7 @@ def list_channels(
     channels: Iterable[str] = (),
     exclude_channels: Iterable[str] = (),
     warnings: Warnings | None = None,
+    left_out_private: list[Channel] | None = None,
 ) -> list[Channel]:
     """The conversations to read, after the privacy switches and allow/deny lists.
 
@@ -748,40 +749,12 @@ def list_channels(
         channels: only these (names, ids or folder names; a leading ``#`` is ignored). Empty: all.
         exclude_channels: never these.
         warnings: collector for unreadable metadata files.
+        left_out_private: if given, receives the conversations the allow/deny lists keep but the privacy
+            switches leave out (private channels, DMs, group DMs), for a "nothing left" message.
 
     Raises:
         SlackdistError: a name in ``channels`` matches no conversation of the export.
     """
-    kept, _ = _select_channels(src, include_dms, include_private, channels, exclude_channels, warnings)
-    return kept
-
-
-def left_out_as_private(
-    src: ExportSource,
-    *,
-    include_dms: bool = False,
-    include_private: bool = False,
-    channels: Iterable[str] = (),
-    exclude_channels: Iterable[str] = (),
-) -> list[Channel]:
-    """The conversations the allow/deny lists keep but the privacy switches leave out (private, DM, mpim).
-
-    Raises:
-        SlackdistError: a name in ``channels`` matches no conversation of the export.
-    """
-    _, private = _select_channels(src, include_dms, include_private, channels, exclude_channels, None)
-    return private
-
-
-def _select_channels(
-    src: ExportSource,
-    include_dms: bool,
-    include_private: bool,
-    channels: Iterable[str],
-    exclude_channels: Iterable[str],
-    warnings: Warnings | None,
-) -> tuple[list[Channel], list[Channel]]:
-    """(kept, left out only by the privacy switches)."""
     allow, deny = _names(channels), _names(exclude_channels)
     every = _all_channels(src, warnings)
     missing = sorted(n for n in allow if not any(_matches(c, {n}) for c in every))
@@ -791,16 +764,16 @@ def _select_channels(
             f"{src.path}: no channel named {', '.join(missing)} in this export (have: {known})"
         )
     kept: list[Channel] = []
-    private: list[Channel] = []
     for channel in every:
         if (allow and not _matches(channel, allow)) or (deny and _matches(channel, deny)):
             continue
         dm = channel.kind in ("dm", "mpim")
         if (dm and not include_dms) or (channel.kind == "private" and not include_private):
-            private.append(channel)
+            if left_out_private is not None:
+                left_out_private.append(channel)
         else:
             kept.append(channel)
-    return kept, private
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------
