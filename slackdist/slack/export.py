@@ -271,7 +271,7 @@ class ExportLimits:
             a zip over it is refused (unzip it and pass the folder if it really is that big).
         max_zip_ratio: largest expansion (uncompressed / compressed size) of a zip member of at least
             ``ratio_floor_bytes``; over it the zip is refused as a likely zip bomb. Deflate's own limit is
-            about 1032:1; Slack's day files, repetitive JSON, stay under ~30:1.
+            about 1032:1; Slack's day files compress 7-14:1, a day of identical bot posts about 100:1.
         ratio_floor_bytes: members smaller than this are not ratio-checked (tiny files compress oddly).
         max_depth: deepest nesting of rich-text elements walked; deeper parts are skipped with a warning.
             JSON nested deeper than Python's parser allows (~1,000 levels) is a bad day file.
@@ -356,7 +356,7 @@ class ExportSource:
         pass
 
 
-_READ_CHUNK = 1 << 20  # what one read of a zip member may inflate to
+_READ_CHUNK = 1 << 20  # bytes per read after the first: what one read of a zip member may inflate to
 
 
 class _FolderSource(ExportSource):
