@@ -56,6 +56,11 @@ class DataConfig:
 
     include_dms: bool = opt(False, "Include direct messages and group DMs (private; off by default).")
     include_private: bool = opt(False, "Include private channels (groups.json; private, off by default).")
+    include_bots: bool = opt(
+        False,
+        "Keep bot, app and agent messages as speakers under their bot name (integration feed posts, "
+        "cards without text of their own, only in channels named with --channels).",
+    )
     channels: list[str] = opt(None, "Only these channels (names, comma-separated).", factory=list)
     exclude_channels: list[str] = opt(
         None, "Leave out these channels (names, comma-separated).", factory=list

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from export_helpers import MARKER, deflate_bomb, msg, raw_zip, stored, write_export
 
 from slackdist.errors import SlackdistError
 from slackdist.slack.export import (
@@ -16,6 +20,7 @@ from slackdist.slack.export import (
     HUMAN_SUBTYPES,
     SYSTEM_SUBTYPES,
     Channel,
+    ExportLimits,
     Message,
     Warnings,
     count_day_files,
@@ -42,21 +47,8 @@ def read_all(
     return messages, warnings
 
 
-def write_export(root: Path, files: dict[str, object]) -> Path:
-    """A small export from {relative path: JSON data (or raw bytes)}."""
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
-    return root
-
-
 USERS = [{"id": "U1", "name": "ada", "real_name": "Ada Lovelace", "profile": {"display_name": ""}}]
 CHANNELS = [{"id": "C1", "name": "general"}]
-
-
-def msg(ts: str, text: str = "hello", user: str = "U1", **extra) -> dict:
-    return {"type": "message", "user": user, "text": text, "ts": ts, **extra}
 
 
 # ---- the shipped sample export ---------------------------------------------------------------------
@@ -169,7 +161,9 @@ def test_sample_export_bots_in_every_form(sample_export_dir: Path) -> None:
 def test_sample_export_files_reactions_edits(sample_export_dir: Path) -> None:
     messages, _ = read_all(sample_export_dir)
     assert by_text(messages, "Architecture diagram").files == ["architecture.png"]  # hidden_by_limit skipped
-    assert by_text(messages, "uploaded a file").files == ["build.log"]  # legacy `file`
+    # legacy `file`: its upload notice links the file already, so no second `[file: build.log]`
+    legacy = by_text(messages, "uploaded a file")
+    assert legacy.files == [] and "/F0OLD0001/build.log|build.log>" in legacy.text
     tomb = [m for m in messages if m.subtype == "file_share" and not m.text]
     assert len(tomb) == 1 and tomb[0].files == [] and drop_reason(tomb[0]) == "empty"
     morning = by_text(messages, "Morning")
@@ -333,7 +327,10 @@ def test_truncated_and_non_utf8_day_files_are_counted_warnings(tmp_path: Path) -
     )
     messages, warnings = read_all(root)
     assert [m.text for m in messages] == ["first", "last"]
-    assert warnings.counts == {"bad_day_file": 3, "bad_message": 2}
+    assert warnings.counts == {"bad_day_file": 3, "bad_message": 1, "bad_ts": 1}
+    assert [w.detail for w in warnings.examples["bad_message"]] == [
+        "item 1 is a string of 4 characters, not a message object; skipped"  # described, never quoted
+    ]
     bad = {Path(w.where).name: w.detail for w in warnings.examples["bad_day_file"]}
     assert bad["2021-01-02.json"].startswith("invalid or truncated JSON")
     assert bad["2021-01-03.json"].startswith("not UTF-8")
@@ -499,3 +496,366 @@ def test_public_export_as_zip(public_exports: dict[str, Path], tmp_path: Path) -
     zipped, _ = read_all(archive)
     plain, _ = read_all(folder)
     assert [(m.channel.name, m.ts, m.text) for m in zipped] == [(m.channel.name, m.ts, m.text) for m in plain]
+
+
+# ---- hostile input -----------------------------------------------------------------------------------
+
+
+def deep_json(depth: int) -> bytes:
+    return b'[{"type": "message", "ts": "1.000001", "text": ' + b"[" * depth + b"]" * depth + b"}]"
+
+
+def test_json_nested_200000_deep_is_a_skipped_file_not_a_crash(tmp_path: Path) -> None:
+    root = write_export(
+        tmp_path / "x",
+        {
+            "users.json": b"[" * 200_000 + b"]" * 200_000,
+            "channels.json": CHANNELS,
+            "general/2021-01-01.json": deep_json(200_000),
+            "general/2021-01-02.json": [msg("1609545600.000001", "still read")],
+        },
+    )
+    messages, warnings = read_all(root)
+    assert [m.text for m in messages] == ["still read"]
+    assert warnings.counts == {"bad_metadata": 1, "bad_day_file": 1, "unknown_user": 1}
+    assert "nested deeper than the parser's limit" in warnings.examples["bad_day_file"][0].detail
+    assert "2021-01-01.json" in warnings.examples["bad_day_file"][0].where
+
+
+def nested(depth: int, leaf: object) -> object:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def rich_list(depth: int) -> dict:
+    """A rich_text_list nested ``depth`` lists deep, with the text 'deepest' at the bottom."""
+    element: dict = {"type": "rich_text_section", "elements": [{"type": "text", "text": "deepest"}]}
+    for _ in range(depth):
+        element = {"type": "rich_text_list", "style": "bullet", "elements": [element]}
+    return element
+
+
+# (message fields, the text read, malformed_item warnings): every malformed part is skipped, never quoted.
+MALFORMED = [
+    ({"attachments": {"a": MARKER}}, "", 1),
+    ({"attachments": [MARKER, {"text": "kept"}]}, "kept", 1),
+    ({"attachments": [{"text": "t", "fields": 7}]}, "t", 1),
+    ({"attachments": [{"fields": [MARKER, {"title": "k", "value": "v"}]}]}, "k: v", 1),
+    ({"blocks": MARKER}, "", 1),
+    ({"blocks": [{"type": "rich_text", "elements": 7}]}, "", 1),
+    (
+        {"blocks": [{"type": "rich_text", "elements": [{"type": "rich_text_section", "elements": MARKER}]}]},
+        "",
+        1,
+    ),
+    ({"blocks": [{"type": "section", "fields": 3, "text": {"type": "mrkdwn", "text": "s"}}]}, "s", 1),
+    # a text that is a 900-deep list: str() of it would recurse (and quote it)
+    (
+        {
+            "blocks": [
+                {
+                    "type": "rich_text",
+                    "elements": [
+                        {
+                            "type": "rich_text_section",
+                            "elements": [
+                                {"type": "text", "text": nested(900, MARKER)},
+                                {"type": "text", "text": "ok"},
+                            ],
+                        }
+                    ],
+                }
+            ]
+        },
+        "ok",
+        1,
+    ),  # fmt: skip
+    ({"blocks": [{"type": "rich_text", "elements": [rich_list(100)]}]}, "- " * 31, 1),
+    ({"text": {"t": MARKER}, "attachments": [{"text": "att"}]}, "att", 1),
+]
+
+
+@pytest.mark.parametrize(("fields", "text", "n_warnings"), MALFORMED)
+def test_parts_of_the_wrong_json_type_are_skipped_with_a_counted_warning(
+    tmp_path: Path, fields: dict, text: str, n_warnings: int
+) -> None:
+    item = {"type": "message", "user": "U1", "ts": "1609459200.000001", "text": "", **fields}
+    root = write_export(
+        tmp_path / "x", {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": [item]}
+    )
+    messages, warnings = read_all(root)
+    assert len(messages) == 1 and messages[0].text.strip() == text.strip()
+    assert warnings.counts == {"malformed_item": n_warnings}
+    assert MARKER not in json.dumps(warnings.summary())
+    assert warnings.examples["malformed_item"][0].detail.startswith("message 1609459200.000001: ")
+
+
+def test_files_reactions_and_subtype_of_the_wrong_type(tmp_path: Path) -> None:
+    day = [
+        msg("1.000001", "a", files=MARKER, reactions={"name": MARKER}),
+        msg("1.000002", "b", file=[MARKER], files=[7, {"id": "F1", "name": "f.txt"}], reactions=[MARKER]),
+        msg("1.000003", "c", subtype=[MARKER]),
+        msg("1.000004", "d", subtype=MARKER),
+        msg("1.000005", "e", thread_ts={"ts": MARKER}),
+    ]
+    root = write_export(
+        tmp_path / "x", {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": day}
+    )
+    messages, warnings = read_all(root)
+    by_ts = {m.ts: m for m in messages}
+    assert by_ts["1.000001"].files == [] and by_ts["1.000001"].reactions == []
+    assert by_ts["1.000002"].files == ["f.txt"]
+    assert drop_reason(by_ts["1.000003"]) == drop_reason(by_ts["1.000004"]) == "subtype:malformed"
+    assert by_ts["1.000005"].thread_ts is None  # read outside any thread
+    assert warnings.counts == {"malformed_item": 8}
+    assert MARKER not in json.dumps(warnings.summary())
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "inf",
+        "nan",
+        "-1",
+        "-1609459200.000001",
+        "1e400",
+        "9" * 400,
+        "abc",
+        " 1609459200.1",
+        "1_609_459_200",
+        "",
+        None,
+        True,
+        [1.5],
+        {"ts": 1},
+        -5,
+        1e300,
+        10**400,
+    ],  # fmt: skip
+)
+def test_invalid_ts_values_are_rejected_per_message(tmp_path: Path, ts: object) -> None:
+    raw = json.dumps([msg("1609459200.000001", "good"), {**msg("x", "bad"), "ts": ts}]).encode()
+    root = write_export(
+        tmp_path / "x", {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": raw}
+    )
+    messages, warnings = read_all(root)
+    assert [m.text for m in messages] == ["good"]
+    assert warnings.counts == {"bad_ts": 1}
+    assert warnings.examples["bad_ts"][0].detail.startswith("item 1: ts is ")
+
+
+def test_json_infinity_and_nan_ts_are_rejected(tmp_path: Path) -> None:
+    # Python's json reads the non-standard tokens Infinity / NaN: they must not become times.
+    raw = b'[{"type": "message", "user": "U1", "text": "a", "ts": Infinity},' + (
+        b' {"type": "message", "user": "U1", "text": "b", "ts": NaN},'
+        b' {"type": "message", "user": "U1", "text": "c", "ts": 1609459200.5}]'
+    )
+    root = write_export(
+        tmp_path / "x", {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": raw}
+    )
+    messages, warnings = read_all(root)
+    assert [(m.text, m.ts) for m in messages] == [("c", "1609459200.500000")]
+    assert warnings.counts == {"bad_ts": 2}
+
+
+def test_symlinks_out_of_the_export_are_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "chan").mkdir(parents=True)
+    (outside / "day.json").write_text(json.dumps([msg("1609459200.000009", MARKER)]))
+    (outside / "chan" / "2021-01-01.json").write_text(json.dumps([msg("1609459200.000008", MARKER)]))
+    (outside / "users.json").write_text(json.dumps([{"id": "U1", "name": MARKER}]))
+    root = write_export(
+        tmp_path / "x",
+        {
+            "channels.json": [*CHANNELS, {"id": "C2", "name": "linked"}, {"id": "C3", "name": "inside"}],
+            "general/2021-01-01.json": [msg("1609459200.000001", "real")],
+            "inside/2021-01-01.json": [msg("1609459200.000002", "real too")],
+        },
+    )
+    (root / "users.json").symlink_to(outside / "users.json")
+    (root / "general" / "2021-01-02.json").symlink_to(outside / "day.json")
+    (root / "linked").symlink_to(outside / "chan", target_is_directory=True)
+    (root / "general" / "2021-01-03.json").symlink_to(root / "inside" / "2021-01-01.json")  # inside: read
+    warnings = Warnings()
+    with open_export(root, warnings) as src:
+        users = load_users(src, warnings)
+        channels = list_channels(src, warnings=warnings)
+        messages = [m for c in channels for m in iter_messages(src, c, users, warnings)]
+    assert sorted(m.text for m in messages) == ["real", "real too", "real too"]
+    assert MARKER not in repr(messages) + repr(users)
+    assert warnings.counts["symlink_outside_export"] == 3
+    refused = sorted(Path(w.where).name for w in warnings.examples["symlink_outside_export"])
+    assert refused == ["2021-01-02.json", "linked", "users.json"]
+
+
+# ---- zips that cannot be read safely -------------------------------------------------------------------
+
+
+EXPORT_FILES = [stored("users.json", USERS), stored("channels.json", CHANNELS)]
+
+
+def test_a_2_mb_zip_bomb_is_refused_before_anything_is_inflated(tmp_path: Path) -> None:
+    bomb = deflate_bomb(2)
+    assert len(bomb) < 2_200_000
+    day = ("general/2021-01-01.json", bomb, 0, 2 << 30, zipfile.ZIP_DEFLATED, 0)
+    path = raw_zip(tmp_path / "bomb.zip", [*EXPORT_FILES, day])
+    with pytest.raises(SlackdistError, match=r"bomb.zip: general/2021-01-01.json expands .* zip bomb"):
+        read_all(path)
+
+
+def test_a_member_that_lies_about_its_size_is_read_in_bounded_chunks(tmp_path: Path) -> None:
+    # Declares 100 bytes (no ratio to refuse) but inflates to 1 GiB: zipfile stops at the declared size,
+    # and our chunked read never asks it to inflate more than 1 MiB at a time. Its CRC is of 1 GiB, so
+    # the 100 bytes read fail the check: a damaged zip, one line.
+    day = ("general/2021-01-01.json", deflate_bomb(1), 0x2144DF1C, 100, zipfile.ZIP_DEFLATED, 0)
+    path = raw_zip(tmp_path / "liar.zip", [*EXPORT_FILES, day])
+    with pytest.raises(SlackdistError, match=r"liar.zip:general/2021-01-01.json: damaged zip member .*CRC"):
+        read_all(path)
+
+
+def test_zip_total_and_file_size_limits(tmp_path: Path, sample_export_zip: Path) -> None:
+    with pytest.raises(
+        SlackdistError, match=r"expands to .* GiB, over the .* limit; unzip it and pass the folder"
+    ):
+        with open_export(sample_export_zip, limits=ExportLimits(max_zip_total_bytes=1000)):
+            pass
+    path = raw_zip(
+        tmp_path / "big.zip", [*EXPORT_FILES, stored("general/2021-01-01.json", [msg("1.1")] * 50)]
+    )
+    for source in (
+        path,
+        write_export(
+            tmp_path / "dir", {"channels.json": CHANNELS, "general/2021-01-01.json": [msg("1.1")] * 50}
+        ),
+    ):
+        warnings = Warnings()
+        with open_export(source, warnings, ExportLimits(max_file_bytes=1000)) as src:
+            channel = list_channels(src)[0]
+            assert list(iter_messages(src, channel, {}, warnings)) == []
+        assert warnings.counts["file_too_large"] == 1
+        assert "over the 0.0 MiB limit for one JSON file" in warnings.examples["file_too_large"][0].detail
+
+
+def encrypted_zip(path: Path) -> Path:
+    """A real ZipCrypto-encrypted export, written by the zip tool (zipfile cannot encrypt)."""
+    src = write_export(
+        path.parent / "plain",
+        {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": [msg("1.1")]},
+    )
+    subprocess.run(["zip", "-q", "-r", "-P", "secret", str(path), "."], cwd=src, check=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("encrypted", r"x.zip: channels.json is encrypted; password-protected zips are not supported"),
+        ("bzip2", r"uses bzip2 compression; only stored and deflate are read"),
+        ("lzma", r"uses lzma compression; only stored and deflate are read"),
+        ("deflate64", r"uses deflate64 compression; only stored and deflate are read"),
+        ("bad_crc", r"x.zip:general/2021-01-01.json: damaged zip member \(Bad CRC-32"),
+        ("corrupt_stream", r"x.zip:general/2021-01-01.json: damaged zip member \(Error -3"),
+        ("truncated", r"x.zip: cannot read the zip|x.zip: not a folder or a .zip file"),
+    ],
+)
+def test_unreadable_zips_are_one_line_errors_naming_the_file(tmp_path: Path, kind: str, needle: str) -> None:
+    path = tmp_path / "x.zip"
+    day = [msg("1609459200.000001", "hello " * 50)]
+    if kind == "encrypted":
+        if shutil.which("zip") is None:
+            pytest.skip("no zip tool")
+        encrypted_zip(path)
+    elif kind in ("bzip2", "lzma"):
+        method = zipfile.ZIP_BZIP2 if kind == "bzip2" else zipfile.ZIP_LZMA
+        with zipfile.ZipFile(path, "w", compression=method) as zf:
+            zf.writestr("channels.json", json.dumps(CHANNELS))
+            zf.writestr("general/2021-01-01.json", json.dumps(day))
+    elif kind == "deflate64":
+        name, data, crc, size, _, flags = stored("general/2021-01-01.json", day)
+        raw_zip(path, [*EXPORT_FILES, (name, data, crc, size, 9, flags)])
+    elif kind == "bad_crc":
+        name, data, crc, size, method, flags = stored("general/2021-01-01.json", day)
+        raw_zip(path, [*EXPORT_FILES, (name, data, crc ^ 1, size, method, flags)])
+    elif kind == "corrupt_stream":
+        raw = json.dumps(day).encode()
+        co = zlib.compressobj(9, zlib.DEFLATED, -15)
+        data = bytearray(co.compress(raw) + co.flush())
+        data[0] ^= 0xFF  # an invalid block type
+        raw_zip(
+            path, [*EXPORT_FILES, ("general/2021-01-01.json", bytes(data), zlib.crc32(raw), len(raw), 8, 0)]
+        )
+    else:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("channels.json", json.dumps(CHANNELS))
+            zf.writestr("general/2021-01-01.json", json.dumps(day))
+        path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(SlackdistError, match=needle) as caught:
+        read_all(path)
+    assert "\n" not in str(caught.value)
+
+
+# ---- a file share appears once ------------------------------------------------------------------------
+
+
+def test_a_file_is_named_once_per_message(tmp_path: Path) -> None:
+    one = {"id": "F1", "name": "plan.pdf", "permalink": "https://x.slack.com/files/U1/F1/plan.pdf"}
+    day = [
+        msg("1.000001", "both forms", subtype="file_share", file=one, files=[one]),
+        msg(
+            "1.000002",
+            "listed twice",
+            subtype="file_share",
+            files=[one, dict(one), {"id": "F2", "name": "b.png"}],
+        ),
+        msg(
+            "1.000003",
+            "<@U1> uploaded a file: <https://x.slack.com/files/U1/F1/plan.pdf|Plan>",
+            subtype="file_share",
+            file=one,
+        ),
+        msg(
+            "1.000004",
+            "same name, other files",
+            files=[{"id": "F3", "name": "a.txt"}, {"id": "F4", "name": "a.txt"}],
+        ),
+    ]
+    root = write_export(
+        tmp_path / "x", {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": day}
+    )
+    messages, warnings = read_all(root)
+    assert [m.files for m in messages] == [["plan.pdf"], ["plan.pdf", "b.png"], [], ["a.txt", "a.txt"]]
+    assert not warnings
+
+
+# ---- bots and integration feeds --------------------------------------------------------------------------
+
+
+def test_bots_are_kept_with_include_bots_except_integration_feeds(sample_export_dir: Path) -> None:
+    messages, _ = read_all(sample_export_dir, channels=["random"])
+    bots = [m for m in messages if drop_reason(m) == "bot"]
+    # cards without text of their own (CI attachments, a standup app's section blocks) and Slackbot
+    assert sorted(m.user_name for m in bots if m.is_feed) == ["Slackbot", "Standup App", "ci", "ci"]
+    assert {m.text for m in bots if not m.is_feed} == {  # bots and apps that write text: speakers
+        "Deployed v1.4.2 to production",
+        "I am a bot user posting without a bot_id",
+        "An app user posting without a bot_id",
+        "Weekly digest is ready",
+    }
+    for m in bots:
+        assert drop_reason(m, include_bots=True) == ("bot_feed" if m.is_feed else None)
+        assert drop_reason(m, include_bots=True, include_feeds=True) is None
+    added = by_text(messages, "added an integration")
+    assert drop_reason(added, include_bots=True) == "system:bot_add"  # Slack's notices stay dropped
+
+
+def test_short_reads_are_read_to_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_export(
+        tmp_path / "x",
+        {"users.json": USERS, "channels.json": CHANNELS, "general/2021-01-01.json": [msg("1.1", "whole")]},
+    )
+    expected, _ = read_all(root)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 7)))  # as a network filesystem may
+    messages, warnings = read_all(root)
+    assert [m.text for m in messages] == [m.text for m in expected] == ["whole"] and not warnings

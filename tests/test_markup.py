@@ -236,3 +236,42 @@ def test_emoji_pattern_finds_what_a_leading_lookbehind_finds(text: str) -> None:
     leading = re.compile(r"(?<![A-Za-z0-9]):([a-z0-9_+'\-]+):(?![A-Za-z0-9])")
     spans = [(m.span(), m.group(1)) for m in _EMOJI_RE.finditer(text)]
     assert spans == [(m.span(), m.group(1)) for m in leading.finditer(text)]
+
+
+# ---- hostile input: entity chains decode in linear time, to the same text as before --------------
+
+
+def replace_until_fixed(text: str) -> str:
+    """The earlier decoder, one pass per nesting level (quadratic on long chains): the reference."""
+    while "&" in text and ("&amp;" in text or "&lt;" in text or "&gt;" in text):
+        text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return text
+
+
+_entity_bits = st.lists(
+    st.sampled_from(["&", "amp;", "lt;", "gt;", "&amp;", "&lt;", "&gt;", "a", "m", "p", "l", "t", ";", "x"]),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(_entity_bits, any_text))
+def test_decode_entities_equals_replacing_until_nothing_is_left(text: str) -> None:
+    decoded = decode_entities(text)
+    assert decoded == replace_until_fixed(text)
+    assert decode_entities(decoded) == decoded
+
+
+@pytest.mark.parametrize(
+    ("chain", "decoded"),
+    [
+        ("&" + "amp;" * 250_000 + "lt;", "<"),  # 1 MB: the old decoder needed 250,000 passes over it
+        ("&" + "amp;" * 250_000 + "gt;", ">"),
+        ("&" + "amp;" * 250_000, "&"),
+        ("&amp;" * 200_000, "&" * 200_000),
+        ("&" + "amp;" * 100_000 + "lt;@U0ADA0001&" + "amp;" * 100_000 + "gt;", "@Ada Lovelace"),
+    ],
+)
+def test_long_entity_chains(chain: str, decoded: str) -> None:
+    assert clean_text(chain, CTX) == decoded
+    assert clean_text(decoded, CTX) == decoded

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from export_helpers import MARKER, deflate_bomb, raw_zip, stored, write_export
+from export_helpers import msg as slack_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -428,3 +436,319 @@ def test_histogram_bins_each_value_under_the_last_edge_it_reaches(values, edges)
     got = histogram(values, edges)
     assert list(got) == labels
     assert got == want
+
+
+# ---------------------------------------------------------------- bots, and nothing left
+
+
+def record_texts(out: Path) -> list[str]:
+    return [m["content"] for r in all_records(out) for m in r["messages"][1:]]
+
+
+def test_include_bots_keeps_agents_under_their_name_and_feeds_only_in_named_channels(tmp_path):
+    export = REPO / "tests/fixtures/sample_export"
+    plain = prepare(export, tmp_path / "plain", DataConfig())
+    assert not [t for t in record_texts(tmp_path / "plain") if t.startswith(("Deploy Bot:", "Digest:"))]
+    bots = prepare(export, tmp_path / "bots", DataConfig(include_bots=True))
+    texts = record_texts(tmp_path / "bots")
+    assert any(t.startswith("Deploy Bot: Deployed v1.4.2 to production") for t in texts)
+    assert any(t.startswith("Digest: Weekly digest is ready") for t in texts)
+    for feed in ("All 128 tests passed", "Daily standup", "Reminder: submit your timesheet"):
+        assert not [t for t in texts if feed in t], feed  # integration feeds and Slackbot stay out
+    assert bots.data["dropped"]["bot_feed"] == 4 and "bot" not in bots.data["dropped"]
+    assert plain.data["dropped"]["bot"] == 8
+    prepare(export, tmp_path / "named", DataConfig(include_bots=True, channels=["random"]))
+    named = "\n".join(record_texts(tmp_path / "named"))
+    assert (
+        "ci: Build #42" in named and "Standup App: *Daily standup*" in named and "Slackbot: Reminder" in named
+    )
+
+
+def agent_workspace(root: Path) -> Path:
+    """People who only talk with an agent (in #help threads and in DMs), and a CI feed channel."""
+    users = [
+        {"id": "U1", "name": "ada", "profile": {"display_name": "Ada"}},
+        {"id": "U2", "name": "bob", "profile": {"display_name": "Bob"}},
+        {"id": "UAGENT", "name": "helper", "is_bot": True, "profile": {"real_name": "Helper"}},
+    ]
+    agent = {"bot_id": "B1", "bot_profile": {"id": "B1", "name": "Helper"}}
+    help_day, dm_day, ci_day = [], [], []
+    for i in range(6):
+        t = 1_700_000_000 + 600 * i
+        asker = "U1" if i % 2 else "U2"
+        help_day += [
+            slack_message(
+                f"{t}.000100",
+                f"how do I deploy service {i}?",
+                user=asker,
+                thread_ts=f"{t}.000100",
+                reply_count=1,
+            ),
+            slack_message(
+                f"{t + 60}.000100", f"Run make deploy-{i}.", user="UAGENT", thread_ts=f"{t}.000100", **agent
+            ),
+        ]
+        dm_day += [
+            slack_message(f"{t}.000200", f"summarise ticket {i}", user=asker),
+            slack_message(f"{t + 30}.000200", "Done.", user="UAGENT", **agent),
+        ]
+        ci_day.append(
+            {
+                "type": "message",
+                "subtype": "bot_message",
+                "bot_id": "B9",
+                "username": "ci",
+                "text": "",
+                "ts": f"{t}.000300",
+                "attachments": [{"fallback": f"Build {i} passed", "text": "all green"}],
+            }  # fmt: skip
+        )
+    return write_export(
+        root,
+        {
+            "users.json": users,
+            "channels.json": [{"id": "C1", "name": "help"}, {"id": "C2", "name": "ci"}],
+            "dms.json": [{"id": "D0AGENTDM1", "members": ["U1", "UAGENT"]}],
+            "help/2023-11-14.json": help_day,
+            "D0AGENTDM1/2023-11-14.json": dm_day,
+            "ci/2023-11-14.json": ci_day,
+        },
+    )
+
+
+def nothing_left_until_flags(export: Path, capsys, hints: list[str], flags: list[str]) -> Path:
+    """Without ``flags``: exit 2 with one line holding every hint and nothing written; with them, the output."""
+    out = export.parent / "out"
+    assert cli_main(["prepare", str(export), "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, *hints)
+    assert leftovers(export.parent, "out") == []
+    assert cli_main(["prepare", str(export), "--out", str(out), *flags]) == 0
+    return out
+
+
+def test_a_workspace_that_talks_only_with_agents(tmp_path, capsys):
+    hints = [
+        "agents: no conversation left (6 human messages",
+        "12 messages in DMs and group DMs (--include-dms keeps them)",
+        "6 bot messages (--include-bots keeps them)",
+        "6 integration feed posts (--include-bots keeps them in channels named with --channels)",
+    ]
+    out = nothing_left_until_flags(
+        agent_workspace(tmp_path / "agents"), capsys, hints, ["--include-bots", "--include-dms"]
+    )
+    assert {r["meta"]["channel"] for r in all_records(out)} == {"help", "D0AGENTDM1"}
+    texts = record_texts(out)
+    assert sum(t.startswith("Helper: Run make deploy-") for t in texts) >= 5
+    assert not [t for t in texts if "all green" in t or "passed" in t]  # the CI feed stays out
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"]["bot_feed"] == 6
+
+
+def test_a_workspace_with_only_private_channels_and_dms_names_both_flags(tmp_path, capsys):
+    export = write_export(
+        tmp_path / "private",
+        {
+            "users.json": [{"id": "U1", "name": "ada"}, {"id": "U2", "name": "bob"}],
+            "groups.json": [{"id": "G1", "name": "team", "is_private": True}],
+            "mpims.json": [{"id": "G2", "name": "mpdm-ada--bob-1"}],
+            "team/2023-11-14.json": [
+                slack_message(f"{1_700_000_000 + i}.0", f"q{i}", user=f"U{1 + i % 2}") for i in range(5)
+            ],
+            "mpdm-ada--bob-1/2023-11-14.json": [
+                slack_message(f"{1_700_000_000 + i}.0", "hi", user=f"U{1 + i % 2}") for i in range(3)
+            ],
+        },
+    )
+    hints = [
+        "private: no conversation left (0 human messages",
+        "5 messages in private channels (--include-private keeps them)",
+        "3 messages in DMs and group DMs (--include-dms keeps them)",
+    ]
+    out = nothing_left_until_flags(export, capsys, hints, ["--include-private", "--include-dms"])
+    assert {r["meta"]["channel"] for r in all_records(out)} == {"team", "mpdm-ada--bob-1"}
+
+
+# ---------------------------------------------------------------- hostile input, end to end
+
+
+def hostile_copy(tmp_path: Path) -> Path:
+    """The sample export plus one of each hostile day-file case, each with MARKER where it must not leak."""
+    export = broken_copy(tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_text(
+        json.dumps([slack_message("1614600000.000001", f"outside {MARKER}", user="U0ADA0001")])
+    )
+    (export / "general" / "2021-03-05.json").symlink_to(outside)
+    (export / "general" / "2021-03-06.json").write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    plan = {"id": "F9", "name": "plan.pdf"}
+    day = [
+        slack_message("1614700000.000001", "is the plan ready?", user="U0ADA0001"),
+        slack_message(
+            "1614700001.000001", "here it is", user="U0GRACE01", subtype="file_share", file=plan, files=[plan]
+        ),
+        slack_message(
+            "1614700002.000001", "", user="U0ADA0001", attachments=[{"text": "ok", "fields": {"k": MARKER}}]
+        ),
+        slack_message("1614700003.000001", "thanks", user="U0GRACE01", blocks=MARKER, reactions=[MARKER]),
+        {**slack_message("x", f"bad ts {MARKER}", user="U0ADA0001"), "ts": "inf"},
+        MARKER,
+    ]
+    (export / "general" / "2021-03-07.json").write_text(json.dumps(day))
+    return export
+
+
+def test_a_hostile_export_is_read_with_counted_warnings_and_nothing_quoted(tmp_path, capsys):
+    export = hostile_copy(tmp_path)
+    out = tmp_path / "out"
+    assert cli_main(["prepare", str(export), "--out", str(out)]) == 0
+    text = all_output_text(out) + "\n".join(capsys.readouterr())
+    assert MARKER not in text and "Infinity" not in text and "NaN" not in text
+    report = json.loads((out / "report.json").read_text())
+    by_kind = report["warnings"]["by_kind"]
+    assert by_kind["symlink_outside_export"] == 1 and by_kind["bad_day_file"] == 1 and by_kind["bad_ts"] == 1
+    # `fields` and `reactions` of the wrong type (`blocks` are not read when a message has text)
+    assert by_kind["malformed_item"] == 2 and by_kind["bad_message"] == 1
+    shared = [t for t in record_texts(out) if "here it is" in t]
+    assert len(shared) == 1 and shared[0].count("[file: plan.pdf]") == 1  # in `file` and `files[]`: once
+    assert cli_main(["prepare", str(export), "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--strict")
+    assert leftovers(tmp_path, "strict") == []
+
+
+def test_a_zip_bomb_is_one_line_and_never_inflated(tmp_path):
+    members = [stored("users.json", []), stored("channels.json", [{"id": "C1", "name": "general"}])]
+    bomb = raw_zip(
+        tmp_path / "bomb.zip", [*members, ("general/2021-01-01.json", deflate_bomb(2), 0, 2 << 30, 8, 0)]
+    )
+    liar = raw_zip(
+        tmp_path / "liar.zip", [*members, ("general/2021-01-01.json", deflate_bomb(2), 0, 1 << 20, 8, 0)]
+    )
+    assert bomb.stat().st_size < 2_200_000
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc for the peak memory of the child")
+    # VmHWM: the peak RSS of this process image (ru_maxrss would carry pytest's own peak across the exec)
+    child = (
+        "import sys\nfrom slackdist.cli import main\nrc = main(sys.argv[1:])\n"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\nsys.exit(rc)"
+    )
+    for path, needle in ((bomb, "refusing a likely zip bomb"), (liar, "damaged zip member")):
+        proc = subprocess.run(
+            [sys.executable, "-c", child, "prepare", str(path), "--out", str(tmp_path / "o")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2
+        assert_one_line_error(proc.stderr, path.name, needle)
+        peak_mib = int(proc.stdout.split()[-1]) / 1024
+        assert peak_mib < 300, peak_mib  # the 2 GiB it expands to were never in memory
+        assert leftovers(tmp_path, "o") == []
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+@pytest.fixture(scope="module")
+def big_export(tmp_path_factory) -> Path:
+    """A synthetic export large enough that prepare is still running when it is interrupted (~2 s)."""
+    spec = importlib.util.spec_from_file_location("prepare_bench", REPO / "bench" / "prepare_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = tmp_path_factory.mktemp("big") / "export"
+    bench.generate_export(root, 30_000, seed=3)
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@contextmanager
+def running_prepare(export: Path, out: Path, workers: str) -> Iterator[subprocess.Popen]:
+    """`slackdist prepare` in its own process group (like a job in a terminal); killed if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slackdist", "prepare", str(export), "--out", str(out), "--workers", workers],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Poll ``condition`` until it holds; fail (never hang) when the deadline passes or prepare exits."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, f"prepare exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("moment", ["temp_folder", "workers_writing"])
+def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path, big_export, workers, moment):
+    out = tmp_path / "out"
+    prepare(REPO / "tests/fixtures/sample_export", out, DataConfig())
+    before = snapshot(out)
+
+    def temp() -> list[Path]:
+        return [p for p in leftovers(tmp_path, "out") if p.name != "out"]
+
+    with running_prepare(big_export, out, workers) as proc:
+        if moment == "temp_folder":
+            wait_for(lambda: bool(temp()), "a temporary folder", proc)
+        else:
+            wait_for(lambda: any(any((t / "parts").glob("*")) for t in temp()), "a part file", proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.splitlines() == [f"slackdist prepare: interrupted, nothing written; {out} is as it was"]
+    assert snapshot(out) == before
+    assert leftovers(tmp_path, "out") == [out]
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    deadline = time.monotonic() + 30
+    while not group_gone():  # no worker outlives it
+        assert time.monotonic() < deadline, "a worker process is still running"
+        time.sleep(0.01)
+
+
+def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
+    # A Ctrl-C that lands while code from a string runs (a dataclass or namedtuple being defined by a lazy
+    # import) made `python -m` end by SIGINT (-2) after our handler had run; it must still exit 130.
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\nimport slackdist.data.prepare as p\n\n"
+        "def run_channel(job, src, index):\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')\n\n"
+        "p.run_channel = run_channel\nfrom slackdist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "interrupted_in_exec", "prepare", str(REPO / "tests/fixtures/sample_export"),
+         "--out", str(out), "--workers", "1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == ["slackdist prepare: interrupted, nothing written"]
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_a_worker_killed_mid_run_is_a_one_line_error_not_a_hang(tmp_path, big_export):
+    import psutil
+
+    out = tmp_path / "out"
+    with running_prepare(big_export, out, "2") as proc:
+        wait_for(lambda: len(psutil.Process(proc.pid).children()) == 2, "two workers", proc)
+        psutil.Process(proc.pid).children()[0].kill()  # as the out-of-memory killer would
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert_one_line_error(err, "a worker process stopped unexpectedly")
+    assert leftovers(tmp_path, "out") == []

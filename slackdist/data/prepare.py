@@ -12,12 +12,16 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,7 +51,9 @@ from slackdist.slack.export import (
     Message,
     UserInfo,
     Warnings,
+    channel_named,
     count_day_files,
+    count_messages,
     drop_reason,
     iter_messages,
     list_channels,
@@ -311,47 +317,143 @@ def run_channel(job: _Job, src: ExportSource, index: int) -> ChannelResult:
     warnings = Warnings()
     cleaner = Cleaner(cfg, ctx, report.redactions)
     writer = PartWriter(job.parts, index, job.fractions, cfg.split_by, cfg.seed)
+    keep = _Keep(cfg.include_bots, cfg.include_bots and channel_named(channel, cfg.channels))
     try:
-        for conv in _channel_conversations(src, channel, users, warnings, cleaner, report):
+        for conv in _channel_conversations(src, channel, users, warnings, cleaner, report, keep):
             _emit(conv, job.builder, report, writer)
     finally:
         writer.close()
     return ChannelResult(index, report, warnings, writer.counts, writer.starts, writer.group_records)
 
 
-_WORKER: dict[str, Any] = {}
+def _worker_main(job: _Job, conn: Connection) -> None:
+    """A forked worker: reads the channels whose indices the parent sends, sends back each result."""
+    # Ctrl-C reaches every process of the terminal's process group; only the parent handles it (it stops
+    # the workers), so no worker prints a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with ExitStack() as stack:
+        try:  # each worker opens the export itself: a zip's file handle must not be shared by processes
+            src, failure = stack.enter_context(open_export(job.export)), None
+        except Exception as e:  # noqa: BLE001 - sent back as the answer to every channel
+            src, failure = None, e
+        try:
+            while (index := conn.recv()) is not None:
+                try:
+                    if failure is not None:
+                        raise failure
+                    reply: tuple[bool, Any] = (True, run_channel(job, src, index))
+                except Exception as e:  # noqa: BLE001 - re-raised in the parent
+                    reply = (False, e)
+                conn.send(reply)
+        except EOFError:  # the parent is gone
+            pass
 
 
-def _worker_init(job: _Job) -> None:
-    # Each worker opens the export itself: a zip's file handle must not be shared across processes.
-    _WORKER["job"] = job
-    _WORKER["ctx"] = open_export(job.export)
-    _WORKER["src"] = _WORKER["ctx"].__enter__()
+@contextmanager
+def _channel_results(job: _Job, src: ExportSource, workers: int) -> Iterator[Iterator[ChannelResult]]:
+    """Channel results as they finish: in-process (in channel order), or from forked worker processes.
 
-
-def _worker_run(index: int) -> ChannelResult:
-    return run_channel(_WORKER["job"], _WORKER["src"], index)
-
-
-def _results(job: _Job, src: ExportSource, workers: int) -> Iterator[ChannelResult]:
-    """Channel results as they finish: in-process (in channel order), or from a pool of forked workers."""
+    Each worker has its own pipe (not ``multiprocessing.Pool``: its workers share a result-queue lock,
+    and a worker stopped while holding it left ``Pool.terminate()`` waiting for it forever). Leaving the
+    block (done, an error, Ctrl-C) stops the workers and waits for them, so nothing writes into the
+    temporary folder once the caller removes it.
+    """
     n = len(job.channels)
     if workers <= 1 or n <= 1 or "fork" not in mp.get_all_start_methods():
-        for index in range(n):
-            yield run_channel(job, src, index)
+        yield (run_channel(job, src, index) for index in range(n))
         return
     # Biggest channels first (most day files; no stat() of every file): a big channel started last
     # would leave the other workers idle at the end.
     sizes = [count_day_files(src, [channel]) for channel in job.channels]
     order = sorted(range(n), key=lambda i: (-sizes[i], i))
-    workers = min(workers, n)
-    with mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(job,)) as pool:
-        for done, result in enumerate(pool.imap_unordered(_worker_run, order), 1):
-            if done == n - workers + 1 and job.parts is not None:
+    context = mp.get_context("fork")
+    procs: list[Any] = []
+    conns: list[Connection] = []
+    try:
+        with _interrupts_deferred():  # a Ctrl-C while forking is raised once every worker is recorded
+            for _ in range(min(workers, n)):
+                mine, theirs = context.Pipe()
+                proc = context.Process(target=_worker_main, args=(job, theirs), daemon=True)
+                proc.start()
+                theirs.close()
+                procs.append(proc)
+                conns.append(mine)
+        yield _hand_out(job, conns, order, plots=job.parts is not None)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        for conn in conns:
+            conn.close()
+
+
+def _hand_out(job: _Job, conns: list[Connection], order: list[int], plots: bool) -> Iterator[ChannelResult]:
+    """Give each worker a channel, and the next one each time it answers, until all are done.
+
+    Raises:
+        SlackdistError: a worker process stopped without answering (killed, out of memory).
+    """
+    todo = iter(order)
+    busy: dict[Connection, int] = {}
+
+    def give(conn: Connection) -> None:
+        index = next(todo, None)
+        _pipe(job, conn.send, index)  # None: nothing left, exit
+        if index is None:
+            busy.pop(conn, None)
+        else:
+            busy[conn] = index
+
+    for conn in conns:
+        give(conn)
+    done, idle_at = 0, len(order) - len(conns) + 1
+    while busy:
+        for conn in wait(list(busy)):
+            ok, payload = _pipe(job, conn.recv)
+            give(conn)  # the next channel before this result is merged: the worker keeps busy
+            if not ok:
+                raise payload
+            done += 1
+            if done == idle_at and plots:
                 # Fewer channels left than workers: a core is idle now, so pay the plots' slow
                 # matplotlib import here instead of after the last channel.
                 import_plotting()
-            yield result
+            yield payload
+
+
+def _pipe(job: _Job, op: Any, *args: Any) -> Any:
+    """One send or receive on a worker's pipe; a closed pipe means the worker is gone."""
+    try:
+        return op(*args)
+    except (EOFError, OSError) as e:
+        raise SlackdistError(
+            f"{job.export}: a worker process stopped unexpectedly (killed, or out of memory?); run again, "
+            "or with --workers 1"
+        ) from e
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it: for steps that must not be cut
+    in half (creating and recording the temporary folder, forking the workers, moving the output into
+    place, removing the temporary folder). Outside the main thread (no signals there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not installed from Python: leave it alone
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
 
 
 def _in_channel_order(results: Iterator[ChannelResult], bar: Any) -> Iterator[ChannelResult]:
@@ -388,6 +490,8 @@ def prepare(
     Raises:
         SlackdistError: bad input (one line naming the file), no conversation left, or a warning
             under ``cfg.strict``. Nothing is written then.
+        KeyboardInterrupt: Ctrl-C; the workers are stopped, the temporary folder is removed and DIR is
+            left as it was.
     """
     started = time.perf_counter()
     if cfg.persona and cfg.roles != "persona":
@@ -404,9 +508,10 @@ def prepare(
     joiner: PartJoiner | None = None
     created: list[Path] = []
     try:
-        with open_export(export) as src:
+        with open_export(export, warnings) as src:
             users = load_users(src, warnings)
             _strict(cfg, warnings)
+            private: list[Channel] = []
             channels = list_channels(
                 src,
                 include_dms=cfg.include_dms,
@@ -414,9 +519,10 @@ def prepare(
                 channels=cfg.channels,
                 exclude_channels=cfg.exclude_channels,
                 warnings=warnings,
+                left_out_private=private,
             )
             if not channels:
-                raise SlackdistError(f"{src.path}: no channel left after --channels / --exclude-channels")
+                raise SlackdistError(_nothing_left(src, None, cfg, private))
             workspace = cfg.workspace or src.name
             persona = resolve_persona(cfg.persona, users) if cfg.persona else None
             builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona)
@@ -424,7 +530,8 @@ def prepare(
                 export=src.name, workspace=workspace, persona_mode=builder.persona_mode, preview=cfg.preview
             )
             if out is not None:
-                tmp, created = _make_temp_dir(out)
+                with _interrupts_deferred():  # so a Ctrl-C cannot leave a folder that `tmp` does not name
+                    tmp, created = _make_temp_dir(out)
                 (tmp / "parts").mkdir()
             job = _Job(
                 Path(export),
@@ -441,8 +548,11 @@ def prepare(
             group_records: Counter = Counter()
             workers = cfg.workers or os.cpu_count() or 1
             joiner = None if tmp is None else PartJoiner(tmp, cfg.split_by)
-            with _progress(count_day_files(src, channels)) as bar:
-                for result in _in_channel_order(_results(job, src, workers), bar):
+            with (
+                _progress(count_day_files(src, channels)) as bar,
+                _channel_results(job, src, workers) as results,
+            ):
+                for result in _in_channel_order(results, bar):
                     if joiner is not None:
                         joiner.add(result.index)
                     report.merge(result.report)
@@ -452,7 +562,7 @@ def prepare(
                     starts.update(result.starts)
                     group_records.update(result.group_records)
             if report.quality.records == 0:
-                raise SlackdistError(_nothing_left(src.path, report, cfg))
+                raise SlackdistError(_nothing_left(src, report, cfg, private, warnings.notes))
             if cfg.split_by == "time":
                 assign = time_split(starts, fractions)
                 for group, n in group_records.items():
@@ -471,15 +581,17 @@ def prepare(
                 (tmp / "report.json").write_text(report_json(data), encoding="utf-8")
                 (tmp / "report.md").write_text(render_markdown(data), encoding="utf-8")
                 write_plots(report.turn_counts, report.token_counts, tmp)
-                _install(tmp, out)
-                tmp = None
+                with _interrupts_deferred():  # DIR gets every new file or keeps every old one
+                    _install(tmp, out)
+                    tmp = None
     except BaseException:
-        if joiner is not None:
-            joiner.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for folder in created:
-                shutil.rmtree(folder, ignore_errors=True)
+        with _interrupts_deferred():
+            if joiner is not None:
+                joiner.close()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                for folder in created:
+                    shutil.rmtree(folder, ignore_errors=True)
         raise
     return Report(data=data, out_dir=out)
 
@@ -492,7 +604,20 @@ def _merge_warnings(into: Warnings, other: Warnings) -> None:
         mine.extend(examples[: max(0, into.max_examples - len(mine))])
 
 
-def _channel_conversations(src, channel, users, warnings, cleaner, report) -> Iterator[Conversation]:
+_FEED_NOTE = "bot_messages_that_are_feed_posts"
+
+
+@dataclass(frozen=True)
+class _Keep:
+    """Which non-human messages one channel keeps (see ``drop_reason``)."""
+
+    bots: bool  # --include-bots
+    feeds: bool  # also integration feed posts: --include-bots and the channel named with --channels
+
+
+def _channel_conversations(
+    src, channel, users, warnings, cleaner, report, keep: _Keep = _Keep(False, False)
+) -> Iterator[Conversation]:
     """Whole conversations of one channel, counting every message's fate on the way."""
     stats = report.channel(channel.name, channel.kind)
     grouper = ChannelGrouper(channel, gap_hours=cleaner.cfg.gap_hours)
@@ -501,7 +626,9 @@ def _channel_conversations(src, channel, users, warnings, cleaner, report) -> It
         if msg.source_file != source:
             source = msg.source_file
             report.day_files += 1
-        reason = drop_reason(msg)
+        reason = drop_reason(msg, include_bots=keep.bots, include_feeds=keep.feeds)
+        if reason == "bot" and msg.is_feed:  # for the nothing-left hint: --include-bots would not keep it
+            warnings.note(_FEED_NOTE)
         post = cleaner(msg) if reason is None else None
         if reason is None and post is None:
             reason = "empty_after_cleaning"
@@ -533,12 +660,49 @@ def _strict(cfg: DataConfig, warnings: Warnings) -> None:
         warnings.raise_if_any()
 
 
-def _nothing_left(path: Path, report: ReportBuilder, cfg: DataConfig) -> str:
-    human = sum(s.human_messages for s in report.channels.values())
+def _nothing_left(
+    src: ExportSource,
+    report: ReportBuilder | None,
+    cfg: DataConfig,
+    private: list[Channel],
+    notes: Counter | None = None,
+) -> str:
+    """The one-line error when no record is left: what was left out, and the flag that keeps it."""
+    human = 0 if report is None else sum(s.human_messages for s in report.channels.values())
     if cfg.persona and human:
-        return f"{path}: --as {cfg.persona!r}: that person answers in no conversation ({human} human messages read)"
-    top = ", ".join(f"{k} {v}" for k, v in report.dropped.most_common(3))
-    return f"{path}: no conversation left ({human} human messages; most dropped: {top or 'none'})"
+        return f"{src.path}: --as {cfg.persona!r}: that person answers in no conversation ({human} human messages read)"
+    left_out = _left_out(src, report, private, notes or Counter())
+    if report is None and not left_out:
+        return f"{src.path}: no channel left after --channels / --exclude-channels"
+    top = "" if report is None else ", ".join(f"{k} {v}" for k, v in report.dropped.most_common(3))
+    return (
+        f"{src.path}: no conversation left ({human} human messages"
+        + (f"; left out: {'; '.join(left_out)}" if left_out else "")
+        + f"; most dropped: {top or 'none'})"
+    )
+
+
+def _left_out(
+    src: ExportSource, report: ReportBuilder | None, private: list[Channel], notes: Counter
+) -> list[str]:
+    """Messages left out by the privacy and bot switches, each with the flag that keeps them."""
+    dms = [c for c in private if c.kind in ("dm", "mpim")]
+    hints = []
+    n_private = count_messages(src, [c for c in private if c.kind == "private"])
+    if n_private:
+        hints.append(f"{n_private} messages in private channels (--include-private keeps them)")
+    n_dms = count_messages(src, dms)
+    if n_dms:
+        hints.append(f"{n_dms} messages in DMs and group DMs (--include-dms keeps them)")
+    dropped = Counter() if report is None else report.dropped
+    feeds = dropped["bot_feed"] + notes[_FEED_NOTE]
+    if dropped["bot"] - notes[_FEED_NOTE]:
+        hints.append(f"{dropped['bot'] - notes[_FEED_NOTE]} bot messages (--include-bots keeps them)")
+    if feeds:
+        hints.append(
+            f"{feeds} integration feed posts (--include-bots keeps them in channels named with --channels)"
+        )
+    return hints
 
 
 def _warnings_summary(warnings: Warnings) -> dict[str, Any]:
@@ -607,6 +771,17 @@ def summary_lines(report: Report) -> list[str]:
     return lines
 
 
+def _forget_interrupt_in_exec() -> None:
+    """Let a handled Ctrl-C exit with our code (130), not by SIGINT.
+
+    CPython (3.11) remembers a KeyboardInterrupt that passed through code run from a string (``exec`` /
+    ``eval``: dataclass and namedtuple definitions while a module is imported lazily) even when it is
+    caught later, and under ``python -m`` then ends the process by SIGINT (https://bugs.python.org/issue1054041
+    added that exit); the next string evaluation resets the flag.
+    """
+    eval("None")  # noqa: S307 - a constant: only its side effect on the interpreter's flag matters
+
+
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist prepare EXPORT --out DIR`.
 
@@ -616,7 +791,13 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     data = cfg.data
     if args.out is None and not data.dry_run:
         raise SlackdistError("--out DIR is required (or use --dry-run to print the report only)")
-    report = prepare(args.export, args.out, data)
+    try:
+        report = prepare(args.export, args.out, data)
+    except KeyboardInterrupt:
+        _forget_interrupt_in_exec()
+        kept = f"; {args.out} is as it was" if args.out is not None and Path(args.out).exists() else ""
+        print(f"slackdist prepare: interrupted, nothing written{kept}", file=sys.stderr)
+        return 130
     if data.dry_run:
         print(report.markdown())
     print("\n".join(summary_lines(report)))

@@ -11,14 +11,19 @@ Entry points, in the order a caller uses them::
                 reason = drop_reason(message)  # None for a human message worth keeping
 
 Zips are read member by member (never extracted), so memory holds one day file at a time.
+Hostile input is bounded by :class:`ExportLimits` (file sizes, zip ratio and total, nesting depth):
+what breaks a limit is a counted warning (one file or one item skipped) or, for a zip that cannot be
+read safely at all, a one-line :class:`SlackdistError`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -59,6 +64,7 @@ class Message:
     edited: bool = False
     source_file: str = ""  # the day file it came from (for errors and reports)
     reply_count: int = 0  # replies the export says a thread parent has (0 when unknown)
+    is_feed: bool = False  # a bot post that is an integration's card, not a turn (see drop_reason)
 
     @property
     def time(self) -> float:
@@ -135,19 +141,31 @@ SYSTEM_SUBTYPES: frozenset[str] = frozenset(
 _BOT_ID_IS_OBJECT = frozenset({"bot_add", "bot_remove", "bot_enable", "bot_disable"})
 
 
-def drop_reason(message: Message) -> str | None:
-    """Why a message does not become part of a turn, or None for a human message with content.
+def drop_reason(message: Message, *, include_bots: bool = False, include_feeds: bool = False) -> str | None:
+    """Why a message does not become part of a turn, or None for a message with content worth a turn.
+
+    Bots, apps and agents (``bot_message``, a ``bot_id``/``bot_profile``, ``is_bot``/``is_app_user``
+    users, Slackbot) are dropped unless ``include_bots``; then they speak under their bot name, except
+    integration feed posts (``Message.is_feed``: Slackbot, and bot posts with no text of their own, only
+    ``attachments`` or layout blocks, as CI, GitHub and monitoring integrations post), which also need
+    ``include_feeds`` (the caller sets it for channels named explicitly with ``--channels``).
 
     Returns:
-        ``"system:<subtype>"`` (Slack's own notices), ``"bot"``, ``"subtype:<subtype>"`` (other
-        non-human subtypes such as ``file_comment``), ``"empty"`` (no text and no files), or None.
+        ``"system:<subtype>"`` (Slack's own notices), ``"bot"``, ``"bot_feed"`` (a feed post left out
+        although bots are included), ``"subtype:<subtype>"`` (other non-human subtypes such as
+        ``file_comment``), ``"empty"`` (no text and no files), or None.
     """
     subtype = message.subtype
     if subtype in SYSTEM_SUBTYPES:  # before bots: a deletion notice by USLACKBOT is a system message
         return f"system:{subtype}"
     if message.is_bot or subtype in BOT_SUBTYPES:
-        return "bot"
-    if subtype not in HUMAN_SUBTYPES:
+        if not include_bots:
+            return "bot"
+        if message.is_feed and not include_feeds:
+            return "bot_feed"
+        if subtype not in HUMAN_SUBTYPES and subtype not in BOT_SUBTYPES:
+            return f"subtype:{subtype}"
+    elif subtype not in HUMAN_SUBTYPES:
         return f"subtype:{subtype}"
     if not message.files and (not message.text or message.text.isspace()):
         return "empty"
@@ -242,14 +260,55 @@ _DAY_FILE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}\.json$")
 _DM_FOLDER_RE = re.compile(r"^D[A-Z0-9]{8,}$")
 
 
+@dataclass(frozen=True)
+class ExportLimits:
+    """Bounds on what the reader accepts, so a hostile export cannot exhaust memory, time or the stack.
+
+    Attributes:
+        max_file_bytes: largest JSON file read (day file or metadata). One day file is in memory at a
+            time, so this bounds memory; a larger file is a counted warning (``file_too_large``), skipped.
+        max_zip_total_bytes: most bytes a zip may expand to, summed over the members that are read;
+            a zip over it is refused (unzip it and pass the folder if it really is that big).
+        max_zip_ratio: largest expansion (uncompressed / compressed size) of a zip member of at least
+            ``ratio_floor_bytes``; over it the zip is refused as a likely zip bomb. Deflate's own limit is
+            about 1032:1; Slack's day files compress 7-14:1, a day of identical bot posts about 100:1.
+        ratio_floor_bytes: members smaller than this are not ratio-checked (tiny files compress oddly).
+        max_depth: deepest nesting of rich-text elements walked; deeper parts are skipped with a warning.
+            JSON nested deeper than Python's parser allows (~1,000 levels) is a bad day file.
+    """
+
+    max_file_bytes: int = 256 << 20
+    max_zip_total_bytes: int = 64 << 30
+    max_zip_ratio: int = 200
+    ratio_floor_bytes: int = 1 << 20
+    max_depth: int = 32
+
+
+DEFAULT_LIMITS = ExportLimits()
+
+
+class FileTooLarge(Exception):
+    """A file over ``ExportLimits.max_file_bytes``; the caller counts a warning and skips it."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{_mib(size)}, over the {_mib(limit)} limit for one JSON file")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 class ExportSource:
     """Files of one export: root-level files and, per folder, its sorted day files.
 
     Use :func:`open_export` to get one. Paths are relative POSIX paths (``general/2020-01-01.json``).
+    ``refused`` lists the symlinks that were not followed because they point outside the export.
     """
 
-    def __init__(self, path: Path, files: Iterable[str]) -> None:
+    def __init__(self, path: Path, files: Iterable[str], limits: ExportLimits = DEFAULT_LIMITS) -> None:
         self.path = path
+        self.limits = limits
+        self.refused: list[str] = []
         self.root_files: set[str] = set()
         self.day_files: dict[str, list[str]] = {}
         self.other_files: dict[str, int] = {}  # folder -> count of non-day files (canvases ...)
@@ -274,7 +333,19 @@ class ExportSource:
     def has(self, rel: str) -> bool:
         return rel in self.root_files
 
-    def read_bytes(self, rel: str) -> bytes:  # pragma: no cover - overridden
+    def readable(self) -> list[str]:
+        """Every file the reader may read: the root JSON files and the day files."""
+        root = sorted(rel for rel in self.root_files if rel.endswith(".json"))
+        return root + [f"{folder}/{name}" for folder, names in self.day_files.items() for name in names]
+
+    def read_bytes(self, rel: str) -> bytes | bytearray:  # pragma: no cover - overridden
+        """A file's bytes.
+
+        Raises:
+            FileTooLarge: over ``limits.max_file_bytes``.
+            OSError: it cannot be read.
+            SlackdistError: a zip member is damaged (the whole zip is then unusable).
+        """
         raise NotImplementedError
 
     def where(self, rel: str) -> str:
@@ -285,30 +356,78 @@ class ExportSource:
         pass
 
 
+_READ_CHUNK = 1 << 20  # bytes per read after the first: what one read of a zip member may inflate to
+
+
 class _FolderSource(ExportSource):
-    def __init__(self, path: Path, base: Path) -> None:
+    def __init__(self, path: Path, base: Path, limits: ExportLimits) -> None:
         self.base = base
         # str(base / rel) as a plain string prefix: pathlib costs more than reading a small day file.
         self._prefix = "" if str(base) == "." else os.path.join(str(base), "")
-        super().__init__(path, _walk_two_levels(base))
+        refused: list[str] = []
+        super().__init__(path, _walk_two_levels(base, os.path.realpath(path), refused), limits)
+        self.refused = refused
 
-    def read_bytes(self, rel: str) -> bytes:
-        with open(self._prefix + rel, "rb") as f:
-            return f.read()
+    def read_bytes(self, rel: str) -> bytes | bytearray:
+        # os.open/fstat/read: fewer system calls than open().read(), which more than pays for the size check.
+        limit = self.limits.max_file_bytes
+        fd = os.open(self._prefix + rel, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise FileTooLarge(size, limit)
+            data = os.read(fd, size + 1)
+            if len(data) == size:  # the common case: one read, and it reached the end
+                return data
+            more = bytearray(data)  # a short read, or a file that grew since fstat: read on, within the limit
+            while len(more) <= limit and (chunk := os.read(fd, _READ_CHUNK)):
+                more += chunk
+            if len(more) > limit:
+                raise FileTooLarge(len(more), limit)
+            return more
+        finally:
+            os.close(fd)
 
     def where(self, rel: str) -> str:
         return self._prefix + rel
 
 
+# Compression methods read with a bounded output per read: zipfile decompresses bzip2 and LZMA members
+# without a limit on what one read expands to, so a small member could fill memory before any check.
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+# What zipfile and zlib raise on a damaged member (bad CRC, corrupt stream, truncated data ...).
+_ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError)
+
+
 class _ZipSource(ExportSource):
-    def __init__(self, path: Path, zf: zipfile.ZipFile, prefix: str) -> None:
+    def __init__(self, path: Path, zf: zipfile.ZipFile, prefix: str, limits: ExportLimits) -> None:
         self.zf = zf
         self.prefix = prefix
-        names = [n[len(prefix) :] for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
-        super().__init__(path, names)
+        self._infos = {
+            info.filename[len(prefix) :]: info
+            for info in zf.infolist()
+            if info.filename.startswith(prefix) and not info.is_dir()
+        }
+        super().__init__(path, list(self._infos), limits)
+        _check_zip_members(path, [self._infos[rel] for rel in self.readable()], limits)
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self.zf.read(self.prefix + rel)
+    def read_bytes(self, rel: str) -> bytes | bytearray:
+        info = self._infos[rel]
+        if info.file_size > self.limits.max_file_bytes:
+            raise FileTooLarge(info.file_size, self.limits.max_file_bytes)
+        # Read in bounded chunks: one unbounded read would decompress a member that lies about its size
+        # in one go (zipfile cuts the output to the declared size only afterwards). Into one buffer:
+        # joining chunks would hold the member twice.
+        data = bytearray()
+        try:
+            with self.zf.open(info) as f:
+                while chunk := f.read(_READ_CHUNK):
+                    data += chunk
+        except _ZIP_DAMAGE as e:
+            raise SlackdistError(
+                f"{self.where(rel)}: damaged zip member ({_reason(e)}); download or create the zip again"
+            ) from e
+        return data
 
     def where(self, rel: str) -> str:
         return f"{self.path}:{self.prefix}{rel}"
@@ -317,17 +436,69 @@ class _ZipSource(ExportSource):
         self.zf.close()
 
 
-def _walk_two_levels(base: Path) -> list[str]:
-    """Root files and files one folder down (an export has nothing deeper that we read)."""
+def _check_zip_members(path: Path, infos: list[zipfile.ZipInfo], limits: ExportLimits) -> None:
+    """Refuse, before reading anything, a zip whose members cannot be read safely.
+
+    Raises:
+        SlackdistError: an encrypted member, an unsupported compression method, a member that expands
+            more than ``max_zip_ratio`` times, or more than ``max_zip_total_bytes`` in all.
+    """
+    total = 0
+    for info in infos:
+        name = info.filename
+        if info.flag_bits & 0x1:
+            raise SlackdistError(
+                f"{path}: {name} is encrypted; password-protected zips are not supported (unzip it and pass "
+                "the folder)"
+            )
+        if info.compress_type not in _ZIP_METHODS:
+            method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
+            raise SlackdistError(
+                f"{path}: {name} uses {method} compression; only stored and deflate are read (unzip it and "
+                "pass the folder, or zip it again with deflate)"
+            )
+        size = info.file_size
+        if size >= limits.ratio_floor_bytes and size > limits.max_zip_ratio * max(info.compress_size, 1):
+            ratio = size / max(info.compress_size, 1)
+            raise SlackdistError(
+                f"{path}: {name} expands {info.compress_size} bytes to {_mib(size)} ({ratio:.0f}:1, over "
+                f"the {limits.max_zip_ratio}:1 limit); refusing a likely zip bomb"
+            )
+        total += size
+    if total > limits.max_zip_total_bytes:
+        raise SlackdistError(
+            f"{path}: the zip expands to {total / 2**30:.1f} GiB, over the "
+            f"{limits.max_zip_total_bytes / 2**30:.0f} GiB limit; unzip it and pass the folder if it is real"
+        )
+
+
+def _walk_two_levels(base: Path, root: str, refused: list[str]) -> list[str]:
+    """Root files and files one folder down (an export has nothing deeper that we read).
+
+    A symlink is followed only when it resolves inside ``root`` (the export, resolved); the others are
+    listed in ``refused`` and never read, so a crafted export cannot pull in files from elsewhere.
+    """
     found: list[str] = []
     with os.scandir(base) as top:
         for entry in top:
-            if entry.is_file():
+            if entry.is_symlink() and not _inside(entry.path, root):
+                refused.append(entry.name)
+            elif entry.is_file():
                 found.append(entry.name)
             elif entry.is_dir():
                 with os.scandir(entry.path) as sub:
-                    found.extend(f"{entry.name}/{e.name}" for e in sub if e.is_file())
+                    for e in sub:
+                        rel = f"{entry.name}/{e.name}"
+                        if e.is_symlink() and not _inside(e.path, root):
+                            refused.append(rel)
+                        elif e.is_file():
+                            found.append(rel)
     return found
+
+
+def _inside(path: str, root: str) -> bool:
+    target = os.path.realpath(path)
+    return target == root or target.startswith(os.path.join(root, ""))
 
 
 def _looks_like_export(src: ExportSource) -> bool:
@@ -335,56 +506,71 @@ def _looks_like_export(src: ExportSource) -> bool:
 
 
 @contextmanager
-def open_export(path: str | os.PathLike[str]) -> Iterator[ExportSource]:
+def open_export(
+    path: str | os.PathLike[str], warnings: Warnings | None = None, limits: ExportLimits = DEFAULT_LIMITS
+) -> Iterator[ExportSource]:
     """Open an export folder or .zip (also one whose content sits under one top folder).
+
+    Args:
+        path: the export folder or zip.
+        warnings: where refused symlinks (pointing outside the export) are counted, if given.
+        limits: the bounds on sizes, zip expansion and nesting.
 
     Raises:
         SlackdistError: the path is missing, not a folder or zip, a zip with unsafe member paths,
-            not a Slack export, or an export without any day file.
+            encrypted or unsupported members, or past the zip limits (a likely zip bomb), not a Slack
+            export, or an export without any day file.
     """
-    src = _open_source(Path(path))
+    src = _open_source(Path(path), limits)
     try:
+        if warnings is not None:
+            for rel in src.refused:
+                detail = "a symlink to a path outside the export; not followed"
+                warnings.add("symlink_outside_export", src.where(rel), detail)
         yield src
     finally:
         src.close()
 
 
-def _open_source(path: Path) -> ExportSource:
+def _open_source(path: Path, limits: ExportLimits) -> ExportSource:
     if not path.exists():
         raise SlackdistError(f"{path}: no such file or folder")
     if path.is_dir():
-        src: ExportSource = _FolderSource(path, path)
+        src: ExportSource = _FolderSource(path, path, limits)
         if not _looks_like_export(src):
             subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
             if len(subdirs) == 1 and not [p for p in path.iterdir() if p.is_file() and p.suffix == ".json"]:
-                src = _FolderSource(path, subdirs[0])
+                src = _FolderSource(path, subdirs[0], limits)
     elif zipfile.is_zipfile(path):
-        src = _open_zip(path)
+        src = _open_zip(path, limits)
     else:
         raise SlackdistError(f"{path}: not a folder or a .zip file")
     _check_export(src)
     return src
 
 
-def _open_zip(path: Path) -> _ZipSource:
+def _open_zip(path: Path, limits: ExportLimits) -> _ZipSource:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise SlackdistError(f"{path}: cannot read the zip ({e})") from e
-    names = zf.namelist()
-    for name in names:
-        if _unsafe_member(name):
-            zf.close()
-            raise SlackdistError(f"{path}: refusing unsafe member path {name!r} (absolute or '..')")
-    prefix = ""
-    names = [n for n in names if not n.startswith("__MACOSX/")]
-    top = {n.split("/", 1)[0] for n in names if n.strip("/")}
-    root_json = [n for n in names if "/" not in n.rstrip("/") and n.endswith(".json")]
-    if len(top) == 1 and not root_json:
-        only = next(iter(top))
-        if any(n.startswith(only + "/") for n in names):
-            prefix = only + "/"
-    return _ZipSource(path, zf, prefix)
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:
+        raise SlackdistError(f"{path}: cannot read the zip ({_reason(e)})") from e
+    try:
+        names = zf.namelist()
+        for name in names:
+            if _unsafe_member(name):
+                raise SlackdistError(f"{path}: refusing unsafe member path {name!r} (absolute or '..')")
+        prefix = ""
+        names = [n for n in names if not n.startswith("__MACOSX/")]
+        top = {n.split("/", 1)[0] for n in names if n.strip("/")}
+        root_json = [n for n in names if "/" not in n.rstrip("/") and n.endswith(".json")]
+        if len(top) == 1 and not root_json:
+            only = next(iter(top))
+            if any(n.startswith(only + "/") for n in names):
+                prefix = only + "/"
+        return _ZipSource(path, zf, prefix, limits)
+    except BaseException:
+        zf.close()
+        raise
 
 
 def _unsafe_member(name: str) -> bool:
@@ -433,9 +619,9 @@ def _read_json_list(src: ExportSource, rel: str, warnings: Warnings | None) -> l
         if not raw.strip():
             return []
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError, FileTooLarge, OSError) as e:
         if warnings is not None:
-            warnings.add("bad_metadata", src.where(rel), f"unreadable JSON ({_reason(e)}); ignored")
+            warnings.add("bad_metadata", src.where(rel), f"unreadable JSON ({_json_problem(e)}); ignored")
         return []
     if isinstance(data, dict):  # some tools write {"channels": [...]} or one object
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -535,6 +721,15 @@ def _matches(channel: Channel, names: set[str]) -> bool:
     return channel.name in names or channel.id in names or channel.folder in names
 
 
+def _names(channels: Iterable[str]) -> set[str]:
+    return {c.strip().lstrip("#") for c in channels if c and c.strip()}
+
+
+def channel_named(channel: Channel, names: Iterable[str]) -> bool:
+    """Whether ``names`` (as given to ``--channels``: names, ids or folders, ``#`` optional) names it."""
+    return _matches(channel, _names(names))
+
+
 def list_channels(
     src: ExportSource,
     *,
@@ -543,6 +738,7 @@ def list_channels(
     channels: Iterable[str] = (),
     exclude_channels: Iterable[str] = (),
     warnings: Warnings | None = None,
+    left_out_private: list[Channel] | None = None,
 ) -> list[Channel]:
     """The conversations to read, after the privacy switches and allow/deny lists.
 
@@ -553,12 +749,13 @@ def list_channels(
         channels: only these (names, ids or folder names; a leading ``#`` is ignored). Empty: all.
         exclude_channels: never these.
         warnings: collector for unreadable metadata files.
+        left_out_private: if given, receives the conversations the allow/deny lists keep but the privacy
+            switches leave out (private channels, DMs, group DMs), for a "nothing left" message.
 
     Raises:
         SlackdistError: a name in ``channels`` matches no conversation of the export.
     """
-    allow = {c.strip().lstrip("#") for c in channels if c and c.strip()}
-    deny = {c.strip().lstrip("#") for c in exclude_channels if c and c.strip()}
+    allow, deny = _names(channels), _names(exclude_channels)
     every = _all_channels(src, warnings)
     missing = sorted(n for n in allow if not any(_matches(c, {n}) for c in every))
     if missing:
@@ -566,17 +763,16 @@ def list_channels(
         raise SlackdistError(
             f"{src.path}: no channel named {', '.join(missing)} in this export (have: {known})"
         )
-    kept = []
+    kept: list[Channel] = []
     for channel in every:
-        if channel.kind in ("dm", "mpim") and not include_dms:
+        if (allow and not _matches(channel, allow)) or (deny and _matches(channel, deny)):
             continue
-        if channel.kind == "private" and not include_private:
-            continue
-        if allow and not _matches(channel, allow):
-            continue
-        if deny and _matches(channel, deny):
-            continue
-        kept.append(channel)
+        dm = channel.kind in ("dm", "mpim")
+        if (dm and not include_dms) or (channel.kind == "private" and not include_private):
+            if left_out_private is not None:
+                left_out_private.append(channel)
+        else:
+            kept.append(channel)
     return kept
 
 
@@ -594,24 +790,47 @@ def count_day_files(src: ExportSource, channels: Iterable[Channel]) -> int:
     return sum(len(src.day_files.get(c.folder, [])) for c in channels)
 
 
-def load_day_file(src: ExportSource, rel: str, warnings: Warnings) -> list[dict[str, Any]]:
-    """One day file's messages; a truncated, non-JSON or non-UTF-8 file is a counted warning and []."""
+def count_messages(src: ExportSource, channels: Iterable[Channel]) -> int:
+    """How many items the channels' day files hold (unreadable files count 0); reads every day file."""
+    ignored = Warnings()
+    return sum(len(load_day_file(src, rel, ignored)) for c in channels for rel in day_files(src, c))
+
+
+def load_day_file(src: ExportSource, rel: str, warnings: Warnings) -> list[Any]:
+    """One day file's items; a file that cannot be read or parsed is a counted warning and [].
+
+    Warning kinds: ``bad_day_file`` (not UTF-8, invalid or truncated JSON, nested too deep, not a list,
+    unreadable) and ``file_too_large`` (over ``ExportLimits.max_file_bytes``).
+    """
     where = src.where(rel)
     try:
         data = json.loads(src.read_bytes(rel))
+    except FileTooLarge as e:
+        warnings.add("file_too_large", where, f"{e}; file skipped")
+        return []
     except UnicodeDecodeError as e:
         warnings.add("bad_day_file", where, f"not UTF-8 ({_reason(e)}); file skipped")
         return []
     except ValueError as e:
         warnings.add("bad_day_file", where, f"invalid or truncated JSON ({_reason(e)}); file skipped")
         return []
+    except RecursionError:
+        warnings.add("bad_day_file", where, f"{_TOO_DEEP}; file skipped")
+        return []
     except OSError as e:
         warnings.add("bad_day_file", where, f"cannot read ({_reason(e)}); file skipped")
         return []
     if not isinstance(data, list):
-        warnings.add("bad_day_file", where, f"expected a JSON list of messages, got {type(data).__name__}")
+        warnings.add("bad_day_file", where, f"expected a JSON list of messages, got {_kind(data)}")
         return []
     return data
+
+
+_TOO_DEEP = "JSON nested deeper than the parser's limit (about 1,000 levels)"
+
+
+def _json_problem(e: BaseException) -> str:
+    return _TOO_DEEP if isinstance(e, RecursionError) else _reason(e)
 
 
 def iter_messages(
@@ -623,15 +842,19 @@ def iter_messages(
     """Every message of a channel, day file by day file in date order, ts order within a file.
 
     Holds one day file in memory. Users missing from ``users`` but described by a message's
-    ``user_profile`` are added to ``users`` (so later mentions of them resolve too).
+    ``user_profile`` are added to ``users`` (so later mentions of them resolve too). Items that are not
+    messages, or have an invalid ``ts``, are skipped with a counted warning (``bad_message``, ``bad_ts``);
+    parts of a message of the wrong JSON type (``attachments``, ``fields``, ``blocks``, ``elements``,
+    ``files``, ``reactions`` ...) are skipped with a counted ``malformed_item`` warning that describes
+    the part (its key and JSON type), never quotes it.
     """
-    parser = _DayParser(channel, users, warnings)
+    parser = _DayParser(channel, users, warnings, src.limits.max_depth)
     if src.other_files.get(channel.folder):
         warnings.note("non_day_files_skipped", src.other_files[channel.folder])
     for rel in day_files(src, channel):
         items = load_day_file(src, rel, warnings)
         parser.where = src.where(rel)
-        messages = [m for m in map(parser.parse, items) if m is not None]
+        messages = [m for m in map(parser.parse, items, range(len(items))) if m is not None]
         messages.sort(key=_ts_key)
         yield from messages
 
@@ -643,55 +866,78 @@ def _ts_key(message: Message) -> float:
 class _DayParser:
     """Raw JSON message -> Message, for one channel; ``where`` names the day file being read."""
 
-    __slots__ = ("channel", "users", "warnings", "where", "unknown_seen")
+    __slots__ = ("channel", "users", "warnings", "where", "unknown_seen", "problems", "max_depth")
 
-    def __init__(self, channel: Channel, users: dict[str, UserInfo], warnings: Warnings) -> None:
+    def __init__(
+        self, channel: Channel, users: dict[str, UserInfo], warnings: Warnings, max_depth: int = 32
+    ) -> None:
         self.channel = channel
         self.users = users
         self.warnings = warnings
         self.where = ""
         self.unknown_seen: set[str] = set()
+        self.problems: list[str] = []  # malformed parts of the message being parsed (see _flush)
+        self.max_depth = max_depth
 
-    def parse(self, item: Any) -> Message | None:
-        if not isinstance(item, dict):
-            detail = f"a message that is not a JSON object: {str(item)[:40]!r}; skipped"
+    def parse(self, item: Any, index: int = 0) -> Message | None:
+        if type(item) is not dict:
+            detail = f"item {index} is {_kind(item)}, not a message object; skipped"
             self.warnings.add("bad_message", self.where, detail)
             return None
         get = item.get
         kind = get("type", "message")
         if kind != "message":
-            self.warnings.note(f"not_a_message:{kind}")
+            self.warnings.note(f"not_a_message:{_label(kind) or 'malformed'}")
             return None
         ts = _ts_string(get("ts"))
         if ts is None:
-            self.warnings.add("bad_message", self.where, "a message without a valid ts; skipped")
+            detail = (
+                f"item {index}: ts is {_kind(get('ts'))}, not a Slack timestamp (seconds since 1970); skipped"
+            )
+            self.warnings.add("bad_ts", self.where, detail)
             return None
+        problems = self.problems
         subtype = get("subtype") or None
-        if subtype is not None and not isinstance(subtype, str):
-            subtype = str(subtype)
+        if subtype is not None and _label(subtype) is None:
+            problems.append(f"subtype is {_kind(subtype)}, not a Slack subtype name; message dropped")
+            subtype = "malformed"
         user_id, user_name, user_is_bot = self._speaker(item, subtype)
         text = get("text")
-        if not isinstance(text, str) or not text or text.isspace():
-            text = _message_text(item)
+        typed = True  # the poster wrote text (message text or rich_text blocks), not only attachments
+        if type(text) is not str or not text or text.isspace():
+            if text is not None and type(text) is not str:
+                problems.append(f"text is {_kind(text)}, expected a string; ignored")
+                text = ""
+            text, typed = _message_text(item, text, problems, self.max_depth)
         # This runs once per message of the export: the common message has none of the keys tested below,
         # so the helpers are skipped, and Message is built positionally (keywords cost measurably more).
         plain = subtype is None and "bot_id" not in item and "bot_profile" not in item
         threaded = "thread_ts" in item or "replies" in item or "root" in item or "reply_count" in item
-        return Message(
+        is_bot = user_is_bot or (not plain and _is_bot_message(item, subtype)) or user_id == SLACKBOT_ID
+        message = Message(
             self.channel,
             ts,
-            _thread_ts(item, ts) if threaded else None,
+            _thread_ts(item, ts, problems) if threaded else None,
             user_id,
             user_name,
             text,
             subtype,
-            user_is_bot or (not plain and _is_bot_message(item, subtype)) or user_id == SLACKBOT_ID,
-            _file_names(item) if "file" in item or "files" in item else [],
-            _reactions(item) if "reactions" in item else [],
+            is_bot,
+            _file_names(item, text, problems) if "file" in item or "files" in item else [],
+            _reactions(item, problems) if "reactions" in item else [],
             bool(get("edited")),
             self.where,
             _reply_count(item) if "reply_count" in item or "replies" in item else 0,
+            is_bot and (not typed or user_id == SLACKBOT_ID),
         )
+        if problems:
+            self._flush(ts)
+        return message
+
+    def _flush(self, ts: str) -> None:
+        for problem in self.problems:
+            self.warnings.add("malformed_item", self.where, f"message {ts}: {problem}")
+        self.problems.clear()
 
     def _speaker(self, item: dict[str, Any], subtype: str | None) -> tuple[str | None, str, bool]:
         """(user id, shown name, is_bot from the user record)."""
@@ -724,29 +970,59 @@ class _DayParser:
                 return info
         if user_id not in self.unknown_seen:
             self.unknown_seen.add(user_id)
-            detail = f"user {user_id} is not in users.json and has no user_profile"
+            shown = user_id if _SLACK_ID_RE.fullmatch(user_id) else f"with an id that is {_kind(user_id)}"
+            detail = f"user {shown} is not in users.json and has no user_profile"
             self.warnings.add("unknown_user", self.where, detail)
         return None
 
 
+# A Slack ts: seconds since 1970 (10 digits reach the year 2286), optionally with a fraction. Anything
+# else ("inf", "nan", "-1", "1e400", " 12") would become a non-finite or nonsense time downstream.
+_TS_RE = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,9})?")
+_MAX_TS = 1e10
+# What a subtype or item type must look like to be used as a label (a report key): Slack's names.
+_LABEL_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_SLACK_ID_RE = re.compile(r"[A-Z][A-Z0-9]{2,31}")
+
+
 def _ts_string(value: Any) -> str | None:
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return None
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if type(value) is str:
+        return value if _TS_RE.fullmatch(value) else None
+    if type(value) in (int, float) and 0 <= value < _MAX_TS:  # NaN fails the comparison
         return f"{value:.6f}"
     return None
 
 
-def _thread_ts(item: dict[str, Any], ts: str) -> str | None:
+def _label(value: Any) -> str | None:
+    return value if type(value) is str and _LABEL_RE.fullmatch(value) else None
+
+
+def _kind(value: Any) -> str:
+    """A JSON value described by its type and size, for warnings that must not quote data."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a non-finite number"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys"
+    return type(value).__name__
+
+
+def _thread_ts(item: dict[str, Any], ts: str, problems: list[str]) -> str | None:
     thread_ts = item.get("thread_ts")
     if thread_ts is not None:
-        thread_ts = _ts_string(thread_ts)
-        if thread_ts is not None:
-            return thread_ts
+        valid = _ts_string(thread_ts)
+        if valid is not None:
+            return valid
+        problems.append(f"thread_ts is {_kind(thread_ts)}, not a Slack timestamp; read outside a thread")
     if item.get("replies") or item.get("reply_count"):  # old format: replies listed on the parent only
         return ts
     root = item.get("root")
@@ -757,7 +1033,7 @@ def _thread_ts(item: dict[str, Any], ts: str) -> str | None:
 
 def _reply_count(item: dict[str, Any]) -> int:
     count = item.get("reply_count")
-    if isinstance(count, int):
+    if type(count) is int and count >= 0:
         return count
     replies = item.get("replies")
     return len(replies) if isinstance(replies, list) else 0
@@ -771,31 +1047,50 @@ def _is_bot_message(item: dict[str, Any], subtype: str | None) -> bool:
     return bool(item.get("bot_id") or item.get("bot_profile")) or item.get("user") == SLACKBOT_ID
 
 
-def _message_text(item: dict[str, Any]) -> str:
-    text = item.get("text")
-    if isinstance(text, str) and text.strip():
-        return text
-    attachments = item.get("attachments")
-    if isinstance(attachments, list) and attachments:
-        from_attachments = _attachments_text(attachments)
+def _items(value: Any, key: str, problems: list[str]) -> list[Any]:
+    """``value`` when it is a list, [] when absent; anything else is noted as a problem and read as []."""
+    if type(value) is list:
+        return value
+    if value is not None:
+        problems.append(f"{key} is {_kind(value)}, expected a list; skipped")
+    return []
+
+
+def _objects(value: Any, key: str, problems: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects of the list ``value``; every other entry is noted as a problem and skipped."""
+    found = []
+    for i, entry in enumerate(_items(value, key, problems)):
+        if type(entry) is dict:
+            found.append(entry)
+        else:
+            problems.append(f"{key}[{i}] is {_kind(entry)}, expected an object; skipped")
+    return found
+
+
+def _message_text(item: dict[str, Any], text: str, problems: list[str], max_depth: int) -> tuple[str, bool]:
+    """Text for a message whose ``text`` is empty: attachments, else blocks; and whether it was typed.
+
+    Typed text is a rich_text block (what the composer writes); attachments and layout blocks are cards
+    an integration built (see ``Message.is_feed``).
+    """
+    attachments = _objects(item.get("attachments"), "attachments", problems)
+    if attachments:
+        from_attachments = _attachments_text(attachments, problems)
         if from_attachments:
-            return from_attachments
-    blocks = item.get("blocks")
-    if isinstance(blocks, list) and blocks:
-        return _blocks_text(blocks)
-    return text if isinstance(text, str) else ""
+            return from_attachments, False
+    blocks = _objects(item.get("blocks"), "blocks", problems)
+    if blocks:
+        return _BlockText(problems, max_depth).blocks(blocks)
+    return text, False
 
 
-def _attachments_text(attachments: list[Any]) -> str:
+def _attachments_text(attachments: list[dict[str, Any]], problems: list[str]) -> str:
     out: list[str] = []
-    for att in attachments:
-        if not isinstance(att, dict):
-            continue
+    for i, att in enumerate(attachments):
         parts = [_clean_str(att.get(k)) for k in ("pretext", "title", "text")]
-        for f in att.get("fields") or []:
-            if isinstance(f, dict):
-                title, value = _clean_str(f.get("title")), _clean_str(f.get("value"))
-                parts.append(f"{title}: {value}" if title and value else title or value)
+        for f in _objects(att.get("fields"), f"attachments[{i}].fields", problems):
+            title, value = _clean_str(f.get("title")), _clean_str(f.get("value"))
+            parts.append(f"{title}: {value}" if title and value else title or value)
         parts = [p for p in parts if p]
         if not parts and _clean_str(att.get("fallback")):
             parts = [_clean_str(att.get("fallback"))]
@@ -811,99 +1106,147 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _blocks_text(blocks: list[Any]) -> str:
-    out: list[str] = []
-    for block in blocks:
-        if not isinstance(block, dict):
-            continue
-        btype = block.get("type")
-        if btype == "rich_text":
-            out.append("".join(_rich_element(e) for e in block.get("elements") or [] if isinstance(e, dict)))
-        elif btype in ("section", "header", "context"):
-            texts = [block.get("text")] + list(block.get("fields") or []) + list(block.get("elements") or [])
-            for t in texts:
-                if isinstance(t, dict) and isinstance(t.get("text"), str):
-                    # mrkdwn text objects are escaped like message text; plain_text ones are raw
-                    out.append(t["text"] if t.get("type") == "mrkdwn" else _escape(t["text"]))
-    return "\n".join(p for p in out if p)
+class _BlockText:
+    """Blocks -> mrkdwn, walking nested rich-text lists at most ``max_depth`` deep.
 
+    Values of the wrong JSON type are noted in ``problems`` and skipped, never converted with ``str()``
+    (which would quote them, and recurse without bound into a nested list).
+    """
 
-def _rich_element(element: dict[str, Any]) -> str:
-    etype = element.get("type")
-    children = [e for e in element.get("elements") or [] if isinstance(e, dict)]
-    if etype == "rich_text_section":
-        return "".join(_inline(e) for e in children)
-    if etype == "rich_text_preformatted":
-        return "```" + "".join(_inline(e, in_code=True) for e in children) + "```\n"
-    if etype == "rich_text_quote":
-        body = "".join(_inline(e) for e in children)
-        return "\n".join("> " + line for line in body.split("\n")) + "\n"
-    if etype == "rich_text_list":
-        bullet = "1." if element.get("style") == "ordered" else "-"
-        return "".join(f"{bullet} {_rich_element(e).strip()}\n" for e in children)
-    return "".join(_inline(e) for e in children)
+    def __init__(self, problems: list[str], max_depth: int) -> None:
+        self.problems = problems
+        self.max_depth = max_depth
 
+    def blocks(self, blocks: list[dict[str, Any]]) -> tuple[str, bool]:
+        """(mrkdwn, whether a rich_text block gave text)."""
+        out: list[str] = []
+        typed = False
+        for i, block in enumerate(blocks):
+            btype = block.get("type")
+            if btype == "rich_text":
+                elements = _objects(block.get("elements"), f"blocks[{i}].elements", self.problems)
+                text = "".join(self._rich(e, 1) for e in elements)
+                typed = typed or bool(text.strip())
+                out.append(text)
+            elif btype in ("section", "header", "context"):
+                texts = _objects(block.get("fields"), f"blocks[{i}].fields", self.problems)
+                texts += _objects(block.get("elements"), f"blocks[{i}].elements", self.problems)
+                head = block.get("text")
+                if type(head) is dict:
+                    texts.insert(0, head)
+                for t in texts:
+                    if type(t.get("text")) is str:
+                        # mrkdwn text objects are escaped like message text; plain_text ones are raw
+                        out.append(t["text"] if t.get("type") == "mrkdwn" else _escape(t["text"]))
+        return "\n".join(p for p in out if p), typed
 
-def _inline(element: dict[str, Any], in_code: bool = False) -> str:
-    etype = element.get("type")
-    if etype == "text":
-        text = _escape(str(element.get("text", "")))
-        style = element.get("style") if isinstance(element.get("style"), dict) else {}
-        if style.get("code") and not in_code and text.strip() and "`" not in text:
-            return f"`{text}`"
-        return text
-    if etype == "link":
-        url = str(element.get("url", ""))
-        label = element.get("text")
+    def _rich(self, element: dict[str, Any], depth: int) -> str:
+        etype = element.get("type")
+        children = _objects(element.get("elements"), "a rich text element's elements", self.problems)
+        if etype == "rich_text_section":
+            return "".join(self._inline(e) for e in children)
+        if etype == "rich_text_preformatted":
+            return "```" + "".join(self._inline(e, in_code=True) for e in children) + "```\n"
+        if etype == "rich_text_quote":
+            body = "".join(self._inline(e) for e in children)
+            return "\n".join("> " + line for line in body.split("\n")) + "\n"
+        if etype == "rich_text_list":
+            if depth >= self.max_depth:
+                self.problems.append(
+                    f"rich text lists nested over {self.max_depth} levels; the deeper part skipped"
+                )
+                return ""
+            bullet = "1." if element.get("style") == "ordered" else "-"
+            return "".join(f"{bullet} {self._rich(e, depth + 1).strip()}\n" for e in children)
+        return "".join(self._inline(e) for e in children)
+
+    def _scalar(self, element: dict[str, Any], key: str, default: str = "") -> str:
+        """``element[key]`` as text: strings as they are, numbers written out; other types noted, ''."""
+        value = element.get(key)
+        if type(value) is str:
+            return value
+        if type(value) in (int, float):
+            return str(value)
+        if value is not None:
+            self.problems.append(f"a block element's {key} is {_kind(value)}, expected a string; skipped")
+        return default
+
+    def _inline(self, element: dict[str, Any], in_code: bool = False) -> str:
+        etype = element.get("type")
+        if etype == "text":
+            text = _escape(self._scalar(element, "text"))
+            style = element.get("style") if type(element.get("style")) is dict else {}
+            if style.get("code") and not in_code and text.strip() and "`" not in text:
+                return f"`{text}`"
+            return text
+        if etype == "link":
+            url = self._scalar(element, "url")
+            label = self._scalar(element, "text")
+            if in_code:
+                return _escape(label or url)
+            return f"<{url}|{_escape(label)}>" if label else f"<{url}>"
         if in_code:
-            return _escape(str(label or url))
-        return f"<{url}|{_escape(str(label))}>" if label else f"<{url}>"
-    if in_code:
-        return _escape(str(element.get("text") or element.get("name") or ""))
-    if etype == "user":
-        return f"<@{element.get('user_id', '')}>"
-    if etype == "channel":
-        return f"<#{element.get('channel_id', '')}>"
-    if etype == "usergroup":
-        return f"<!subteam^{element.get('usergroup_id', '')}>"
-    if etype == "broadcast":
-        return f"<!{element.get('range', 'here')}>"
-    if etype == "emoji":
-        return f":{element.get('name', '')}:"
-    if etype == "date":
-        return _escape(str(element.get("fallback", "")))
-    return _escape(str(element.get("text", "")))
+            return _escape(self._scalar(element, "text") or self._scalar(element, "name"))
+        if etype == "user":
+            return f"<@{self._scalar(element, 'user_id')}>"
+        if etype == "channel":
+            return f"<#{self._scalar(element, 'channel_id')}>"
+        if etype == "usergroup":
+            return f"<!subteam^{self._scalar(element, 'usergroup_id')}>"
+        if etype == "broadcast":
+            return f"<!{self._scalar(element, 'range', 'here')}>"
+        if etype == "emoji":
+            return f":{self._scalar(element, 'name')}:"
+        if etype == "date":
+            return _escape(self._scalar(element, "fallback"))
+        return _escape(self._scalar(element, "text"))
 
 
-def _file_names(item: dict[str, Any]) -> list[str]:
-    files = []
-    if isinstance(item.get("file"), dict):
-        files.append(item["file"])
-    if isinstance(item.get("files"), list):
-        files.extend(f for f in item["files"] if isinstance(f, dict))
-    names = []
-    for f in files:
+def _file_names(item: dict[str, Any], text: str, problems: list[str]) -> list[str]:
+    """Names of the files shared with a message, each once, leaving out files its text already links.
+
+    The same file can sit in both the legacy ``file`` and ``files[]`` (or twice in ``files[]``), and a
+    legacy upload notice's text links the file already ("uploaded a file: <permalink|title>"): adding
+    ``[file: name]`` for those would show one file twice in a turn.
+    """
+    found = []
+    legacy = item.get("file")
+    if type(legacy) is dict:
+        found.append(legacy)
+    elif legacy is not None:
+        problems.append(f"file is {_kind(legacy)}, expected an object; skipped")
+    found += _objects(item.get("files"), "files", problems)
+    names: list[str] = []
+    seen: set[str] = set()
+    for f in found:
         if f.get("mode") in ("hidden_by_limit", "tombstone"):
             continue
         name = _clean_str(f.get("name")) or _clean_str(f.get("title"))
-        if name:
-            names.append(name)
+        if not name:
+            continue
+        file_id = _clean_str(f.get("id"))
+        key = file_id or name
+        if key in seen:
+            continue
+        seen.add(key)
+        permalink = _clean_str(f.get("permalink"))
+        if (permalink and permalink in text) or (file_id and f"/{file_id}/" in text):
+            continue
+        names.append(name)
     return names
 
 
-def _reactions(item: dict[str, Any]) -> list[tuple[str, int]]:
-    reactions = item.get("reactions")
-    if not isinstance(reactions, list):
-        return []
+def _reactions(item: dict[str, Any], problems: list[str]) -> list[tuple[str, int]]:
     out = []
-    for r in reactions:
-        if not isinstance(r, dict) or not _clean_str(r.get("name")):
+    for r in _objects(item.get("reactions"), "reactions", problems):
+        name = _clean_str(r.get("name"))
+        if not name:
             continue
         count = r.get("count")
-        if not isinstance(count, int):
+        if type(count) is not int or count < 0:
             users = r.get("users")
-            count = len(users) if isinstance(users, list) else 1
-        out.append((r["name"].strip(), count))
+            count = len(users) if type(users) is list else 1
+        out.append((name, count))
     return out
 
 
