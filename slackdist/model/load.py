@@ -43,11 +43,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, load_config
 from slackdist.errors import SlackdistError, first_line
+from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.attention import register_varlen_attention, varlen_available
 from slackdist.model.info import CONFIG_FILE, ModelInfo, read_model_info
 from slackdist.model.template import chat_template_name, ensure_chat_template
@@ -488,10 +490,11 @@ def load_for_inference(
         try:
             with quiet_tied_lora_warning():
                 model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             raise SlackdistError(
                 f"{model_dir}: cannot load the adapter onto {source} ({first_line(e)})"
             ) from None
+        check_loaded_adapter(model, folder)  # PEFT only warns about missing tensors
     model.eval()
     model.config.use_cache = True
     return InferenceModel(

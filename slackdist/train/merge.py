@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from slackdist.errors import SlackdistError, first_line
+from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.info import CONFIG_FILE, INFO_FILE
 from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
 
@@ -107,7 +109,8 @@ def merge_adapter(
         The output folder.
 
     Raises:
-        SlackdistError: not an adapter folder, no base model, or a base that cannot load.
+        SlackdistError: not an adapter folder, no base model, a base that cannot load, or an adapter
+            with missing tensors or zeroed lora_B (`slackdist.model.adapter`).
     """
     if dtype not in _DTYPES:
         raise SlackdistError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
@@ -122,8 +125,14 @@ def merge_adapter(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], device_map={"": "cpu"})
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{base}: cannot load the base model ({first_line(e)})") from None
-    with quiet_tied_lora_warning():
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    try:
+        with quiet_tied_lora_warning():
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise SlackdistError(
+            f"{adapter_dir}: cannot load the adapter onto {base} ({first_line(e)})"
+        ) from None
+    check_loaded_adapter(model, adapter_dir)  # PEFT only warns about missing tensors
     untied = untie_adapted_embeddings(model)
     merged = model.merge_and_unload(safe_merge=True)
     if untied:
