@@ -274,6 +274,26 @@ def test_resume_auto_falls_back_and_continues_exactly(run_copy: Path, tiny_model
     assert verify_checkpoint(run_copy / STEP.format(6)).step == 6
 
 
+def test_a_checkpoint_of_another_layout_or_deepspeed_world_size_is_refused() -> None:
+    from slackdist.train.checkpoint import check_resumable
+    from slackdist.train.distributed import Topology
+    from slackdist.train.manifest import Manifest
+
+    def manifest(backend: str, layout: str, world_size: int) -> Manifest:
+        return Manifest(step=4, backend=backend, world_size=world_size, layout=layout, files={})
+
+    def topology(backend: str, world_size: int) -> Topology:
+        return Topology(backend, world_size, 0, torch.device("cpu"))
+
+    check_resumable(manifest("ddp", "adapter", 2), topology("single", 1), "ck")  # any number of processes
+    check_resumable(manifest("fsdp1", "dcp", 8), topology("fsdp2", 2), "ck")
+    check_resumable(manifest("deepspeed", "deepspeed", 2), topology("deepspeed", 2), "ck")
+    with pytest.raises(SlackdistError, match="ck: written by a fsdp1 run, whose optimizer state \\(dcp\\)"):
+        check_resumable(manifest("fsdp1", "dcp", 1), topology("single", 1), "ck")
+    with pytest.raises(SlackdistError, match="written by 2 DeepSpeed processes.*this run has 4"):
+        check_resumable(manifest("deepspeed", "deepspeed", 2), topology("deepspeed", 4), "ck")
+
+
 def test_prune_drops_checkpoints_of_an_abandoned_timeline(run_copy: Path) -> None:
     """After resuming from step 4 past a damaged step 6, the next save (step 5) must not keep step 6 as one
     of the newest and delete the checkpoint just written."""
