@@ -425,6 +425,23 @@ def _adapter_base(folder: Path, base: str | None) -> str:
     return str(found)
 
 
+def attach_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, base: str) -> PeftModel:
+    """`PeftModel.from_pretrained` for inference, with the adapter checked (`slackdist.model.adapter`).
+
+    Raises:
+        SlackdistError: the adapter cannot load onto `base`, lacks tensors, or has zeroed lora_B.
+    """
+    try:
+        with quiet_tied_lora_warning():
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise SlackdistError(
+            f"{adapter_dir}: cannot load the adapter onto {base} ({first_line(e)})"
+        ) from None
+    check_loaded_adapter(model, adapter_dir)  # PEFT only warns about missing tensors
+    return model
+
+
 def load_for_inference(
     model_dir: str,
     *,
@@ -487,14 +504,7 @@ def load_for_inference(
         model_cfg, dtype=dtype, device_map={"": device}, quantize=quantize, attn_implementation="sdpa"
     )
     if is_adapter:
-        try:
-            with quiet_tied_lora_warning():
-                model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-            raise SlackdistError(
-                f"{model_dir}: cannot load the adapter onto {source} ({first_line(e)})"
-            ) from None
-        check_loaded_adapter(model, folder)  # PEFT only warns about missing tensors
+        model = attach_adapter(model, folder, base=source)
     model.eval()
     model.config.use_cache = True
     return InferenceModel(

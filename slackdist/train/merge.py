@@ -24,15 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from slackdist.errors import SlackdistError, first_line
-from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.info import CONFIG_FILE, INFO_FILE
-from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
+from slackdist.model.load import attach_adapter, load_tokenizer
 
 if TYPE_CHECKING:
     from slackdist.config import Config
@@ -125,14 +122,7 @@ def merge_adapter(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], device_map={"": "cpu"})
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{base}: cannot load the base model ({first_line(e)})") from None
-    try:
-        with quiet_tied_lora_warning():
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        raise SlackdistError(
-            f"{adapter_dir}: cannot load the adapter onto {base} ({first_line(e)})"
-        ) from None
-    check_loaded_adapter(model, adapter_dir)  # PEFT only warns about missing tensors
+    model = attach_adapter(model, adapter_dir, base=base)
     untied = untie_adapted_embeddings(model)
     merged = model.merge_and_unload(safe_merge=True)
     if untied:
