@@ -5,7 +5,13 @@
     # CPU smoke run at tiny size
     python bench/chat_bench.py --build-tiny /tmp/tiny --prompt-tokens 32 --new-tokens 8 --repeats 1
 
-Both rows load the same merged model once (`load_for_inference`, unquantized) and answer the
+With `--adapter-dir OUT` (a `slackdist train` output folder) the rows are what a user gets from
+that folder: "plain generate" is the adapter over its 4-bit base, as chat ran before the adapter
+was merged in memory; "slackdist" is chat's default load (`load_for_inference(merge="auto")` then
+`merge_in_memory`: a 16-bit base with the adapter folded in, fast path on CUDA). `load_s` then
+includes the merge.
+
+Otherwise both rows load the same merged model once (`load_for_inference`, unquantized) and answer the
 same prompt greedily with exactly `--new-tokens` new tokens (`min_new_tokens`: a random model
 rarely says end-of-turn). "plain generate" is `model.generate` with default settings (dynamic
 KV cache, eager). "slackdist" is `slackdist.generate.stream_reply`, what chat and serve run:
@@ -155,10 +161,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     from slackdist.generate import GenerationSettings, use_fast_path, warm_up
-    from slackdist.model.load import load_for_inference
+    from slackdist.model.load import load_for_inference, merge_in_memory
     from slackdist.model.template import build_prompt_ids
 
-    if args.build_3b:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plain_im = None
+    if args.adapter_dir:
+        model_dir = Path(args.adapter_dir)
+        plain_im = load_for_inference(str(model_dir), device=device, merge="off")  # 4-bit base on a GPU
+    elif args.build_3b:
         model_dir = build_3b(Path(args.build_3b))
     elif args.build_tiny:
         from slackdist.model.tiny import write_tiny_model
@@ -168,12 +179,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = Path(args.model_dir)
     if args.adapter:
         model_dir = build_adapter(model_dir, Path(f"{model_dir}-lora"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
-    im = load_for_inference(str(model_dir), load_in_4bit=False, device=device)
-    load_s = time.perf_counter() - t0
-    messages = prompt_messages(im.tokenizer, args.prompt_tokens)
-    prompt_ids = build_prompt_ids(im.tokenizer, messages)
+    if plain_im is None:
+        t0 = time.perf_counter()
+        im = plain_im = load_for_inference(str(model_dir), load_in_4bit=False, device=device)
+        load_s = time.perf_counter() - t0
+    messages = prompt_messages(plain_im.tokenizer, args.prompt_tokens)
+    prompt_ids = build_prompt_ids(plain_im.tokenizer, messages)
     fast = {"auto": None, "on": True, "off": False}[args.fast]
     settings = GenerationSettings(
         temperature=0.0,
@@ -184,8 +195,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fast=fast,
     )
 
-    time_plain(im, prompt_ids, min(args.new_tokens, 8))  # warm-up: CUDA context, kernels, allocator
-    plain = median_timing([time_plain(im, prompt_ids, args.new_tokens) for _ in range(args.repeats)])
+    time_plain(plain_im, prompt_ids, min(args.new_tokens, 8))  # warm-up: CUDA context, kernels, allocator
+    plain = median_timing([time_plain(plain_im, prompt_ids, args.new_tokens) for _ in range(args.repeats)])
+    four_bit = getattr(getattr(plain_im.model, "base_model", plain_im.model), "is_loaded_in_4bit", False)
+    plain_kind = f"{plain_im.kind}{' on a 4-bit base' if four_bit else ''}"
+    if args.adapter_dir:
+        del plain_im
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        im = merge_in_memory(load_for_inference(str(model_dir), device=device, merge="auto"))
+        load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     warm_up(im, settings)  # compiles the decode step on the fast path
@@ -195,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "model_dir": str(model_dir),
-        "kind": im.kind,
+        "kind": "adapter merged in memory" if im.merged_in_memory else im.kind,
+        "plain_kind": plain_kind,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else None,
         "dtype": str(next(im.model.parameters()).dtype).removeprefix("torch."),
@@ -220,7 +241,10 @@ def table(result: dict[str, Any]) -> str:
         "| path | first token (ms) | decode (tokens/s) | total (s) | new tokens |",
         "|---|---|---|---|---|",
     ]
-    names = {"plain_generate": "plain `model.generate`", "slackdist": "slackdist `stream_reply`"}
+    names = {
+        "plain_generate": f"plain `model.generate` ({result['plain_kind']})",
+        "slackdist": f"slackdist `stream_reply` ({result['kind']}, load {result['load_s']} s)",
+    }
     for key, name in names.items():
         t = result[key]
         rows.append(
@@ -249,6 +273,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--build-3b", metavar="DIR", help="build (once) and use a random Llama-3.2-3B-shaped model"
     )
     src.add_argument("--build-tiny", metavar="DIR", help="build and use the tiny test model (CPU smoke run)")
+    src.add_argument(
+        "--adapter-dir",
+        metavar="OUT",
+        help="a `slackdist train` output folder: chat's default load vs the 4-bit one",
+    )
     p.add_argument(
         "--adapter",
         action="store_true",

@@ -73,7 +73,9 @@ def build_tokenizer(vocab_size: int = L32_3B["vocab_size"]):
 
 
 def build_model_dir(path: str | Path, *, layers: int | None = None, tokenizer=None) -> Path:
-    """Random-init Llama-3.2-3B shape in bf16 + a tokenizer (default: `build_tokenizer()`), saved once."""
+    """Random-init Llama-3.2-3B shape in bf16 + a tokenizer (default: `build_tokenizer()`), saved once.
+
+    With another tokenizer, the config's bos / eos / pad ids are that tokenizer's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,6 +83,9 @@ def build_model_dir(path: str | Path, *, layers: int | None = None, tokenizer=No
     if not (path / "config.json").exists():
         torch.manual_seed(0)
         shape = dict(L32_3B, num_hidden_layers=layers or L32_3B["num_hidden_layers"])
+        if tokenizer is not None:
+            ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            shape.update(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids, strict=True))
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
         model.save_pretrained(path)

@@ -27,10 +27,9 @@ from slackdist.generate import (
     context_limit,
     stream_reply,
     trim_history,
-    use_fast_path,
     warm_up,
 )
-from slackdist.model.load import InferenceModel, load_for_inference
+from slackdist.model.load import InferenceModel, load_for_inference, merge_in_memory
 
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 HELP = """\
@@ -77,6 +76,11 @@ class ChatSession:
         Raises:
             SlackdistError: the model has no adapter (a merged model).
         """
+        if self.im.merged_in_memory:
+            raise SlackdistError(
+                "/compare needs the base model: the adapter was merged in memory for fast replies "
+                "(start chat with --merge-adapter off to compare)"
+            )
         if not hasattr(self.im.model, "disable_adapter"):
             raise SlackdistError(
                 "/compare needs an adapter model; this is a merged model (no base to compare)"
@@ -241,7 +245,20 @@ def load_model(cfg: Config) -> InferenceModel:
             f"{model_dir}: no such model folder (train one with `python main.py --train`, or pass --model-dir DIR)"
         )
     print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
-    return load_for_inference(str(model_dir), base=cfg.chat.base, load_in_4bit=cfg.chat.load_in_4bit)
+    return load_for_inference(
+        str(model_dir), base=cfg.chat.base, load_in_4bit=cfg.chat.load_in_4bit, merge=cfg.chat.merge_adapter
+    )
+
+
+def fast_replies(im: InferenceModel) -> InferenceModel:
+    """The adapter folded into its 16-bit base in memory where `load_model` made that possible (said once)."""
+    if im.mergeable:
+        print(
+            "merging the adapter into the 16-bit base in memory (fast replies) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    return merge_in_memory(im)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
@@ -250,15 +267,13 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     Raises:
         SlackdistError: bad model folder; with --prompt, a prompt that does not fit.
     """
-    im = load_model(cfg)
+    im = fast_replies(load_model(cfg))
     settings = GenerationSettings.from_config(cfg.chat)
     persona = cfg.chat.persona or im.info.persona
     system = cfg.chat.system or im.info.system_prompt_for(persona)
     interactive = args.prompt is None and sys.stdin.isatty()
     session = ChatSession(im, settings, system, label=persona or "bot", interactive=interactive)
-    if use_fast_path(im, settings):
-        print("compiling the decode step (once per start, up to a minute) ...", file=sys.stderr, flush=True)
-        warm_up(im, settings)
+    warm_up(im, settings)
     if args.prompt is not None:
         session.ask(args.prompt)
         return 0

@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
     "eval": ("slackdist.eval", ("chat",), "Held-out loss/perplexity and sample replies, base vs tuned"),
     "serve": ("slackdist.serve", ("chat", "serve"), "OpenAI-compatible /v1/chat/completions server"),
+    "export": (
+        "slackdist.export_gguf",
+        ("export",),
+        "Merged model or training output -> GGUF (llama.cpp) + Ollama Modelfile",
+    ),
 }
 
 

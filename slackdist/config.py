@@ -182,8 +182,20 @@ class TrainConfig:
         0.0,
         "GPU memory this process may allocate at all (0: the whole GPU); the auto plan plans within it.",
     )
+    memory_plan_cache: bool = opt(
+        True,
+        "Reuse the memory probe's figures measured earlier for the same model, LoRA, GPU and libraries "
+        "(kept in ~/.cache/slackdist; SLACKDIST_CACHE_DIR moves it).",
+    )
     compile: Literal["auto", "on", "off"] = opt(
-        "auto", "torch.compile each decoder layer (auto: on one unsharded CUDA GPU)."
+        "auto",
+        "torch.compile each decoder layer (auto: on one unsharded CUDA GPU, for runs of at least "
+        "compile_min_steps steps).",
+    )
+    compile_min_steps: int = opt(
+        250,
+        "With compile=auto, compile only runs planned for at least this many optimizer steps: compiling "
+        "costs a fixed start-up time that only enough faster steps repay (bench/time_to_model.py).",
     )
     loss_chunk_size: int = opt(1024, "Compute lm_head + loss in chunks of this many tokens (0: all at once).")
     eval_every_n_steps: int = opt(50, "Evaluate on validation.jsonl every N steps (0: per epoch only).")
@@ -214,6 +226,11 @@ class ChatConfig:
     repetition_penalty: float = opt(1.1, "Repetition penalty.")
     seed: int | None = opt(None, "Seed for sampling.")
     load_in_4bit: bool | None = opt(None, "Load the base in 4-bit (default: on GPU yes, on CPU no).")
+    merge_adapter: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "Adapter folders: fold the adapter into a 16-bit base in memory so replies take the fast decode path "
+        "(auto: on a CUDA GPU with room for the 16-bit base, else the 4-bit base + adapter).",
+    )
     max_context_tokens: int = opt(
         0,
         "Prompt + reply token budget; older turns are dropped to fit (0: the model's train.max_seq_len, "
@@ -228,6 +245,45 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "Address to listen on.")
     port: int = opt(8000, "Port to listen on.")
     model_name: str = opt("slackdist", "Model id reported by /v1/models.")
+    api_key: str | None = opt(
+        None,
+        "Require 'Authorization: Bearer KEY' on every path but /health (default: $SLACKDIST_API_KEY; "
+        "prefer the variable, flags show in `ps`).",
+    )
+    allowed_hosts: list[str] = opt(
+        None,
+        "Host header names to answer besides localhost, 127.0.0.1 and ::1 ('*': any). Default: only "
+        "those when --host is a loopback address, else any.",
+        factory=list,
+    )
+    max_request_bytes: int = opt(4 * 2**20, "Largest request body; a larger one gets 413 unread.")
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section, one line per key."""
+        out = []
+        if not 0 <= self.port <= 65535:
+            out.append(f"serve.port={self.port}: must be in [0, 65535]")
+        if self.api_key is not None and not self.api_key.strip():
+            out.append("serve.api_key: must not be empty (leave it out for no key)")
+        if self.max_request_bytes < 1024:
+            out.append(f"serve.max_request_bytes={self.max_request_bytes}: must be >= 1024")
+        return out
+
+
+@dataclass
+class ExportConfig:
+    """`slackdist export`: a merged model or training output as a GGUF file for llama.cpp / Ollama."""
+
+    model_dir: str = opt(
+        "llama3_slack_finetuned", "Merged model folder, or a training output (merged in a temp folder first)."
+    )
+    format: Literal["gguf"] = opt("gguf", "Output format.")
+    quant: Literal["f32", "f16", "bf16", "q8_0"] = opt(
+        "q8_0", "Weight type of the 2-D tensors (norms and 1-D tensors stay f32)."
+    )
+    out: str = opt("", "A .gguf file, or a folder for NAME-QUANT.gguf + Modelfile (empty: MODEL_DIR/gguf).")
+    system: str | None = opt(None, "Modelfile SYSTEM prompt (default: the training one for #general).")
+    base: str | None = opt(None, "Base model of a training output (default: from adapter_config.json).")
 
 
 @dataclass
@@ -238,6 +294,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
         """Check every section; raise one ConfigError listing all problems.
@@ -288,6 +345,7 @@ class Config:
             problems.append(f"lora.r={self.lora.r}: must be > 0")
         if not 0 <= self.lora.dropout < 1:
             problems.append(f"lora.dropout={self.lora.dropout}: must be in [0, 1)")
+        problems += self.serve.problems()
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

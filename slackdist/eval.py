@@ -26,8 +26,8 @@ from slackdist.config import Config, TrainConfig
 from slackdist.data.examples import Example, load_examples, read_records
 from slackdist.errors import SlackdistError
 from slackdist.files import write_json_atomic, write_text_atomic
-from slackdist.generate import GenerationSettings, context_limit, reply, trim_history
-from slackdist.model.load import InferenceModel
+from slackdist.generate import GenerationSettings, context_limit, reply, trim_history, warm_up
+from slackdist.model.load import InferenceModel, merge_in_memory
 from slackdist.model.loss import chunked_lm_loss
 
 TEST_FILE = "test.jsonl"
@@ -112,30 +112,46 @@ def pick_samples(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 def sample_replies(
     im: InferenceModel, records: list[dict[str, Any]], settings: GenerationSettings
-) -> list[Sample]:
+) -> tuple[list[Sample], InferenceModel]:
     """Base and tuned replies to the last assistant turn of each record.
+
+    The base replies come first (the adapter disabled); then a mergeable adapter is folded into its
+    16-bit base in memory (`merge_in_memory`) so the tuned replies take the fast decode path.
+
+    Returns:
+        The samples, and the model the tuned replies came from (merged in memory where it could be).
 
     Raises:
         PromptTooLongError: a conversation whose last user turn alone does not fit the context.
     """
     has_base = hasattr(im.model, "disable_adapter")
     limit = context_limit(im, settings)
+    prompts = [
+        trim_history(im.tokenizer, r["messages"][:-1], limit, min(settings.max_new_tokens, limit // 2))
+        for r in records
+    ]
+    bar = dict(unit="conv", leave=False)
+    base = [
+        reply(im, p, settings, adapter=False) if has_base else None
+        for p in tqdm(prompts, desc="base replies", **bar)
+    ]
+    im = merge_in_memory(im)
+    warm_up(im, settings)
+    tuned = [reply(im, p, settings) for p in tqdm(prompts, desc="tuned replies", **bar)]
     samples = []
-    for record in tqdm(records, desc="sample replies", unit="conv", leave=False):
-        messages = record["messages"]
-        prompt = trim_history(im.tokenizer, messages[:-1], limit, min(settings.max_new_tokens, limit // 2))
+    for record, prompt, b, t in zip(records, prompts, base, tuned, strict=True):
         meta = record.get("meta") or {}
         samples.append(
             Sample(
                 conversation_id=str(meta.get("conversation_id", "")),
                 channel=str(meta.get("channel", "")),
                 prompt=prompt,
-                reference=messages[-1]["content"],
-                base=reply(im, prompt, settings, adapter=False) if has_base else None,
-                tuned=reply(im, prompt, settings),
+                reference=record["messages"][-1]["content"],
+                base=b,
+                tuned=t,
             )
         )
-    return samples
+    return samples, im
 
 
 def _quote(text: str) -> str:
@@ -223,12 +239,14 @@ def evaluate(
     if not examples:
         raise SlackdistError(f"{path}: every conversation is longer than max_seq_len={max_seq_len}")
     has_base = hasattr(im.model, "disable_adapter")
+    kind = im.kind
     base = heldout_loss(im, examples, adapter=False, max_batches=max_batches) if has_base else None
     tuned = heldout_loss(im, examples, max_batches=max_batches)
-    samples = sample_replies(im, pick_samples(records, num_samples), settings)
+    samples, im = sample_replies(im, pick_samples(records, num_samples), settings)
     return {
         "model_dir": model_dir,
-        "kind": im.kind,
+        "kind": kind,
+        "tuned_replies_merged_in_memory": im.merged_in_memory,
         "base_model": im.base,
         "data": str(path),
         "train_on": train_on,

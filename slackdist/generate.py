@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import dataclasses
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -503,6 +504,7 @@ def warm_up(im: InferenceModel, settings: GenerationSettings) -> bool:
     """
     if not use_fast_path(im, settings):
         return False
+    print("compiling the decode step (once per start) ...", file=sys.stderr, flush=True)
     # A few decode steps: CUDA graphs are recorded on the second or third run of the compiled step.
     warm = settings.replace(max_new_tokens=4, min_new_tokens=4, temperature=0.0, stop=())
     reply(im, [{"role": "user", "content": "hi"}], warm)

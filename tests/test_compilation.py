@@ -78,14 +78,17 @@ def test_compiled_layers_match_eager(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "sharded", "expected"),
+    ("setting", "device", "sharded", "steps", "expected"),
     [
-        ("auto", "cuda", False, True),
-        ("auto", "cuda", True, False),
-        ("auto", "cpu", False, False),
-        ("on", "cpu", False, True),
-        ("off", "cuda", False, False),
+        ("auto", "cuda", False, 150, True),
+        ("auto", "cuda", False, 149, False),  # too short a run to repay compiling
+        ("auto", "cuda", True, 1000, False),
+        ("auto", "cpu", False, 1000, False),
+        ("on", "cpu", False, 1, True),
+        ("off", "cuda", False, 1000, False),
     ],
 )
-def test_should_compile(setting: str, device: str, sharded: bool, expected: bool) -> None:
-    assert should_compile(setting, device_type=device, sharded=sharded) is expected
+def test_should_compile(setting: str, device: str, sharded: bool, steps: int, expected: bool) -> None:
+    on, why = should_compile(setting, device_type=device, sharded=sharded, steps=steps, min_steps=150)
+    assert on is expected
+    assert why

@@ -6,12 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slackdist.data.conversations import (
+    TRUNCATION_MARK,
+    ChannelGrouper,
     Post,
     conversation_id,
     group_channel,
     group_conversations,
     merge_turns,
+    pair_caps,
     split_windows,
+    truncate_turn,
     window_bounds,
 )
 from slackdist.slack.export import Channel, Message
@@ -168,7 +172,7 @@ _events = st.lists(
         st.integers(0, 1),  # channel
         st.integers(0, 5),  # speaker
         st.integers(1, 20_000),  # seconds since previous message
-        st.sampled_from(["flow", "parent", "reply"]),
+        st.sampled_from(["flow", "parent", "bare", "reply"]),  # bare: a parent without thread fields
         st.integers(0, 3),  # which open thread a reply goes to
     ),
     max_size=60,
@@ -183,8 +187,8 @@ def _build(events):
     for ch, who, dt, kind, which in events:
         t[ch] += dt
         thread = None
-        if kind == "parent":
-            thread = t[ch]
+        if kind in ("parent", "bare"):
+            thread = t[ch] if kind == "parent" else None
             parents[ch].append(t[ch])
         elif kind == "reply":
             # a reply to a known parent, or to one outside the export (missing parent)
@@ -209,7 +213,7 @@ def test_every_post_lands_in_exactly_one_whole_conversation(events):
             # consecutive turns are by different speakers
             assert all(a.speaker != b.speaker for a, b in zip(c.turns, c.turns[1:], strict=False))
         threads = {c.thread_ts: c for c in convs if c.thread_ts is not None}
-        for p in posts:
+        for p in posts:  # (a bare parent claimed by its replies has its thread_ts now)
             if p.thread_ts is not None:
                 assert any(p.text in t.text for t in threads[p.thread_ts].turns)
 
@@ -230,8 +234,6 @@ def test_windows_cover_every_turn_and_stay_within_max_turns(speakers, max_turns,
 
 
 def test_thread_closes_once_all_announced_replies_are_read_and_late_extras_keep_the_split_key():
-    from slackdist.data.conversations import ChannelGrouper
-
     grouper = ChannelGrouper(GENERAL, gap_hours=2)
     parent = post(1000, "ann", "q", thread=1000, day="d1")
     parent.reply_count = 2
@@ -247,3 +249,95 @@ def test_thread_closes_once_all_announced_replies_are_read_and_late_extras_keep_
     extra = [c for c in out if c.thread_ts and c.part == 1]
     assert len(extra) == 1 and not extra[0].parent_present
     assert extra[0].group_id == out[0].group_id and extra[0].id != out[0].id
+
+
+# ---------------------------------------------------------------- parents without thread fields
+
+
+def test_a_parent_without_thread_fields_is_joined_to_its_replies():
+    posts = [
+        post(1000, "ann", "chatter before", day="d1"),
+        post(1100, "bob", "how do I deploy?", day="d1"),  # the parent, exported without thread_ts
+        post(1200, "cat", "more chatter", day="d1"),
+        post(1300, "dan", "with make deploy", thread=1100, day="d1"),
+        post(40_000, "bob", "thanks, worked", thread=1100, day="d2"),  # a later day file
+    ]
+    grouper = ChannelGrouper(GENERAL, gap_hours=2)
+    convs = [c for p in posts for c in grouper.add(p)] + list(grouper.finish())
+    (thread,) = [c for c in convs if c.thread_ts is not None]
+    assert [t.text for t in thread.turns] == ["how do I deploy?", "with make deploy", "thanks, worked"]
+    assert thread.parent_present and thread.thread_ts == f"{1100:.6f}" and thread.n_replies == 2
+    (window,) = [c for c in convs if c.thread_ts is None]
+    assert [t.text for t in window.turns] == ["chatter before", "more chatter"]
+    assert grouper.parents_joined == 1
+
+
+def test_a_parent_whose_replies_come_after_the_join_horizon_stays_in_its_window():
+    posts = [
+        post(1000, "ann", "question", day="d1"),
+        post(1100, "bob", "answer", day="d1"),
+        post(1000 + 3 * 86400, "cat", "late reply", thread=1000, day="d4"),
+        post(1000 + 3 * 86400 + 60, "dan", "later reply", thread=1000, day="d4"),
+    ]
+    grouper = ChannelGrouper(GENERAL, gap_hours=2, join_hours=24)
+    convs = [c for p in posts for c in grouper.add(p)] + list(grouper.finish())
+    (thread,) = [c for c in convs if c.thread_ts is not None]
+    assert not thread.parent_present and [t.text for t in thread.turns] == ["late reply", "later reply"]
+    (window,) = [c for c in convs if c.thread_ts is None]
+    assert [t.text for t in window.turns] == ["question", "answer"] and grouper.parents_joined == 0
+
+
+def test_replies_read_before_their_bare_parent_still_get_it():
+    posts = [post(1200, "cat", "re", thread=1000, day="d"), post(1000, "ann", "q", day="d")]
+    posts[0].time, posts[1].time = 900.0, 1000.0  # a reply sorted first (clock skew)
+    grouper = ChannelGrouper(GENERAL, gap_hours=2)
+    convs = [c for p in posts for c in grouper.add(p)] + list(grouper.finish())
+    assert len(convs) == 1 and convs[0].parent_present and convs[0].n_messages == 2
+
+
+# ---------------------------------------------------------------- turns too long for the budget
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=30), st.integers(2, 4000))
+def test_pair_caps_let_every_two_neighbours_share_a_window(costs, budget):
+    caps = pair_caps(costs, budget)
+    assert all(0 <= c <= o for c, o in zip(caps, costs, strict=True))
+    assert all(a + b <= budget for a, b in zip(caps, caps[1:], strict=False))
+    for i, (c, o) in enumerate(zip(caps, costs, strict=True)):
+        if c < o:  # only a turn that could not share a window with a neighbour is cut
+            assert any(o + costs[j] > budget for j in (i - 1, i + 1) if 0 <= j < len(costs))
+            assert c >= min(budget // 2, o) or any(
+                c + caps[j] == budget for j in (i - 1, i + 1) if 0 <= j < len(caps)
+            )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=3000), st.integers(5, 400), st.booleans())
+def test_truncate_turn_fits_keeps_the_head_and_closes_fences(text, max_cost, fenced):
+    if fenced:
+        text = "see:\n```\n" + text
+    turn = merge_turns([post(0, "ann", text or "x")])[0]
+    cost = lambda t: len(t.text) // 4 + 1  # noqa: E731
+    cut = truncate_turn(turn, max_cost, cost)
+    assert cut.truncated and cut.text.endswith(TRUNCATION_MARK) and cut.posts == turn.posts
+    head = cut.text[: -len(TRUNCATION_MARK)]
+    if cost(cut) <= max_cost:
+        assert head.count("```") % 2 == 0
+    closed = head[:-4] if head.endswith("\n```") and turn.text.count("```") % 2 else head
+    assert turn.text.startswith(closed.rstrip()) or turn.text.startswith(head)
+    assert len(TRUNCATION_MARK) // 4 + 1 > max_cost or cost(cut) <= max_cost
+
+
+def test_split_windows_truncates_a_turn_too_long_to_share_a_window():
+    posts = [post(0, "ann", "x" * 40_000), post(10, "bob", "short"), post(20, "ann", "ok")]
+    (conv,) = group_channel(GENERAL, posts, gap_hours=2)
+    cost = lambda t: len(t.text) // 4 + 1  # noqa: E731
+    plan = split_windows(conv, max_tokens=2048, turn_cost=cost, base_cost=48)
+    assert plan.truncated == [0] and plan.over_budget == []
+    # the cut turn fills what its neighbour leaves: two overlapping windows, the first opening with it
+    assert [[t.index for t in w.turns] for w in plan.windows] == [[0, 1], [1, 2]]
+    assert all(sum(map(cost, w.turns)) <= 2000 for w in plan.windows)
+    assert (
+        plan.windows[0].turns[0].truncated and conv.turns[0].text == "x" * 40_000
+    )  # the source is untouched

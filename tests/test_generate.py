@@ -232,3 +232,55 @@ def test_fast_path_off_on_cpu(im):
 
     assert not use_fast_path(im, GREEDY)
     assert torch.device("cpu") == next(im.model.parameters()).device
+
+
+def test_adapter_merged_in_memory_replies_like_the_adapter(adapter_dir: Path, im) -> None:
+    """The fast path's model on an adapter folder: the adapter folded into the base in memory (no
+    files written) gives the same greedy replies as the base + adapter it came from."""
+    from slackdist.model.load import merge_in_memory
+
+    loaded = load_for_inference(str(adapter_dir), device="cpu", merge="on")
+    assert loaded.kind == "adapter" and loaded.mergeable
+    merged = merge_in_memory(loaded)
+    assert (
+        merged.kind == "merged" and merged.merged_in_memory and not hasattr(merged.model, "disable_adapter")
+    )
+    assert merged.model.lm_head.weight.data_ptr() != merged.model.model.embed_tokens.weight.data_ptr()
+    for messages in (CHAT, CHAT[:2]):
+        assert reply(merged, messages, GREEDY) == reply(im, messages, GREEDY)
+    assert reply(merged, CHAT, GREEDY) != reply(im, CHAT, GREEDY, adapter=False)  # the adapter is in it
+    assert merge_in_memory(im) is im  # not mergeable: left as it is
+
+
+@pytest.mark.parametrize(
+    ("merge", "load_in_4bit", "expected"),
+    [
+        ("auto", None, (False, False)),  # CPU: no fast path to gain, nothing merged
+        ("off", None, (False, False)),
+        ("on", None, (False, True)),
+        ("off", True, (True, False)),
+    ],
+)
+def test_plan_adapter_load_on_cpu(tiny_model_dir: Path, merge: str, load_in_4bit, expected) -> None:
+    from slackdist.model.load import plan_adapter_load
+
+    quantize, mergeable, note = plan_adapter_load(
+        str(tiny_model_dir), device="cpu", load_in_4bit=load_in_4bit, merge=merge
+    )
+    assert (quantize, mergeable) == expected and note is None
+
+
+def test_merge_on_with_a_4bit_base_is_a_clear_error(tiny_model_dir: Path) -> None:
+    from slackdist.errors import SlackdistError
+    from slackdist.model.load import plan_adapter_load, sixteen_bit_bytes
+
+    with pytest.raises(SlackdistError, match="needs a 16-bit base"):
+        plan_adapter_load(str(tiny_model_dir), device="cpu", load_in_4bit=True, merge="on")
+    n_params = sum(p.numel() for p in torch.nn.Module.parameters(_tiny(tiny_model_dir)))
+    assert sixteen_bit_bytes(str(tiny_model_dir)) == 2 * n_params
+
+
+def _tiny(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)

@@ -294,3 +294,32 @@ def test_rows_per_forward_does_not_change_the_losses(tiny_model_dir: Path, tmp_p
     assert len(losses[4]) == 3
     for step, loss in losses[4].items():
         assert loss == pytest.approx(losses[1][step], abs=1e-5), step
+
+
+def test_probe_cache_round_trip_and_key(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """The probe's figures are reused only for the same model, LoRA, loss chunking, sizes and GPU."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from slackdist.config import Config
+    from slackdist.train import memory
+
+    monkeypatch.setenv("SLACKDIST_CACHE_DIR", str(tmp_path / "cache"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = Config()
+    cpu = torch.device("cpu")
+    key = memory.probe_key(model, cfg, cpu, (1024, 2048), varlen=False)
+    assert memory.read_probe_cache(key) is None
+    full, ckpt = memory.Footprint(1e9, 2e5), memory.Footprint(8e8, float("inf"))  # inf: the probe ran out
+    memory.write_probe_cache(key, full, ckpt)
+    assert memory.read_probe_cache(key) == (full, ckpt)
+    assert (tmp_path / "cache" / "memory_probe.json").is_file()
+
+    other_lora = replace(cfg, lora=replace(cfg.lora, r=8))
+    assert memory.probe_key(model, other_lora, cpu, (1024, 2048), varlen=False) != key
+    assert memory.probe_key(model, cfg, cpu, (512, 1024), varlen=False) != key
+    model.config.num_hidden_layers += 1  # another model
+    assert memory.probe_key(model, cfg, cpu, (1024, 2048), varlen=False) != key
+    (tmp_path / "cache" / "memory_probe.json").write_text("{not json")  # a broken cache is no cache
+    assert memory.read_probe_cache(key) is None

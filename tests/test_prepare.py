@@ -113,7 +113,10 @@ def test_no_markup_or_escapes_and_code_blocks_intact(sample_out, sample_secrets)
     assert checked >= 1
     q = json.loads((out / "report.json").read_text())["quality"]
     assert q["turns_with_raw_markup"] == 0 and q["turns_with_html_escapes"] == 0
-    assert q["code_blocks"] >= 2 and q["code_blocks_intact"] == q["code_blocks"]
+    assert q["code_blocks"] >= 2 and q["code_blocks_intact"] >= checked  # (blocks-only messages add some)
+    # the blocks that held a planted secret are measured as changed, with the reason
+    changed = q["code_blocks"] - q["code_blocks_intact"]
+    assert changed >= 2 and q["code_blocks_changed"] == {"redacted": changed}
     assert q["conversations_mixing_channels"] == 0 and q["records_invalid"] == 0
 
 
@@ -134,7 +137,7 @@ def test_late_reply_thread_is_rebuilt_in_one_conversation(sample_out):
     assert len(recs) == 1
     (rec,) = recs
     assert rec["meta"]["start"] == float(parent["ts"])
-    assert rec["meta"]["end"] >= max(float(r["ts"]) for r in replies[:-1])  # a trailing user turn may drop
+    assert rec["meta"]["end"] == max(float(r["ts"]) for r in replies)  # the closing reply is kept
     text = "\n".join(m["content"] for m in rec["messages"])
     assert "Late to the party" in text and "Should we ship on Friday" in text
 

@@ -8,12 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slackdist.config import DEFAULT_SYSTEM_PROMPT, DataConfig
-from slackdist.data.conversations import Post, group_channel, split_windows
+from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
+from slackdist.data.conversations import TRUNCATION_MARK, Post, group_channel, split_windows
 from slackdist.data.records import (
+    _CHANNEL_SENTENCE,
     CharTokenCounter,
     PersonaMatcher,
     RecordBuilder,
+    alternate_roles,
     format_system_prompt,
     group_of,
     hash_split,
@@ -29,7 +31,9 @@ from slackdist.slack.export import Channel
 INFRA = Channel(id="C9", name="infra", kind="public", folder="infra")
 
 
-def conv_of(speakers: list[str], *, start: float = 1_600_000_000.0, thread: bool = False, texts=None):
+def conv_of(
+    speakers: list[str], *, start: float = 1_600_000_000.0, thread: bool = False, texts=None, channel=INFRA
+):
     posts = []
     for i, who in enumerate(speakers):
         ts = f"{start + i * 60:.6f}"
@@ -41,11 +45,46 @@ def conv_of(speakers: list[str], *, start: float = 1_600_000_000.0, thread: bool
                 speaker_id="U" + who.upper(),
                 text=texts[i] if texts else f"{who} says {i}",
                 source="d",
-                channel_id=INFRA.id,
+                channel_id=channel.id,
             )
         )
-    (conv,) = group_channel(INFRA, posts, gap_hours=2)
+    (conv,) = group_channel(channel, posts, gap_hours=2)
     return conv
+
+
+def test_dm_system_prompt_names_the_participants_not_the_dm_id():
+    dm = format_system_prompt(
+        DEFAULT_SYSTEM_PROMPT, workspace="acme", channel="D0DMADAGR1", participants=["Ann", "Bob"]
+    )
+    assert dm.endswith("This conversation is a direct message between Ann and Bob.") and "D0DM" not in dm
+    group = format_system_prompt(
+        DEFAULT_SYSTEM_PROMPT, workspace="acme", channel="mpdm-a--b--c-1", participants=["Ann", "Bob", "Cat"]
+    )
+    assert "a group direct message between Ann, Bob and Cat." in group and "mpdm" not in group
+    persona = format_system_prompt(
+        DEFAULT_SYSTEM_PROMPT,
+        workspace="acme",
+        channel="D0DMADAGR1",
+        persona="Ann",
+        participants=["Ann", "Bob"],
+    )
+    assert persona.startswith("You are Ann") and "direct message between Ann and Bob" in persona
+    custom = format_system_prompt(
+        "{channel} | {participants}", workspace="w", channel="D0X", participants=["A", "B"]
+    )
+    assert custom == "A and B (direct message) | A and B"
+    for template in (DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT):
+        assert _CHANNEL_SENTENCE in template  # the sentence a DM's prompt replaces
+
+
+def test_dm_records_name_their_speakers_in_the_system_prompt():
+    dm = Channel(id="D0DMADAGR1", name="D0DMADAGR1", kind="dm", folder="D0DMADAGR1")
+    conv = conv_of(["ann", "bob"], channel=dm)
+    builder = RecordBuilder(DataConfig(), workspace="acme")
+    plan, built = builder.build_conversation(conv)
+    system = built[0][1].record["messages"][0]["content"]
+    assert "direct message between Ann and Bob" in system and "D0DM" not in system
+    assert builder.system("general")[0].endswith("#general.")
 
 
 def test_system_prompt_fills_workspace_channel_and_persona():
@@ -57,17 +96,76 @@ def test_system_prompt_fills_workspace_channel_and_persona():
     assert custom == "w/c {json: {x}}"
 
 
-def test_alternate_roles_drop_the_trailing_user_turn_and_prefix_names():
+def test_alternate_roles_keep_the_closing_turn_of_an_odd_conversation_and_prefix_names():
     conv = conv_of(["ann", "bob", "ann", "cat", "bob"])
     rec = to_record(conv, DataConfig(), workspace="acme")
     roles = [m["role"] for m in rec["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
-    assert rec["messages"][1]["content"] == "Ann: ann says 0"
-    assert rec["messages"][4]["content"] == "Cat: cat says 3"
-    assert rec["meta"]["speakers"] == ["Ann", "Bob", "Cat"]  # Bob's trailing turn is not in the record
+    # roles are counted back from the last turn; the opening two turns form one user message
+    assert rec["messages"][1]["content"] == "Ann: ann says 0\nBob: bob says 1"
+    assert rec["messages"][2]["content"] == "Ann: ann says 2"
+    assert rec["messages"][4]["content"] == "Bob: bob says 4"  # the closing turn is the assistant's
+    assert rec["meta"]["speakers"] == ["Ann", "Bob", "Cat"]
+    assert rec["meta"]["end"] == conv.turns[-1].end
     assert rec["meta"]["channel"] == "infra" and rec["meta"]["thread_ts"] is None
     assert rec["meta"]["conversation_id"] == conv.id
     assert validate_record(rec) == []
+
+
+def test_even_conversations_alternate_from_the_first_turn():
+    rec = to_record(conv_of(["ann", "bob", "ann", "bob"]), DataConfig(), workspace="acme")
+    assert [m["content"] for m in rec["messages"][1:]] == [
+        f"{w.title()}: {w} says {i}" for i, w in enumerate(["ann", "bob", "ann", "bob"])
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 200))
+def test_alternate_roles_spans_cover_every_turn_once(n):
+    spans = alternate_roles(n)
+    if n < 2:
+        assert spans == []
+        return
+    assert [i for _, a, b in spans for i in range(a, b)] == list(range(n))  # every turn, once, in order
+    roles = [r for r, _, _ in spans]
+    assert roles[0] == "user" and roles[-1] == "assistant" and len(roles) % 2 == 0
+    assert all(a != b for a, b in zip(roles, roles[1:], strict=False))
+    assert all(b - a == 1 for _, a, b in spans[1:])  # only the opening message may hold two turns
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["ann", "bob", "cat", "dan", "eve"]), min_size=0, max_size=45), st.booleans())
+def test_alternate_records_lose_no_turn(speakers, names):
+    """Any number of turns and speakers: every turn reaches the record, in order, roles alternating."""
+    posts = [
+        Post(
+            ts=f"{1e9 + i:.6f}",
+            thread_ts=None,
+            speaker=w.title(),
+            speaker_id="U" + w,
+            text=f"{w} {i}",
+            source="d",
+        )
+        for i, w in enumerate(speakers)
+    ]
+    convs = list(group_channel(INFRA, posts, gap_hours=2))
+    builder = RecordBuilder(
+        DataConfig(speaker_names=names, max_turns=10_000, max_tokens=10**9), workspace="w"
+    )
+    for conv in convs:
+        built = builder.build(conv)
+        if len(conv.turns) < 2:
+            assert built.record is None and built.reason == "too_short"
+            continue
+        msgs = built.record["messages"]
+        assert validate_record(built.record) == []
+        assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * ((len(msgs) - 1) // 2)
+        assert built.used_turns == list(range(len(conv.turns)))
+        body = "\n".join(m["content"] for m in msgs[1:])
+        at = 0
+        for turn in conv.turns:  # each turn's text, in order
+            at = body.index(turn.text, at) + len(turn.text)
+        assert [t for g in built.groups for t in g] == conv.turns
 
 
 def test_no_speaker_names():
@@ -101,7 +199,7 @@ def test_persona_mode_without_a_name_is_an_error():
         RecordBuilder(DataConfig(roles="persona"), workspace="w")
 
 
-def test_token_budget_trims_whole_pairs_or_drops():
+def test_a_record_over_the_budget_is_not_trimmed_but_reported():
     texts = ["x" * 400] * 6
     conv = conv_of(["ann", "bob"] * 3, texts=texts)
     counter = CharTokenCounter()
@@ -109,10 +207,44 @@ def test_token_budget_trims_whole_pairs_or_drops():
     pair = 2 * counter.turn("Ann: " + "x" * 400)
     cfg = DataConfig(max_tokens=system_cost + pair + 5)
     built = RecordBuilder(cfg, workspace="w").build(conv)
-    assert built.reason == "trimmed_to_token_budget" and len(built.record["messages"]) == 3
-    assert built.tokens <= cfg.max_tokens and built.used_turns == [0, 1]
-    tiny = RecordBuilder(DataConfig(max_tokens=50), workspace="w").build(conv)
-    assert tiny.record is None and tiny.reason == "over_token_budget"
+    assert built.record is None and built.reason == "over_token_budget" and built.tokens > cfg.max_tokens
+
+
+class UnderCounter(CharTokenCounter):
+    """Says a turn costs half what it costs in the rendered record (as a real tokenizer can be off)."""
+
+    def turn(self, content: str) -> int:
+        return super().turn(content) // 2
+
+
+def test_records_over_the_budget_after_rendering_are_windowed_again_without_losing_a_turn():
+    conv = conv_of(["ann", "bob"] * 6, texts=["y" * 300] * 12)
+    cfg = DataConfig(max_tokens=600, max_turns=40, window_overlap=1)
+    builder = RecordBuilder(cfg, workspace="w", counter=UnderCounter())
+    _, base = builder.system("infra")
+    first_plan = split_windows(conv, max_tokens=600, overlap=1, turn_cost=builder.turn_cost, base_cost=base)
+    assert builder.build(first_plan.windows[0]).reason == "over_token_budget"  # the estimate was too low
+    plan, built = builder.build_conversation(conv)
+    assert built and all(b.record is not None for _, b in built)
+    assert all(b.tokens <= cfg.max_tokens for _, b in built)
+    assert {i for _, b in built for i in b.used_turns} == set(range(12))
+    assert [w.window for w, _ in built] == list(range(len(built)))  # ids stay in order
+
+
+def test_an_over_budget_thread_parent_is_truncated_and_opens_the_thread():
+    parent = "why does the deploy fail? " * 2000
+    conv = conv_of(
+        ["ann", "bob", "ann", "bob"], thread=True, texts=[parent, "check the logs", "which ones", "prod"]
+    )
+    cfg = DataConfig(max_tokens=2048)
+    plan, built = RecordBuilder(cfg, workspace="w").build_conversation(conv)
+    assert plan.truncated == [0] and plan.over_budget == []
+    (window, b) = built[0]
+    assert window.turns[0].index == 0 and window.turns[0].truncated
+    first = b.record["messages"][1]["content"]
+    assert first.startswith("Ann: why does the deploy fail?") and first.endswith(TRUNCATION_MARK)
+    assert b.tokens <= cfg.max_tokens
+    assert {i for _, b in built for i in b.used_turns} == {0, 1, 2, 3}
 
 
 def test_real_tokenizer_counts_through_the_chat_template(tiny_model_dir):

@@ -115,6 +115,21 @@ def test_train_end_to_end(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, 
     evals = {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}
     assert 10 in evals and steps[-1] in evals
 
+    # the time a user waited, by phase (bench/time_to_model.py reads it): the parts add up to the whole
+    (phases,) = [m["phases"] for m in metrics if "phases" in m]
+    assert {
+        "start-up",
+        "data",
+        "load",
+        "steps",
+        "eval",
+        "best adapter",
+        "checkpoints",
+        "final save",
+    } <= phases.keys()
+    parts = sum(v for k, v in phases.items() if k not in ("warm-up", "total"))
+    assert 0 < phases["warm-up"] < phases["steps"] and parts <= phases["total"] < 1.5 * parts + 5
+
     # the adapter: PEFT layout, 2 tensors per LoRA module (7 projections x 2 layers + lm_head), trained
     weights = load_file(out / "adapter_model.safetensors")
     assert len(weights) == 2 * (7 * 2 + 1)

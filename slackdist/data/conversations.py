@@ -4,19 +4,28 @@ A thread (parent + replies in ts order) is one conversation, however many day fi
 are spread over. Messages outside threads are grouped per channel while the gap to the previous
 one stays under ``gap_hours``. Consecutive messages of one speaker form one turn. Conversations
 longer than ``max_turns`` turns or the token budget are cut into overlapping windows, always
-between messages.
+between messages; a message too long to share a window with its neighbour is truncated (with
+:data:`TRUNCATION_MARK`), never dropped, so a record never starts mid-thread.
 
-Memory: the time window of a channel is closed (and yielded) as soon as a gap passes, so at most
-one window per channel is open. Slack threads take replies for ever (a reply can come months
+A thread parent exported without thread fields (no ``thread_ts``, ``reply_count`` or ``replies``)
+looks like an ordinary message; the first reply that names its ts in ``thread_ts`` pulls it out of
+its time window into the thread. For that, closed time windows are held back ``join_hours`` (24)
+before they are yielded.
+
+Memory: a time window is yielded ``join_hours`` after a gap closed it, so a channel holds the
+windows of its last day or so. Slack threads take replies for ever (a reply can come months
 later, in a later day file), so a thread stays open until its channel's last day file has been
 read. Only compact cleaned posts are kept for it; the bound is therefore the cleaned text of the
-threaded messages of ONE channel (plus one day file of that channel), never the whole export.
+threaded messages of ONE channel (plus a day of its other messages), never the whole export.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import operator
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,8 +41,11 @@ class Post:
         thread_ts: the thread it belongs to (== ts on a parent), or None.
         speaker: display name.
         speaker_id: Slack user id, when known.
-        text: cleaned text.
-        code: the fenced code blocks the text must still hold byte-for-byte (for the report).
+        text: cleaned, redacted text.
+        code: the fenced code blocks of the source, entities decoded, before any redaction: what the
+            record must still hold byte for byte (the report checks it).
+        code_redacted: for each block of ``code``, whether redaction changed it (the reason the report
+            gives when the block is not intact).
         source: day file it came from (posts of one file are re-sorted by ts).
         channel_id: the channel it was read from (kept so mixing channels stays measurable).
         reply_count: on a thread parent, how many replies the export says it has (0: unknown).
@@ -48,26 +60,35 @@ class Post:
     source: str = ""
     channel_id: str = ""
     reply_count: int = 0
+    code_redacted: tuple[bool, ...] = ()
     time: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.time = float(self.ts)
 
     @classmethod
-    def from_message(cls, msg: Message, text: str | None = None, code: tuple[str, ...] = ()) -> Post:
-        """A post from a Message; ``text`` replaces the message text (the cleaned one)."""
+    def from_message(
+        cls,
+        msg: Message,
+        text: str | None = None,
+        code: tuple[str, ...] = (),
+        speaker: str | None = None,
+        code_redacted: tuple[bool, ...] = (),
+    ) -> Post:
+        """A post from a Message; ``text`` and ``speaker`` replace the message's (the cleaned, redacted ones)."""
         ts, thread_ts = msg.ts, msg.thread_ts
         # Positional: this runs once per kept message, and keyword arguments cost measurably more here.
         return cls(
             ts,
             thread_ts,
-            msg.user_name,
+            msg.user_name if speaker is None else speaker,
             msg.user_id,
             msg.text if text is None else text,
             code,
             msg.source_file,
             msg.channel.id,
             msg.reply_count if thread_ts == ts else 0,
+            code_redacted,
         )
 
     @property
@@ -79,9 +100,17 @@ class Post:
         return self.thread_ts == self.ts
 
 
+#: Appended to a message cut to fit the token budget (see :func:`truncate_turn`).
+TRUNCATION_MARK = " […]"
+
+
 @dataclass(slots=True)
 class Turn:
-    """Consecutive messages of one speaker, joined by newlines."""
+    """Consecutive messages of one speaker, joined by newlines.
+
+    ``posts`` are the messages it holds (the report checks each one against the written records);
+    ``truncated`` is set when the text was cut to fit the token budget.
+    """
 
     speaker: str
     speaker_id: str | None
@@ -92,6 +121,8 @@ class Turn:
     channel_ids: frozenset[str] = frozenset()
     code: tuple[str, ...] = ()
     index: int = 0  # position in the whole (unwindowed) conversation
+    posts: list[Post] = field(default_factory=list)
+    truncated: bool = False
 
     @property
     def speaker_key(self) -> str:
@@ -172,11 +203,13 @@ def merge_turns(posts: list[Post]) -> list[Turn]:
             last.text = f"{last.text}\n{post.text}"
             last.end = post.time
             last.n_messages += 1
-            last.code = last.code + post.code
+            last.posts.append(post)
+            if post.code:
+                last.code = last.code + post.code
             if post.channel_id not in last.channel_ids:
                 last.channel_ids = last.channel_ids | {post.channel_id}
             continue
-        # speaker, speaker_id, text, start, end, n_messages, channel_ids, code, index
+        # speaker, speaker_id, text, start, end, n_messages, channel_ids, code, index, posts
         last = Turn(
             post.speaker,
             post.speaker_id,
@@ -187,6 +220,7 @@ def merge_turns(posts: list[Post]) -> list[Turn]:
             frozenset((post.channel_id,)),
             post.code,
             len(turns),
+            [post],
         )
         last_key = key
         turns.append(last)
@@ -199,6 +233,7 @@ class _Thread:
     reply_ts: set[str] = field(default_factory=set)  # every reply seen, kept or dropped (bots ...)
     expected: int = 0  # the parent's reply_count (0: unknown)
     parent_present: bool = False
+    parent_searched: bool = False  # looked for a parent without thread fields among the held windows
 
     @property
     def complete(self) -> bool:
@@ -208,23 +243,30 @@ class _Thread:
 class ChannelGrouper:
     """Streams one channel's posts (day files in date order) and yields whole conversations.
 
-    Time windows are yielded as soon as the gap passes. A thread is yielded as soon as every reply
-    its parent announces (``reply_count``) has been read, else at :meth:`finish`, the end of the
-    channel: a reply can come months later, and an export without reply counts (or with deleted
-    replies) gives no other signal that a thread is over. Replies that still arrive for a thread
-    closed early (a stale count) become a further part of it with the same split key.
+    Time windows are closed when the gap passes and yielded ``join_hours`` later: until then a reply
+    whose ``thread_ts`` names one of their posts (a parent exported without thread fields) moves
+    that post into its thread. A thread is yielded as soon as every reply its parent announces
+    (``reply_count``) has been read, else at :meth:`finish`, the end of the channel: a reply can
+    come months later, and an export without reply counts (or with deleted replies) gives no other
+    signal that a thread is over. Replies that still arrive for a thread closed early (a stale
+    count) become a further part of it with the same split key.
     """
 
-    def __init__(self, channel: Channel, *, gap_hours: float) -> None:
+    def __init__(self, channel: Channel, *, gap_hours: float, join_hours: float = 24.0) -> None:
         self.channel = channel
         self.gap = gap_hours * 3600.0
+        self.hold = max(join_hours, 0.0) * 3600.0
+        self._expiry = max(self.gap, self.hold)  # the open window is closed for sure after this long
         self._window: list[Post] = []
+        self._held: deque[list[Post]] = deque()  # closed windows, oldest first, not yet yielded
         self._threads: dict[str, _Thread] = {}
         self._closed: dict[str, int] = {}  # thread_ts -> parts yielded so far
         self._touched: set[str] = set()
         self._day: list[Post] = []
         self._day_source: str | None = None
+        self._window_roots: set[str] = set()  # first ts of every window yielded (their ids' root)
         self.threads_reopened = 0
+        self.parents_joined = 0  # parents without thread fields joined to their replies
 
     def add(self, post: Post) -> list[Conversation]:
         """Add one post; returns the conversations that the previous day file completed (usually none).
@@ -247,11 +289,13 @@ class ChannelGrouper:
             self._touched.add(thread_ts)
 
     def finish(self) -> Iterator[Conversation]:
-        """End of the channel: yield the open window and every open thread (in order of their root ts)."""
+        """End of the channel: yield the held and open windows and every open thread (in order of their root ts)."""
         yield from self._flush_day()
         if self._window:
-            yield self._window_conversation(self._window)
+            self._held.append(self._window)
             self._window = []
+        while self._held:
+            yield self._window_conversation(self._held.popleft())
         threads, self._threads = self._threads, {}
         for thread_ts in sorted(threads, key=float):
             thread = threads.pop(thread_ts)
@@ -261,18 +305,29 @@ class ChannelGrouper:
     @property
     def open_posts(self) -> int:
         """Posts held right now (for memory accounting)."""
-        return len(self._window) + len(self._day) + sum(len(t.posts) for t in self._threads.values())
+        held = sum(len(w) for w in self._held)
+        return len(self._window) + held + len(self._day) + sum(len(t.posts) for t in self._threads.values())
 
     def _flush_day(self) -> Iterator[Conversation]:
         # Day files are in date order, but messages inside one are not guaranteed to be sorted.
         day, self._day = self._day, []
         day.sort(key=_TIME)
+        held = self._held
         for post in day:
+            # A window is yielded once it is too old for a reply to claim one of its posts as parent.
+            if self._window and post.time - self._window[-1].time >= self._expiry:
+                held.append(self._window)
+                self._window = []
+            while held and post.time - held[0][-1].time >= self.hold:
+                yield self._window_conversation(held.popleft())
+            if post.thread_ts is None and post.ts in self._threads and self._threads[post.ts].posts:
+                post.thread_ts = post.ts  # its (kept) replies came first: a parent without thread fields
+                self.parents_joined += 1
             if post.thread_ts is not None:
                 self._add_to_thread(post)
                 continue
             if self._window and post.time - self._window[-1].time >= self.gap:
-                yield self._window_conversation(self._window)
+                held.append(self._window)
                 self._window = []
             self._window.append(post)
         touched, self._touched = self._touched, set()
@@ -290,16 +345,42 @@ class ChannelGrouper:
             if thread_ts in self._closed:
                 self.threads_reopened += 1
             thread = self._threads[thread_ts] = _Thread()
-        thread.posts.setdefault(post.ts, post)
         if post.is_parent:
+            thread.posts.setdefault(post.ts, post)
             thread.parent_present = True
             thread.expected = max(thread.expected, post.reply_count)
         else:
+            if not thread.parent_present and not thread.parent_searched:
+                thread.parent_searched = True
+                parent = self._claim(thread_ts)
+                if parent is not None:
+                    parent.thread_ts = parent.ts
+                    thread.posts[parent.ts] = parent
+                    thread.parent_present = True
+                    self.parents_joined += 1
+            thread.posts.setdefault(post.ts, post)
             thread.reply_ts.add(post.ts)
         self._touched.add(thread_ts)
 
+    def _claim(self, ts: str) -> Post | None:
+        """Take the post with this ts out of the open or a held window (a parent without thread fields)."""
+        t = float(ts)
+        for window in (*self._held, self._window):
+            if not window or not window[0].time <= t <= window[-1].time:
+                continue
+            i = bisect.bisect_left(window, t, key=_TIME)
+            while i < len(window) and window[i].time == t:
+                if window[i].ts == ts:
+                    post = window.pop(i)
+                    if not window and window is not self._window:
+                        self._held.remove(window)
+                    return post
+                i += 1
+        return None
+
     def _window_conversation(self, posts: list[Post]) -> Conversation:
         root = posts[0].ts
+        self._window_roots.add(root)
         return Conversation(
             id=conversation_id(self.channel.id, root),
             channel=self.channel,
@@ -310,6 +391,10 @@ class ChannelGrouper:
 
     def _thread_conversation(self, thread_ts: str, thread: _Thread) -> Conversation:
         part = self._closed.get(thread_ts, 0)
+        if part == 0 and not thread.parent_present and thread_ts in self._window_roots:
+            # Its parent (never joined) opened a time window, whose id has the same root: number the
+            # replies as a further part, so ids stay unique and the split still keeps them together.
+            part = 1
         self._closed[thread_ts] = part + 1
         posts = sorted(thread.posts.values(), key=_TIME)
         return Conversation(
@@ -342,12 +427,15 @@ class WindowPlan:
     Attributes:
         windows: eligible windows (each a Conversation with its own id).
         too_short: windows dropped for fewer than min_turns turns or fewer than 2 speakers.
-        over_budget: indices of turns that alone exceed the token budget (dropped).
+        over_budget: indices of turns that alone exceed the token budget even after truncation
+            (dropped; only a token counter that grows when text shrinks can cause it).
+        truncated: indices of turns cut to fit the budget beside a neighbour.
     """
 
     windows: list[Conversation]
     too_short: list[Conversation]
     over_budget: list[int]
+    truncated: list[int] = field(default_factory=list)
 
 
 def _eligible(turns: list[Turn], min_turns: int) -> bool:
@@ -390,6 +478,56 @@ def window_bounds(
     return windows, skipped
 
 
+def pair_caps(costs: list[int], budget: int) -> list[int]:
+    """The most each turn may cost so that every two neighbours fit the budget together.
+
+    A window needs at least two turns, so a turn that cannot share a window with the next one (or
+    the one before) would end up alone, and be lost. Only turns that are too long are lowered: of
+    two neighbours over the budget, the longer gives way first, down to half the budget.
+    """
+    caps = list(costs)
+    half = budget // 2
+    for i in range(len(caps) - 1):
+        a, b = caps[i], caps[i + 1]
+        if a + b <= budget:
+            continue
+        if a >= b:
+            caps[i] = max(budget - b, half)
+            caps[i + 1] = min(b, budget - caps[i])
+        else:
+            caps[i + 1] = max(budget - a, half)
+            caps[i] = min(a, budget - caps[i + 1])
+    return caps
+
+
+def truncate_turn(turn: Turn, max_cost: int, cost: Callable[[Turn], int]) -> Turn:
+    """The turn with its text cut (at a word boundary when one is near) to cost at most ``max_cost``.
+
+    The cut text ends with :data:`TRUNCATION_MARK`; an open code fence is closed first, so the rest
+    of the record is not read as code. The longest prefix that fits is found by bisection, so a
+    real tokenizer is asked about 17 times for a 100,000-character message.
+    """
+    text = turn.text
+
+    def cut(k: int) -> Turn:
+        head = text[:k].rstrip()
+        if head.count("```") % 2:
+            head += "\n```"
+        return dataclasses.replace(turn, text=head + TRUNCATION_MARK, truncated=True)
+
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(cut(mid)) <= max_cost:
+            lo = mid
+        else:
+            hi = mid - 1
+    space = max(text.rfind(" ", 0, lo), text.rfind("\n", 0, lo))
+    if space > 0.8 * lo and cost(cut(space)) <= max_cost:
+        lo = space
+    return cut(lo)
+
+
 def split_windows(
     conv: Conversation,
     *,
@@ -401,6 +539,9 @@ def split_windows(
     base_cost: int = 0,
 ) -> WindowPlan:
     """Cut a whole conversation into windows that fit max_turns and the token budget.
+
+    A turn too long to share a window with a neighbour is truncated first (:func:`pair_caps`), so
+    an over-long thread parent still opens its thread's first window.
 
     Args:
         conv: a whole conversation from :func:`group_channel`.
@@ -414,11 +555,22 @@ def split_windows(
     cost = turn_cost or (lambda t: len(t.text) // 4 + 1)
     costs = [cost(t) for t in conv.turns]
     budget = None if max_tokens is None else max_tokens - base_cost
+    truncated: list[int] = []
+    if budget is not None and len(costs) > 1 and sum(costs) > budget:
+        caps = pair_caps(costs, budget)
+        if caps != costs:
+            turns = list(conv.turns)
+            for i, (c, cap) in enumerate(zip(costs, caps, strict=True)):
+                if c > cap:
+                    turns[i] = truncate_turn(turns[i], cap, cost)
+                    costs[i] = cost(turns[i])
+                    truncated.append(i)
+            conv = dataclasses.replace(conv, turns=turns)
     if costs and len(costs) <= max_turns and (budget is None or sum(costs) <= budget):
         bounds, skipped = [(0, len(costs))], []  # what window_bounds gives when it all fits (costs >= 0)
     else:
         bounds, skipped = window_bounds(costs, max_turns=max_turns, overlap=overlap, budget=budget)
-    plan = WindowPlan(windows=[], too_short=[], over_budget=skipped)
+    plan = WindowPlan(windows=[], too_short=[], over_budget=skipped, truncated=truncated)
     if len(bounds) == 1 and bounds[0] == (0, len(conv.turns)):  # the common case: it fits as it is
         (plan.windows if _eligible(conv.turns, min_turns) else plan.too_short).append(conv)
         return plan
@@ -477,6 +629,7 @@ def group_conversations(
 
 
 __all__ = [
+    "TRUNCATION_MARK",
     "ChannelGrouper",
     "Conversation",
     "Post",
@@ -486,6 +639,8 @@ __all__ = [
     "group_channel",
     "group_conversations",
     "merge_turns",
+    "pair_caps",
     "split_windows",
+    "truncate_turn",
     "window_bounds",
 ]

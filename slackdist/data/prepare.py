@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from slackdist.config import Config, DataConfig, split_fractions
-from slackdist.data.conversations import ChannelGrouper, Conversation, Post, split_windows
+from slackdist.data.conversations import ChannelGrouper, Conversation, Post
 from slackdist.data.records import (
     SPLIT_NAMES,
     PersonaMatcher,
@@ -32,7 +32,14 @@ from slackdist.data.records import (
     load_token_counter,
     time_split,
 )
-from slackdist.data.report import ReportBuilder, import_plotting, render_markdown, report_json, write_plots
+from slackdist.data.report import (
+    ReportBuilder,
+    import_plotting,
+    percent,
+    render_markdown,
+    report_json,
+    write_plots,
+)
 from slackdist.errors import SlackdistError
 from slackdist.slack.export import (
     Channel,
@@ -78,13 +85,14 @@ class Report:
 
 
 class Cleaner:
-    """Raw Message -> cleaned, redacted Post (mentions, links, emoji, files, reactions)."""
+    """Raw Message -> cleaned, redacted Post (mentions, links, emoji, files, reactions, speaker name)."""
 
     def __init__(self, cfg: DataConfig, ctx: MarkupContext, redactions: Counter) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.redactor = Redactor(keep_emails=cfg.keep_emails, keep_phones=cfg.keep_phones)
         self.redactions = redactions
+        self._names: dict[str, tuple[str, Counter]] = {}  # display name -> (redacted, what was redacted)
 
     def __call__(self, msg: Message) -> Post | None:
         """The post of a human message, or None when nothing is left after cleaning."""
@@ -93,7 +101,8 @@ class Cleaner:
         reactions = msg.reactions if self.cfg.reactions else None
         if msg.files or reactions:
             parts = [text] if text else []
-            parts += [f"[file: {name}]" for name in msg.files]
+            # A legacy file_share's text already says "uploaded a file: <url|name>": name each file once.
+            parts += [f"[file: {name}]" for name in dict.fromkeys(msg.files) if name not in text]
             if reactions:
                 line = format_reactions(reactions, self.cfg.min_reaction_count, self.cfg.emoji_unicode)
                 if line:
@@ -103,10 +112,19 @@ class Cleaner:
             return None
         full = self.redactor.redact_into(text, self.redactions)
         code: tuple[str, ...] = ()
+        changed: tuple[bool, ...] = ()
         if "```" in raw:
-            # What the quality check looks for: each block as written, entities decoded, secrets redacted.
-            code = tuple(self.redactor.redact(decode_entities(b))[0] for b in code_blocks(raw))
-        return Post.from_message(msg, text=full, code=code)
+            # What the report checks the records against: each block as written, entities decoded,
+            # before redaction (a block that held a secret is then reported as changed, "redacted").
+            code = tuple(decode_entities(b) for b in code_blocks(raw))
+            changed = tuple(self.redactor.redact(b)[0] != b for b in code)
+        # The display name goes through the same redactor (an e-mail or phone number as a name).
+        name = self._names.get(msg.user_name)
+        if name is None:
+            name = self._names[msg.user_name] = self.redactor.redact(msg.user_name)
+        if name[1]:
+            self.redactions.update(name[1])
+        return Post.from_message(msg, full, code, name[0], changed)
 
 
 def resolve_persona(name: str, users: dict[str, UserInfo]) -> PersonaMatcher:
@@ -295,7 +313,7 @@ def run_channel(job: _Job, src: ExportSource, index: int) -> ChannelResult:
     writer = PartWriter(job.parts, index, job.fractions, cfg.split_by, cfg.seed)
     try:
         for conv in _channel_conversations(src, channel, users, warnings, cleaner, report):
-            _emit(conv, cfg, job.builder, report, writer)
+            _emit(conv, job.builder, report, writer)
     finally:
         writer.close()
     return ChannelResult(index, report, warnings, writer.counts, writer.starts, writer.group_records)
@@ -496,21 +514,13 @@ def _channel_conversations(src, channel, users, warnings, cleaner, report) -> It
             yield from done
     yield from grouper.finish()
     report.quality.threads_reopened += grouper.threads_reopened
+    report.quality.thread_parents_joined += grouper.parents_joined
+    report.end_channel(channel)
 
 
-def _emit(conv: Conversation, cfg: DataConfig, builder: RecordBuilder, report: ReportBuilder, writer) -> None:
+def _emit(conv: Conversation, builder: RecordBuilder, report: ReportBuilder, writer) -> None:
     """Window one whole conversation, build and write its records, account for it in the report."""
-    _, base_cost = builder.system(conv.channel.name)
-    plan = split_windows(
-        conv,
-        min_turns=cfg.min_turns,
-        max_turns=cfg.max_turns,
-        overlap=cfg.window_overlap,
-        max_tokens=cfg.max_tokens,
-        turn_cost=builder.turn_cost,
-        base_cost=base_cost,
-    )
-    built = [(window, builder.build(window)) for window in plan.windows]
+    plan, built = builder.build_conversation(conv)
     report.conversation(conv, plan, built)
     for window, b in built:
         if b.record is not None:
@@ -584,7 +594,12 @@ def summary_lines(report: Report) -> list[str]:
         f"coverage {100 * (t['coverage'] or 0):.1f}% of human messages",
         f"quality: mixing channels {q['conversations_mixing_channels']}, raw markup {q['turns_with_raw_markup']}, "
         f"escapes {q['turns_with_html_escapes']}, code blocks intact {q['code_blocks_intact']}/{q['code_blocks']}",
+        f"measured on the records: {percent(q['reply_partner_coverage'])} of messages with a reply partner reach a "
+        f"turn, conversations kept whole {percent(q['conversations_kept_whole_ratio'])}, "
+        f"threads kept whole {percent(q['threads_kept_whole_ratio'])}",
     ]
+    if report.data.get("split_warning"):
+        lines.append(f"warning: {report.data['split_warning']}")
     if report.data["warnings"]["count"]:
         lines.append(f"{report.data['warnings']['count']} warnings (see the report)")
     if report.out_dir is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
-from slackdist.data.conversations import Conversation, Turn
+from slackdist.data.conversations import Conversation, Turn, WindowPlan, split_windows
 from slackdist.errors import SlackdistError, first_line
 
 CHARS_PER_TOKEN = 4
@@ -23,26 +23,62 @@ ESTIMATED_MESSAGE_OVERHEAD = 5
 SPLIT_NAMES = ("train", "validation", "test")
 
 
-def format_system_prompt(template: str, *, workspace: str, channel: str, persona: str | None = None) -> str:
-    """Fill ``{workspace}``, ``{channel}`` and ``{persona}`` into a system prompt template.
+def format_system_prompt(
+    template: str,
+    *,
+    workspace: str,
+    channel: str,
+    persona: str | None = None,
+    participants: Sequence[str] = (),
+) -> str:
+    """Fill ``{workspace}``, ``{channel}``, ``{persona}`` and ``{participants}`` into a system prompt template.
 
     With a persona and the stock template, the stock persona template is used instead, so training,
     chat, eval and serve build the same prompt from the same config. Other braces in a custom
     template are left alone (no ``str.format``).
+
+    A DM or group DM has no channel name (its folder is a ``D…`` id): pass its ``participants``, and
+    the stock templates say "This conversation is a direct message between Ann and Bob." instead of
+    naming a channel; in a custom template ``{channel}`` becomes "Ann and Bob (direct message)".
 
     Args:
         template: the template (``data.system_prompt``).
         workspace: workspace name.
         channel: channel name, with or without the leading ``#``.
         persona: the person the assistant speaks as, if any.
+        participants: for a DM or group DM, the (redacted) names of the people in the conversation.
     """
     if persona and template == DEFAULT_SYSTEM_PROMPT:
         template = PERSONA_SYSTEM_PROMPT
-    values = {"workspace": workspace, "channel": channel.lstrip("#"), "persona": persona or ""}
+    names = _join_names(participants)
+    if participants:
+        kind = "direct message" if len(participants) <= 2 else "group direct message"
+        if template in (DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT):
+            template = template.replace(
+                _CHANNEL_SENTENCE, f"This conversation is a {kind} between {{participants}}."
+            )
+        channel = f"{names} ({kind})"
+    values = {
+        "workspace": workspace,
+        "channel": channel.lstrip("#"),
+        "persona": persona or "",
+        "participants": names,
+    }
     out = template
     for key, value in values.items():
         out = out.replace("{" + key + "}", value)
     return out
+
+
+_CHANNEL_SENTENCE = "This conversation is from #{channel}."  # in both stock templates (tested)
+
+
+def _join_names(names: Sequence[str]) -> str:
+    """``Ann``, ``Ann and Bob``, ``Ann, Bob and Cat``."""
+    names = list(names)
+    if len(names) <= 1:
+        return "".join(names)
+    return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 # ---------------------------------------------------------------- token counting
@@ -151,10 +187,11 @@ class BuiltRecord:
 
     Attributes:
         record: the chat record, or None when the conversation gives none.
-        reason: why there is no record (or why turns were trimmed), else None.
+        reason: why there is no record, else None.
         used_turns: ``Turn.index`` of each turn whose text is in the record.
-        tokens: tokens of the record (0 when none).
+        tokens: tokens of the record (as rendered; also set when it is over the budget).
         turns: the Turn objects of ``used_turns``, in the same order (so the report need not look them up).
+        groups: the turns behind each user/assistant message, in message order (``messages[1:]``).
     """
 
     record: dict[str, Any] | None
@@ -162,24 +199,48 @@ class BuiltRecord:
     used_turns: list[int] = field(default_factory=list)
     tokens: int = 0
     turns: list[Turn] = field(default_factory=list)
+    groups: list[list[Turn]] = field(default_factory=list)
+
+
+Part = tuple[str, str, list[Turn]]  # (role, content, the turns it holds)
+_DM_KINDS = ("dm", "mpim")
 
 
 def _prefixed(turn: Turn, speaker_names: bool) -> str:
     return f"{turn.speaker}: {turn.text}" if speaker_names else turn.text
 
 
-def _alternate(turns: list[Turn], speaker_names: bool) -> list[tuple[str, str, list[Turn]]]:
-    """user, assistant, user, ... ; a trailing user turn is dropped."""
-    usable = turns[: len(turns) - len(turns) % 2]
+def alternate_roles(n_turns: int) -> list[tuple[str, int, int]]:
+    """Roles for ``n_turns`` turns: ``(role, first, end)`` spans, user first, assistant last, no turn left out.
+
+    Roles are counted back from the last turn, which is always the assistant: the message that
+    closes a conversation (often the answer that settles a thread) is the one most worth learning.
+    With an even number of turns that is plain alternation. With an odd number, the first turn
+    would land on the assistant; it cannot open a record, so the opening two turns form one user
+    message: the question and the first reply to it together are the context the rest answers.
+    Dropping the trailing turn instead (the recipe's first version) lost 9% of the messages that
+    had a reply partner; two overlapping windows would keep them but train on half the conversations
+    twice. Fewer than two turns give no spans.
+    """
+    if n_turns < 2:
+        return []
+    spans = [("user", 0, 2)] if n_turns % 2 else []
+    start = 2 if n_turns % 2 else 0
+    for i in range(start, n_turns):
+        spans.append(("assistant" if (n_turns - 1 - i) % 2 == 0 else "user", i, i + 1))
+    return spans
+
+
+def _alternate(turns: list[Turn], speaker_names: bool) -> list[Part]:
+    """user, assistant, ..., assistant over every turn (see :func:`alternate_roles`)."""
+    texts = [_prefixed(t, speaker_names) for t in turns]
     return [
-        ("user" if i % 2 == 0 else "assistant", _prefixed(t, speaker_names), [t])
-        for i, t in enumerate(usable)
+        (role, texts[a] if b - a == 1 else "\n".join(texts[a:b]), turns[a:b])
+        for role, a, b in alternate_roles(len(turns))
     ]
 
 
-def _persona(
-    turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_names: bool
-) -> list[tuple[str, str, list[Turn]]]:
+def _persona(turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_names: bool) -> list[Part]:
     """The persona's turns are the assistant, everyone else the user; same-role runs merged."""
     runs: list[tuple[str, list[Turn]]] = []
     for t in turns:
@@ -198,6 +259,11 @@ def _persona(
         names = speaker_names and role == "user"
         out.append((role, "\n".join(_prefixed(t, names) for t in group), group))
     return out
+
+
+# Re-planning rounds when the rendered records come out longer than the per-turn estimate (a real
+# tokenizer merges across turn boundaries): each round lowers the budget by the largest overshoot.
+_MAX_REPLANS = 8
 
 
 class RecordBuilder:
@@ -220,19 +286,33 @@ class RecordBuilder:
                 raise SlackdistError("persona roles need --as NAME")
             persona = PersonaMatcher(cfg.persona)
         self.persona = persona
-        self._system_cache: dict[str, tuple[str, int]] = {}
+        self._system_cache: dict[tuple[str, tuple[str, ...]], tuple[str, int]] = {}
+        self._channel_prompts: dict[str, str] = {}
 
-    def system(self, channel: str) -> tuple[str, int]:
-        """(system prompt, its base token cost) for a channel."""
-        if channel not in self._system_cache:
+    def _channel_prompt(self, channel: str) -> str:
+        prompt = self._channel_prompts.get(channel)
+        if prompt is None:
+            prompt = self._channel_prompts[channel] = self.system(channel)[0]
+        return prompt
+
+    def system(self, channel: str, participants: Sequence[str] = ()) -> tuple[str, int]:
+        """(system prompt, its base token cost) for a channel, or for a DM between ``participants``."""
+        key = (channel, tuple(participants))
+        if key not in self._system_cache:
             prompt = format_system_prompt(
                 self.cfg.system_prompt,
                 workspace=self.workspace,
                 channel=channel,
                 persona=self.cfg.persona if self.persona_mode else None,
+                participants=participants,
             )
-            self._system_cache[channel] = (prompt, self.counter.base(prompt))
-        return self._system_cache[channel]
+            self._system_cache[key] = (prompt, self.counter.base(prompt))
+        return self._system_cache[key]
+
+    @staticmethod
+    def participants(conv: Conversation) -> list[str]:
+        """Who a DM or group DM's system prompt names (its speakers); nobody for a channel."""
+        return conv.speakers if conv.channel.kind in _DM_KINDS else []
 
     def turn_cost(self, turn: Turn) -> int:
         """What one turn costs in a record (for window planning)."""
@@ -246,7 +326,8 @@ class RecordBuilder:
         """One record from one conversation window.
 
         Reasons when there is no record: ``too_short`` (fewer than two turns left after the role
-        rules), ``persona_never_answers``, ``over_token_budget``.
+        rules), ``persona_never_answers``, ``over_token_budget`` (the rendered record is longer than
+        the budget: :meth:`build_conversation` then cuts the conversation into smaller windows).
         """
         if self.persona_mode:
             assert self.persona is not None
@@ -257,20 +338,16 @@ class RecordBuilder:
             parts = _alternate(conv.turns, self.cfg.speaker_names)
         if len(parts) < 2:
             return BuiltRecord(None, "too_short")
-        system, _ = self.system(conv.channel.name)
+        if conv.channel.kind in _DM_KINDS:
+            system, _ = self.system(conv.channel.name, conv.speakers)
+        else:  # the common case, without building a cache key
+            system = self._channel_prompt(conv.channel.name)
         messages = [{"role": "system", "content": system}] + [{"role": r, "content": c} for r, c, _ in parts]
         tokens = self.counter.record(messages)
-        reason = None
-        # The planner's per-turn estimate can differ a little from the rendered template:
-        # drop whole user/assistant pairs from the end until the record fits.
-        while tokens > self.cfg.max_tokens and len(parts) > 2:
-            parts = parts[:-2]
-            messages = messages[:-2]
-            tokens = self.counter.record(messages)
-            reason = "trimmed_to_token_budget"
         if tokens > self.cfg.max_tokens:
-            return BuiltRecord(None, "over_token_budget")
-        used_turns = [t for _, _, group in parts for t in group]
+            return BuiltRecord(None, "over_token_budget", tokens=tokens)
+        groups = [group for _, _, group in parts]
+        used_turns = [t for group in groups for t in group]
         record = {
             "messages": messages,
             "meta": {
@@ -282,7 +359,42 @@ class RecordBuilder:
                 "speakers": list(dict.fromkeys(t.speaker for t in used_turns)),
             },
         }
-        return BuiltRecord(record, reason, [t.index for t in used_turns], tokens, used_turns)
+        return BuiltRecord(record, None, [t.index for t in used_turns], tokens, used_turns, groups)
+
+    def build_conversation(
+        self, conv: Conversation
+    ) -> tuple[WindowPlan, list[tuple[Conversation, BuiltRecord]]]:
+        """Window one whole conversation and build a record from each window.
+
+        The windows are planned with per-turn token estimates; when a rendered record comes out over
+        the budget anyway, the whole conversation is planned again with a budget lower by the
+        largest overshoot (so every window keeps its place and id), never by dropping turns.
+
+        Returns:
+            The window plan and (window, built record) for each eligible window.
+        """
+        cfg = self.cfg
+        _, base_cost = self.system(conv.channel.name, self.participants(conv))
+        over = 0
+        for _ in range(_MAX_REPLANS):
+            plan = split_windows(
+                conv,
+                min_turns=cfg.min_turns,
+                max_turns=cfg.max_turns,
+                overlap=cfg.window_overlap,
+                max_tokens=cfg.max_tokens,
+                turn_cost=self.turn_cost,
+                base_cost=base_cost + over,
+            )
+            built = [(window, self.build(window)) for window in plan.windows]
+            excess = 0
+            for _, b in built:
+                if b.reason == "over_token_budget":
+                    excess = max(excess, b.tokens - cfg.max_tokens)
+            if not excess:
+                break
+            over += excess
+        return plan, built
 
 
 def to_record(

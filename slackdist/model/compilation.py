@@ -51,8 +51,21 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
     return len(layers)
 
 
-def should_compile(setting: str, *, device_type: str, sharded: bool) -> bool:
-    """`train.compile`: "on", "off", or "auto" (on for an unsharded model on a CUDA GPU)."""
-    if setting == "auto":
-        return device_type == "cuda" and not sharded
-    return setting == "on"
+def should_compile(
+    setting: str, *, device_type: str, sharded: bool, steps: int = 0, min_steps: int = 0
+) -> tuple[bool, str]:
+    """`train.compile` decided for one run: (compile or not, why).
+
+    "on" and "off" are obeyed. "auto" compiles an unsharded model on a CUDA GPU when the run has at
+    least `min_steps` optimizer steps: compilation is a fixed cost paid at the first steps, and a
+    short run (a small workspace's export) finishes sooner eager.
+    """
+    if setting != "auto":
+        return setting == "on", f"train.compile={setting}"
+    if device_type != "cuda":
+        return False, "not on a CUDA GPU"
+    if sharded:
+        return False, "FSDP / DeepSpeed"
+    if steps < min_steps:
+        return False, f"{steps} steps < train.compile_min_steps={min_steps}: eager is sooner done"
+    return True, f"{steps} steps >= train.compile_min_steps={min_steps}"

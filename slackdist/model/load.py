@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, load_config
@@ -52,6 +52,7 @@ from slackdist.errors import SlackdistError, first_line
 from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.attention import register_varlen_attention, varlen_available
 from slackdist.model.info import CONFIG_FILE, ModelInfo, read_model_info
+from slackdist.model.merging import merge_lora
 from slackdist.model.template import chat_template_name, ensure_chat_template
 
 if TYPE_CHECKING:
@@ -389,6 +390,10 @@ class InferenceModel:
     """The training config (the folder's slackdist_config.yaml), if it has one."""
     info: ModelInfo
     """How training prompted the model (`ModelInfo.untrained()` for a folder training did not write)."""
+    mergeable: bool = False
+    """An adapter on a 16-bit base loaded so that `merge_in_memory` can fold it in for fast replies."""
+    merged_in_memory: bool = False
+    """An adapter folder whose adapter `merge_in_memory` folded into its base (kind "merged")."""
 
     @property
     def max_seq_len(self) -> int | None:
@@ -442,12 +447,67 @@ def attach_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, base: str
     return model
 
 
+MergeSetting = Literal["auto", "on", "off"]
+# Beyond the 16-bit weights, what replies need: the KV cache, activations, the compiled decode step.
+_INFERENCE_HEADROOM = 1.15
+_INFERENCE_EXTRA_BYTES = 2 * 2**30
+
+
+def sixteen_bit_bytes(source: str, *, trust_remote_code: bool = False) -> int:
+    """Bytes of the model's weights in 16 bits, counted on the meta device (nothing is loaded)."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def plan_adapter_load(
+    source: str,
+    *,
+    device: str,
+    load_in_4bit: bool | None,
+    merge: MergeSetting,
+    trust_remote_code: bool = False,
+) -> tuple[bool, bool, str | None]:
+    """How to load an adapter folder's base for inference: (4-bit base, merge in memory, a note).
+
+    `merge="auto"` merges on a CUDA GPU with room for the 16-bit base, so replies take the fast
+    decode path (a static KV cache and a compiled decode step, which 4-bit layers do not allow);
+    otherwise the base loads as `load_in_4bit` says (default: 4-bit on a GPU) and the note says why
+    replies are slower.
+
+    Raises:
+        SlackdistError: `merge="on"` with `load_in_4bit=True` (an adapter merges only into 16 bits).
+    """
+    on_gpu = torch.device(device).type == "cuda"
+    default_4bit = on_gpu if load_in_4bit is None else load_in_4bit
+    if merge == "off":
+        return default_4bit, False, None
+    if merge == "on":
+        if load_in_4bit:
+            raise SlackdistError("--merge-adapter on needs a 16-bit base: drop --load-in-4bit")
+        return False, True, None
+    if not on_gpu or load_in_4bit:
+        return default_4bit, False, None
+    need = _INFERENCE_HEADROOM * sixteen_bit_bytes(source, trust_remote_code=trust_remote_code)
+    need += _INFERENCE_EXTRA_BYTES
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if free >= need:
+        return False, True, None
+    note = (
+        f"4-bit base + adapter: {free / 2**30:.1f} GiB free on {device}, {need / 2**30:.1f} GiB needed to merge "
+        "it into a 16-bit base in memory, so replies take the slower plain path"
+    )
+    return default_4bit, False, note
+
+
 def load_for_inference(
     model_dir: str,
     *,
     base: str | None = None,
     load_in_4bit: bool | None = None,
     device: str | None = None,
+    merge: MergeSetting = "off",
 ) -> InferenceModel:
     """Load a training output, a checkpoint or a merged model for chat / eval / serve.
 
@@ -457,6 +517,9 @@ def load_for_inference(
         base: base model of an adapter (default: `base_model_name_or_path` of its config).
         load_in_4bit: 4-bit base (default: yes on GPU, no on CPU).
         device: "cuda", "cuda:1", "cpu"... (default: CUDA if available, else CPU).
+        merge: for an adapter folder, load a 16-bit base so that `merge_in_memory` can fold the
+            adapter in (`mergeable`): "auto" where a CUDA GPU has room (`plan_adapter_load`), "on",
+            or "off".
 
     Returns:
         The model (eval mode, KV cache on) with its tokenizer, training config and model info.
@@ -475,10 +538,20 @@ def load_for_inference(
     quantize = on_gpu if load_in_4bit is None else load_in_4bit
 
     is_adapter = (folder / "adapter_config.json").is_file()
+    mergeable = False
     if is_adapter:
         if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
             raise SlackdistError(f"{model_dir}: has adapter_config.json but no adapter_model.safetensors")
         source = _adapter_base(folder, base)
+        quantize, mergeable, note = plan_adapter_load(
+            source,
+            device=device,
+            load_in_4bit=load_in_4bit,
+            merge=merge,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+        if note:
+            logger.warning("%s", note)
     elif (folder / "config.json").is_file() and _has_weights(folder):
         source = str(folder)
     else:
@@ -514,4 +587,19 @@ def load_for_inference(
         base=source if is_adapter else None,
         config=config,
         info=info or ModelInfo.untrained(),
+        mergeable=mergeable,
     )
+
+
+def merge_in_memory(im: InferenceModel) -> InferenceModel:
+    """`im` with its adapter folded into the 16-bit base (kind "merged"), when `im.mergeable`; else `im`.
+
+    The merged model takes the fast decode path (`slackdist.generate.use_fast_path`); the base model
+    alone is no longer available (chat's /compare, eval's base replies come before this).
+    """
+    if not im.mergeable:
+        return im
+    model = merge_lora(im.model)
+    model.eval()
+    model.config.use_cache = True
+    return replace(im, model=model, kind="merged", mergeable=False, merged_in_memory=True)

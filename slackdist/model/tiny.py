@@ -14,6 +14,7 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,7 +152,9 @@ def tiny_corpus() -> list[str]:
     return _CORPUS.splitlines(keepends=True)
 
 
-def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_size: int = BPE_VOCAB_SIZE, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on the built-in corpus and wrap it as a Llama 3 style tokenizer.
 
     The Llama 3 special tokens come after the learned vocabulary (as in Llama 3);
@@ -160,6 +163,7 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
 
     Args:
         vocab_size: byte alphabet plus learned merges (the corpus may give fewer).
+        corpus: training text (default: the built-in corpus); benchmarks train on their data.
 
     Returns:
         The tokenizer, with `LLAMA3_CHAT_TEMPLATE` set.
@@ -177,7 +181,7 @@ def build_tiny_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tok.train_from_iterator(tiny_corpus() if corpus is None else corpus, trainer=trainer)
     tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
     bos = LLAMA3_SPECIAL_TOKENS[0]
     tok.post_processor = processors.Sequence(

@@ -24,18 +24,24 @@ the GPU (15.6 GiB of a 24 GB card, 56 GiB of an 80 GB one), never beyond 90% of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 
 from slackdist.config import Config
+from slackdist.files import write_json_atomic
 from slackdist.model.load import checkpoint_layers, checkpointable_layers
 from slackdist.model.loss import IGNORE_INDEX
-from slackdist.train.distributed import Topology
+from slackdist.train.distributed import Topology, log_main
 from slackdist.train.packing import PackedRow
 from slackdist.train.step import forward_loss, make_step_inputs
 
@@ -322,7 +328,17 @@ def plan_memory(
 
     device = topology.device
     sizes = (max(1024, t.loss_chunk_size), 2 * max(1024, t.loss_chunk_size))
-    full, ckpt = probe_footprints(model, run_step, CudaPeak(device), sizes)
+    key = probe_key(model, cfg, device, sizes, varlen) if t.memory_plan_cache else None
+    cached = read_probe_cache(key) if key else None
+    if cached is not None:
+        full, ckpt = cached
+        log_main(
+            topology, f"memory plan: the probe's figures for this model, LoRA and GPU from {_cache_file()}"
+        )
+    else:
+        full, ckpt = probe_footprints(model, run_step, CudaPeak(device), sizes)
+        if key and topology.is_main_process:
+            write_probe_cache(key, full, ckpt)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # fp32 gradients, their flat copy for the optimizer and AdamW's two fp32 states: what the first
     # optimizer step allocates
@@ -349,3 +365,70 @@ def plan_memory(
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)  # the logged peak is training's, not the probe's
     return plan
+
+
+# ---------------------------------------------------------------- the probe's cache
+# The probe costs ~2 s of every start (bench/time_to_model.py). Its figures depend only on the model,
+# the LoRA and loss settings, the GPU and the library versions, so they are kept per such key.
+
+
+def cache_dir() -> Path:
+    """`SLACKDIST_CACHE_DIR`, else `$XDG_CACHE_HOME/slackdist`, else `~/.cache/slackdist`."""
+    if os.environ.get("SLACKDIST_CACHE_DIR"):
+        return Path(os.environ["SLACKDIST_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slackdist"
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = ""
+    return found
+
+
+def probe_key(model: Any, cfg: Config, device: torch.device, sizes: tuple[int, int], varlen: bool) -> str:
+    """What the probe's figures depend on, hashed: the model's config (architecture, quantization,
+    attention), the LoRA settings, the loss chunking, the probe's sizes, the GPU and the libraries."""
+    what = {
+        "model": model.config.to_json_string(use_diff=False),
+        "lora": asdict(cfg.lora),
+        "loss_chunk_size": cfg.train.loss_chunk_size,
+        "sizes": sizes,
+        "varlen": varlen,
+        "gpu": [torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory]
+        if device.type == "cuda"
+        else str(device),
+        "versions": _versions(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "memory_probe.json"
+
+
+def read_probe_cache(key: str) -> tuple[Footprint, Footprint] | None:
+    """The footprints measured earlier under `key`, or None (also for an unreadable cache)."""
+    try:
+        entry = json.loads(_cache_file().read_text(encoding="utf-8"))[key]
+        return Footprint(*entry["full"]), Footprint(*entry["ckpt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_probe_cache(key: str, full: Footprint, ckpt: Footprint) -> None:
+    """Add the footprints under `key` (a failure to write only costs the next run the probe)."""
+    try:
+        entries = json.loads(_cache_file().read_text(encoding="utf-8"))
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"full": [full.fixed, full.per_token], "ckpt": [ckpt.fixed, ckpt.per_token]}
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(_cache_file(), entries)
+    except OSError:
+        pass

@@ -7,10 +7,8 @@ re-quantize the sum and lose most of the adapter. The result loads with plain
 The merged folder describes itself like the adapter folder it came from: the training config
 (`slackdist_config.yaml`) and the model info (`slackdist_inference.json`) are copied with it.
 
-Tied embeddings (Llama 3.2 1B/3B): with a LoRA on `lm_head`, the merged output projection is
-embedding + delta while the input embedding must stay the base embedding. So the merge unties
-first: lm_head gets its own copy of the embedding, `tie_word_embeddings` becomes False, and both
-weights are saved. Without a LoRA on lm_head or the embedding the tie is kept.
+Tied embeddings (Llama 3.2 1B/3B) are untied when a LoRA sits on `lm_head`, and both weights are
+saved (`slackdist.model.merging`).
 """
 
 from __future__ import annotations
@@ -24,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from slackdist.errors import SlackdistError, first_line
 from slackdist.model.info import CONFIG_FILE, INFO_FILE
 from slackdist.model.load import attach_adapter, load_tokenizer
+from slackdist.model.merging import merge_lora
 
 if TYPE_CHECKING:
     from slackdist.config import Config
@@ -49,38 +47,6 @@ def _adapter_meta(adapter_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise SlackdistError(f"{path}: unreadable ({e})") from None
-
-
-def untie_adapted_embeddings(peft_model: Any) -> bool:
-    """Give lm_head its own copy of a tied embedding when a LoRA sits on either of them; True if untied.
-
-    Done after the adapter is loaded and before merging, on the base layer under the LoRA wrapper:
-    merging into a still-shared tensor would apply the delta to both the input embedding and
-    lm_head (and with PEFT's `ensure_weight_tying`, where lm_head's LoRA is the embedding's LoRA
-    transposed, it would apply it twice; peft 0.21 does exactly that).
-    """
-    base = peft_model.get_base_model()
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    if not getattr(config, "tie_word_embeddings", False):
-        return False
-    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
-    if out is None or not any(isinstance(m, LoraLayer) for m in (inp, out)):
-        return False
-    target = out.get_base_layer() if isinstance(out, LoraLayer) else out
-    target.weight = torch.nn.Parameter(target.weight.detach().clone(), requires_grad=False)
-    config.tie_word_embeddings = False
-    base.config.tie_word_embeddings = False
-    return True
-
-
-def _retie_if_equal(model: Any) -> None:
-    """Tie the embeddings again when the merge left them equal (PEFT's `ensure_weight_tying` adapters)."""
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if torch.equal(inp.weight, out.weight):
-        out.weight = inp.weight
-        model.config.tie_word_embeddings = True
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = True
 
 
 def merge_adapter(
@@ -123,10 +89,7 @@ def merge_adapter(
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{base}: cannot load the base model ({first_line(e)})") from None
     model = attach_adapter(model, adapter_dir, base=base)
-    untied = untie_adapted_embeddings(model)
-    merged = model.merge_and_unload(safe_merge=True)
-    if untied:
-        _retie_if_equal(merged)
+    merged = merge_lora(model)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
 

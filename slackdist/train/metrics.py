@@ -11,9 +11,15 @@ import json
 import logging
 import os
 import resource
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from accelerate import Accelerator
 
@@ -37,6 +43,49 @@ def reserved_memory_gib(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
     return {"peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+@dataclass
+class Phases:
+    """Wall seconds of each phase of a run, from the process's start: what a user waits for.
+
+    `start-up` is the time from the process's creation (interpreter, imports, config) to the
+    recipe's first line; the rest are timed around the recipe's calls. Steps slower than the run's
+    median step count their excess as `warm-up` (compilation, allocator growth, recompilations),
+    so `steps` minus `warm-up` is what the steady speed explains.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.seconds["start-up"] = max(0.0, time.time() - psutil.Process().create_time())
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add_step(self, seconds: float) -> None:
+        self.step_seconds.append(seconds)
+
+    def summary(self) -> dict[str, float]:
+        """{phase: seconds} in order, with `steps`, `warm-up` and `total` (start of process to now)."""
+        out = dict(self.seconds)
+        if self.step_seconds:
+            median = statistics.median(self.step_seconds)
+            out["steps"] = sum(self.step_seconds)
+            out["warm-up"] = sum(max(0.0, s - median) for s in self.step_seconds)
+        out["total"] = self.seconds["start-up"] + time.perf_counter() - self.started
+        return {k: round(v, 2) for k, v in out.items()}
+
+    def describe(self) -> str:
+        """One line: `time: start-up 6.1 s, load 8.0 s, ..., total 61.2 s`."""
+        return "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.summary().items())
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:

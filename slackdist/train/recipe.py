@@ -48,7 +48,7 @@ from slackdist.train.checkpoint import (
 from slackdist.train.distributed import Topology, log_main, make_accelerator, trainable_parameters, wrap
 from slackdist.train.memory import apply_memory_cap, plan_memory
 from slackdist.train.merge import merge_adapter
-from slackdist.train.metrics import MetricsLog, peak_memory_gib, plot_losses
+from slackdist.train.metrics import MetricsLog, Phases, peak_memory_gib, plot_losses
 from slackdist.train.packing import PackedRow
 from slackdist.train.step import StepStats, eval_loss, make_step_inputs, train_step
 
@@ -87,6 +87,7 @@ class LoRARecipe:
         self.preemption = PreemptionFlag()
         self.state = TrainerState()
         self.last_saved_step: int | None = None
+        self.phases = Phases()
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -104,15 +105,19 @@ class LoRARecipe:
         )
         self.topology = topology = Topology.of(accelerator)
         set_seed(t.seed)  # the same LoRA init on every rank
-        self.tokenizer = load_tokenizer(cfg.model.base_model, trust_remote_code=cfg.model.trust_remote_code)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.out = OutputFolder(cfg, accelerator=accelerator, topology=topology, tokenizer=self.tokenizer)
-        self.out.create()
+        phases = self.phases
+        with phases.timed("data"):
+            self.tokenizer = load_tokenizer(
+                cfg.model.base_model, trust_remote_code=cfg.model.trust_remote_code
+            )
+            self.pad_id = self.tokenizer.pad_token_id
+            self.out = OutputFolder(cfg, accelerator=accelerator, topology=topology, tokenizer=self.tokenizer)
+            self.out.create()
 
-        # Data: every epoch packed once, now (the schedule needs the step count of all of them).
-        train_examples, val_examples = load_training_examples(t, self.tokenizer, accelerator)
-        self.epochs = [Epoch(train_examples, index=e, t=t) for e in range(t.num_epochs)]
-        self.val_rows = validation_rows(val_examples, t)
+            # Data: every epoch packed once, now (the schedule needs the step count of all of them).
+            train_examples, val_examples = load_training_examples(t, self.tokenizer, accelerator)
+            self.epochs = [Epoch(train_examples, index=e, t=t) for e in range(t.num_epochs)]
+            self.val_rows = validation_rows(val_examples, t)
         self.rows_per_step = t.micro_batch_size * t.gradient_accumulation_steps * topology.world_size
         self.total_steps = sum(epoch.num_steps(self.rows_per_step) for epoch in self.epochs)
         if t.max_steps >= 0:
@@ -122,19 +127,34 @@ class LoRARecipe:
         if topology.on_gpu:
             apply_memory_cap(topology.device, t.max_memory_gib)
         dtype = resolve_dtype(cfg.model.dtype, topology.device)
-        model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
-        model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
+        with phases.timed("load"):
+            model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
+            model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
         self.chunk_size = topology.loss_chunk_size(t.loss_chunk_size)
-        self.plan = plan_memory(model, cfg, accelerator, topology, pad_id=self.pad_id, varlen=self.varlen)
+        with phases.timed("plan"):
+            self.plan = plan_memory(model, cfg, accelerator, topology, pad_id=self.pad_id, varlen=self.varlen)
         accelerator.gradient_accumulation_steps = self.plan.accumulation
         log_main(topology, self.plan.describe())
-        if should_compile(t.compile, device_type=topology.device.type, sharded=topology.sharded):
+        compile_layers, why = should_compile(
+            t.compile,
+            device_type=topology.device.type,
+            sharded=topology.sharded,
+            steps=self.total_steps,
+            min_steps=t.compile_min_steps,
+        )
+        if compile_layers:
             compiled = compile_decoder_layers(model)
-            log_main(topology, f"compile: {compiled} decoder layers with torch.compile (first steps compile)")
+            log_main(
+                topology,
+                f"compile: {compiled} decoder layers with torch.compile ({why}; first steps compile)",
+            )
+        else:
+            log_main(topology, f"compile: off ({why})")
 
         # Optimizer and scheduler, on the wrapped model; then the state a checkpoint carries.
-        w = wrap(accelerator, topology, model, cfg, self.total_steps)
+        with phases.timed("wrap"):
+            w = wrap(accelerator, topology, model, cfg, self.total_steps)
         self.model, self.optimizer, self.scheduler, self.flat = w.model, w.optimizer, w.scheduler, w.flat
         if resume_from is not None:
             # LoRA weights, optimizer, scheduler, RNG of every rank, trainer state (data position)
@@ -216,7 +236,9 @@ class LoRARecipe:
         state.step_in_epoch += 1
         state.tokens_seen += stats.input_tokens
         self.result.losses[state.global_step] = stats.loss
-        self.metrics.log_step(stats, time.perf_counter() - start, step=state.global_step, epoch=state.epoch)
+        seconds = time.perf_counter() - start
+        self.phases.add_step(seconds)
+        self.metrics.log_step(stats, seconds, step=state.global_step, epoch=state.epoch)
         return stats
 
     def after_step(self, stats: StepStats) -> bool:
@@ -241,10 +263,11 @@ class LoRARecipe:
         state.epoch += 1
         state.step_in_epoch = state.rows_done_in_epoch = 0
         state.finished = state.finished or state.epoch >= self.t.num_epochs
-        if self.t.clear_cache_between_epochs:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if self.t.clear_cache_between_epochs and not state.finished:  # nothing follows the last epoch
+            with self.phases.timed("clear cache"):
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def evaluate(self) -> None:
         """Eval loss on validation; keep the best adapter in OUT/best; early stopping (sets `finished`)."""
@@ -255,21 +278,23 @@ class LoRARecipe:
         micro_batches = (micro for (micro,) in steps)  # one micro-batch per step
         if t.eval_max_batches > 0:
             micro_batches = islice(micro_batches, t.eval_max_batches)
-        loss = eval_loss(
-            self.accelerator,
-            self.model,
-            micro_batches,
-            pad_id=self.pad_id,
-            varlen=self.varlen,
-            chunk_size=self.chunk_size,
-        )
+        with self.phases.timed("eval"):
+            loss = eval_loss(
+                self.accelerator,
+                self.model,
+                micro_batches,
+                pad_id=self.pad_id,
+                varlen=self.varlen,
+                chunk_size=self.chunk_size,
+            )
         state.last_eval_step = state.global_step
         self.result.eval_losses[state.global_step] = loss
         self.metrics.log({"eval_loss": loss, "epoch": state.epoch}, step=state.global_step)
         if state.best_eval_loss is None or loss < state.best_eval_loss - t.early_stopping_min_delta:
             state.best_eval_loss, state.best_step = loss, state.global_step
             state.evals_without_improvement = 0
-            self.out.save_best(self.model, state, loss)
+            with self.phases.timed("best adapter"):
+                self.out.save_best(self.model, state, loss)
         else:
             state.evals_without_improvement += 1
         if 0 < t.early_stopping_patience <= state.evals_without_improvement:
@@ -281,7 +306,8 @@ class LoRARecipe:
             state.finished = state.stopped_early = True
 
     def save_checkpoint(self) -> None:
-        self.out.save_checkpoint(self.model, self.optimizer, self.scheduler, self.state)
+        with self.phases.timed("checkpoints"):
+            self.out.save_checkpoint(self.model, self.optimizer, self.scheduler, self.state)
         self.last_saved_step = self.state.global_step
 
     # ------------------------------------------------------------ save
@@ -293,9 +319,10 @@ class LoRARecipe:
             self.evaluate()
         if self.last_saved_step != state.global_step:
             self.save_checkpoint()
-        self.out.save_final(self.model, state)
-        if self.topology.is_main_process and self.out.metrics_file.is_file():
-            plot_losses(self.out.metrics_file, self.out.loss_plot)
+        with self.phases.timed("final save"):
+            self.out.save_final(self.model, state)
+            if self.topology.is_main_process and self.out.metrics_file.is_file():
+                plot_losses(self.out.metrics_file, self.out.loss_plot)
 
     # ------------------------------------------------------------ cleanup
     def cleanup(self) -> TrainResult:
@@ -321,6 +348,8 @@ class LoRARecipe:
                 f"done: {state.global_step} steps, {result.tokens_per_s:,.0f} tokens/s, peak memory "
                 f"{result.peak_mem_gib:.2f} GiB; adapter in {self.out.path}{best}"
             )
+        self.metrics.log({"phases": self.phases.summary()}, step=state.global_step)
+        accelerator.print(self.phases.describe())
         accelerator.wait_for_everyone()
         accelerator.end_training()
         self.preemption.restore()

@@ -169,7 +169,9 @@ def eval_loss(
     """Loss per label token over this rank's micro-batches of validation rows, summed across ranks."""
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     model.eval()
-    with torch.no_grad():
+    # Compiled decoder layers were traced for training (grad mode, dropout on): compiling them again
+    # for a few forward-only eval batches costs far more than running those batches eagerly.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for rows in micro_batches:
             inputs = make_step_inputs([rows], pad_id=pad_id, device=accelerator.device, varlen=varlen)
             batch = inputs.batches[0]
