@@ -26,8 +26,9 @@ NF4 + LoRA r64 on the seven projections and the tied LM head, LoRA dropout on), 
 
 Configs: fsdp1 = launch_configs/fsdp.yaml; fsdp2 = fsdp.yaml with `--fsdp_version 2
 --fsdp_reshard_after_forward true` (as that file's header says); deepspeed_zero3 =
-launch_configs/deepspeed_zero3.yaml (reported as skipped when deepspeed is not importable); single_gpu and cpu
-(with `--tiny`) as references. A config that fails is recorded with its error and the tail of its log; the
+launch_configs/deepspeed_zero3.yaml (reported as skipped when deepspeed is not importable); fsdp_offload,
+single_gpu and cpu (with `--tiny`) on request. Configs not started within `--budget` seconds are reported as
+skipped (each training run is killed after `--timeout`), so the whole check fits one call of the GPU tool. A config that fails is recorded with its error and the tail of its log; the
 others still run. It prints a `RESULT {json}` line per config, rewrites the JSON after each one, and ends with
 a table. Exit code 0 when every config that ran passed.
 
@@ -64,6 +65,7 @@ CONFIGS: dict[str, tuple[str, list[str], bool]] = {
     "fsdp1": ("fsdp.yaml", [], True),
     "fsdp2": ("fsdp.yaml", ["--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"], True),
     "deepspeed_zero3": ("deepspeed_zero3.yaml", [], True),
+    "fsdp_offload": ("fsdp_offload.yaml", [], True),
     "single_gpu": ("single_gpu.yaml", [], True),
     "cpu": ("cpu.yaml", [], False),
 }
@@ -314,6 +316,9 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead (for a CPU run)")
     parser.add_argument("--work", default="/tmp/slackdist_checkpoint_check")
     parser.add_argument("--timeout", type=float, default=150, help="seconds per training run")
+    parser.add_argument(
+        "--budget", type=float, default=330, help="seconds after which configs not yet started are skipped"
+    )
     args = parser.parse_args()
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
@@ -345,6 +350,8 @@ def main() -> int:
     }
     for config in configs:
         reason = skip_reason(config)
+        if reason is None and time.perf_counter() - t0 > args.budget:
+            reason = f"the --budget of {args.budget:g} s was spent before it started"
         if reason:
             record: dict[str, Any] = {"config": config, "skipped": reason}
         else:
