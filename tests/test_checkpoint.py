@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_helpers import read_metrics, tiny_config, write_dataset
+from train_helpers import read_metrics, tiny_config, torchrun, write_dataset
 
 from slackdist.config import save_config
 from slackdist.errors import SlackdistError
@@ -418,14 +417,7 @@ def run_worker(backend: str, processes: int, model_dir: Path, work: Path, **opti
     if options.get("resume_from"):
         argv += ["--resume-from", str(options["resume_from"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-    ]
-    proc = subprocess.run([*torchrun, *argv], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*torchrun(processes), *argv], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((work / "result.json").read_text())
     result["losses"] = {int(k): v for k, v in result["losses"].items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import read_metrics, tiny_config, write_dataset
+from train_helpers import read_metrics, tiny_config, torchrun, write_dataset
 
 from slackdist.config import save_config
 from slackdist.train.manifest import verify_checkpoint
@@ -35,14 +35,7 @@ def run_training(cfg, tmp_path: Path, *, processes: int) -> subprocess.Completed
     if processes == 1:
         cmd = [sys.executable, "-m", "slackdist", "train", "--config", str(path)]
     else:
-        torchrun = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-        ]
-        cmd = [*torchrun, "-m", "slackdist", "train", "--config", str(path)]
+        cmd = [*torchrun(processes), "-m", "slackdist", "train", "--config", str(path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
