@@ -1,4 +1,5 @@
-"""A real 2-process run on the CPU (DDP over gloo) equals a 1-process run with the same global batch.
+"""A real 2-process run on the CPU (DDP over gloo) equals a 1-process run with the same global batch, and
+each one's checkpoint resumes on the other's number of processes.
 
 `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m slackdist train ...` (DESIGN.md: `accelerate launch` on
 a CPU-only machine starts one process whatever num_processes says). 2 processes x 1 row x 2 accumulation
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import read_metrics, tiny_config, write_dataset
+from train_helpers import read_metrics, tiny_config, torchrun, write_dataset
 
 from slackdist.config import save_config
+from slackdist.train.manifest import verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -33,14 +35,7 @@ def run_training(cfg, tmp_path: Path, *, processes: int) -> subprocess.Completed
     if processes == 1:
         cmd = [sys.executable, "-m", "slackdist", "train", "--config", str(path)]
     else:
-        torchrun = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-        ]
-        cmd = [*torchrun, "-m", "slackdist", "train", "--config", str(path)]
+        cmd = [*torchrun(processes), "-m", "slackdist", "train", "--config", str(path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -116,18 +111,26 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir: Path, tmp_path: Path
             "random_states_1.pkl",
         }
 
-    # a 2-process checkpoint resumes on 1 process (same rows, continued where it stopped)
-    first = sorted((tmp_path / "two" / "checkpoints").iterdir())[0]
-    shutil.copytree(first, tmp_path / "resume" / "checkpoints" / first.name)
-    resume = tiny_config(
-        tiny_model_dir,
-        data,
-        tmp_path / "resume",
-        **common,
-        **{"train.gradient_accumulation_steps": 4, "train.resume": "auto"},
-    )
-    run_training(resume, tmp_path, processes=1)
-    resumed = [m for m in read_metrics(tmp_path / "resume") if "loss" in m]
-    assert resumed[-1]["step"] == steps_one[-1]["step"]
-    for m in resumed:
-        assert m["loss"] == pytest.approx(steps_one[m["step"] - 1]["loss"], abs=1e-4)
+    # a 2-process checkpoint resumes on 1 process, and a 1-process one on 2 (same rows, continued where
+    # it stopped; the second process has no RNG state of its own in the checkpoint)
+    for source, processes, accumulation in (("two", 1, 4), ("one", 2, 2)):
+        first = sorted((tmp_path / source / "checkpoints").iterdir())[0]
+        assert verify_checkpoint(first).world_size == 3 - processes
+        out = tmp_path / f"resume-{source}"
+        shutil.copytree(first, out / "checkpoints" / first.name)
+        resume = tiny_config(
+            tiny_model_dir,
+            data,
+            out,
+            **common,
+            **{"train.gradient_accumulation_steps": accumulation, "train.resume": "auto"},
+        )
+        run_training(resume, tmp_path, processes=processes)
+        resumed = [m for m in read_metrics(out) if "loss" in m]
+        assert resumed[0]["step"] == int(first.name.removeprefix("step-")) + 1
+        assert resumed[-1]["step"] == steps_one[-1]["step"]
+        for m in resumed:
+            assert m["loss"] == pytest.approx(steps_one[m["step"] - 1]["loss"], abs=1e-4), (source, m["step"])
+        w_resumed = load_file(out / "adapter_model.safetensors")
+        for key in w_one:
+            torch.testing.assert_close(w_resumed[key], w_one[key], atol=1e-4, rtol=1e-3)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from train_helpers import read_metrics, step_losses, tiny_config, write_dataset
 
 from slackdist.config import save_config
+from slackdist.train.manifest import verify_checkpoint, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,9 +172,13 @@ def test_train_end_to_end(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, 
             "optimizer.bin",
             "scheduler.bin",
             "random_states_0.pkl",
+            "manifest.json",
         ):
             assert (folder / part).is_file(), f"{name}/{part}"
         assert not (folder / "model.safetensors").exists()  # the 4-bit base is not copied into checkpoints
+        assert verify_checkpoint(folder).files.keys() == {
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != "manifest.json"
+        }
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -253,6 +258,7 @@ def test_checkpoint_whose_optimizer_state_does_not_fit_is_a_clear_error(
     group = state["param_groups"][0]
     group["params"] = [*group["params"], max(group["params"]) + 1]  # one parameter more than the run has
     torch.save(state, path)
+    write_manifest(checkpoint, step=2, backend="single", world_size=1, layout="adapter")  # a valid checkpoint
     capsys.readouterr()
     assert run_cli(cfg, tmp_path, "--resume", str(checkpoint)) == 2
     err = capsys.readouterr().err
@@ -369,8 +375,9 @@ def test_adapter_state_dict_names_tensors_as_peft_does(
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
+    from slackdist.model.adapter import lora_module_names
     from slackdist.model.load import quiet_tied_lora_warning
-    from slackdist.train.checkpoint import adapter_state_dict, lora_module_names
+    from slackdist.train.checkpoint import adapter_state_dict
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = LoraConfig(
@@ -388,53 +395,3 @@ def test_adapter_state_dict_names_tensors_as_peft_does(
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
     assert len(ours) == 2 * len(lora_module_names(peft_model))
-
-
-def test_verify_adapter_catches_lost_layers_and_untrained_b(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from slackdist.errors import SlackdistError
-    from slackdist.train.checkpoint import verify_adapter
-
-    good = {
-        "base_model.model.lm_head.lora_A.weight": torch.ones(2, 4),
-        "base_model.model.lm_head.lora_B.weight": torch.ones(8, 2),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 4),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(4, 2),
-    }
-    save_file(good, tmp_path / "good.safetensors")
-    assert verify_adapter(tmp_path / "good.safetensors", 2, trained=True) == 4
-    # what a stock peft save under FSDP1 writes: only lm_head's LoRA
-    save_file({k: v for k, v in good.items() if "lm_head" in k}, tmp_path / "lost.safetensors")
-    with pytest.raises(SlackdistError, match="2 tensors, expected 4"):
-        verify_adapter(tmp_path / "lost.safetensors", 2, trained=True)
-    zero_b = dict(good, **{"base_model.model.lm_head.lora_B.weight": torch.zeros(8, 2)})
-    save_file(zero_b, tmp_path / "zero.safetensors")
-    assert verify_adapter(tmp_path / "zero.safetensors", 2, trained=False) == 4  # fine before training
-    with pytest.raises(SlackdistError, match="all zeros"):
-        verify_adapter(tmp_path / "zero.safetensors", 2, trained=True)
-
-
-def test_find_latest_checkpoint_skips_unfinished_saves(tmp_path: Path) -> None:
-    from slackdist.errors import SlackdistError
-    from slackdist.train.checkpoint import find_latest_checkpoint, prune_checkpoints, resolve_resume
-
-    root = tmp_path / "checkpoints"
-    for name, complete in (
-        ("step-000002", True),
-        ("step-000010", True),
-        (".tmp-step-000012", True),
-        ("step-000011", False),
-    ):
-        (root / name).mkdir(parents=True)
-        if complete:
-            (root / name / "trainer_state.json").write_text("{}")
-    assert find_latest_checkpoint(tmp_path) == root / "step-000010"
-    assert resolve_resume("auto", tmp_path) == root / "step-000010"
-    assert resolve_resume(str(tmp_path), tmp_path / "elsewhere") == root / "step-000010"
-    assert resolve_resume(str(root / "step-000002"), tmp_path) == root / "step-000002"
-    assert resolve_resume("auto", tmp_path / "empty") is None
-    with pytest.raises(SlackdistError, match="not a checkpoint"):
-        resolve_resume(str(root / "step-000011"), tmp_path)
-    assert prune_checkpoints(tmp_path, 1, protect=2) == []
-    assert [p.name for p in prune_checkpoints(tmp_path, 1)] == ["step-000002"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,8 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
 def step_losses(out_dir: Path) -> dict[int, float]:
     """Training loss by step (the last entry wins when a resumed run logged a step again)."""
     return {m["step"]: m["loss"] for m in read_metrics(out_dir) if "loss" in m}
+
+
+def torchrun(processes: int) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N` through this interpreter (add the script or `-m module`)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

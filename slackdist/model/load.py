@@ -43,11 +43,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, load_config
 from slackdist.errors import SlackdistError, first_line
+from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.attention import register_varlen_attention, varlen_available
 from slackdist.model.info import CONFIG_FILE, ModelInfo, read_model_info
 from slackdist.model.merging import merge_lora
@@ -428,6 +430,23 @@ def _adapter_base(folder: Path, base: str | None) -> str:
     return str(found)
 
 
+def attach_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, base: str) -> PeftModel:
+    """`PeftModel.from_pretrained` for inference, with the adapter checked (`slackdist.model.adapter`).
+
+    Raises:
+        SlackdistError: the adapter cannot load onto `base`, lacks tensors, or has zeroed lora_B.
+    """
+    try:
+        with quiet_tied_lora_warning():
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise SlackdistError(
+            f"{adapter_dir}: cannot load the adapter onto {base} ({first_line(e)})"
+        ) from None
+    check_loaded_adapter(model, adapter_dir)  # PEFT only warns about missing tensors
+    return model
+
+
 MergeSetting = Literal["auto", "on", "off"]
 # Beyond the 16-bit weights, what replies need: the KV cache, activations, the compiled decode step.
 _INFERENCE_HEADROOM = 1.15
@@ -558,13 +577,7 @@ def load_for_inference(
         model_cfg, dtype=dtype, device_map={"": device}, quantize=quantize, attn_implementation="sdpa"
     )
     if is_adapter:
-        try:
-            with quiet_tied_lora_warning():
-                model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise SlackdistError(
-                f"{model_dir}: cannot load the adapter onto {source} ({first_line(e)})"
-            ) from None
+        model = attach_adapter(model, folder, base=source)
     model.eval()
     model.config.use_cache = True
     return InferenceModel(

@@ -7,15 +7,32 @@
     OUT/trainer_state.json                                where training ended
     OUT/metrics.jsonl, loss.png, runs/                    metrics (`slackdist.train.metrics`), TensorBoard
     OUT/best/                                             the best-eval adapter (+ eval.json)
-    OUT/checkpoints/step-000100/                          adapter + `accelerator.save_state` files
-                                                          (optimizer, scheduler, every rank's RNG) +
-                                                          trainer_state.json, the newest K and the best
+    OUT/checkpoints/step-000100/                          a checkpoint (below): the newest K and the best
     OUT/merged/                                           with train.merge_after_training
+
+A checkpoint holds what training changes and nothing of the frozen base:
+
+    adapter_model.safetensors, adapter_config.json   the LoRA weights, gathered (loadable by chat/eval/merge)
+    trainer_state.json                               step, epoch, rows of the epoch done (the data
+                                                      position), best eval, patience
+    scheduler.bin, random_states_<rank>.pkl          the LR schedule; every process's RNG (LoRA dropout)
+    optimizer.bin                                    single / DDP: the optimizer state (one copy)
+    trainable/                                       FSDP1 / FSDP2: torch.distributed.checkpoint, each
+                                                      process's shard of the LoRA weights + optimizer state
+    pytorch_model/                                   DeepSpeed: its trainable parameters + each process's
+                                                      optimizer partition
+    tokenizer files, slackdist_config.yaml, slackdist_inference.json
+    manifest.json                                    every file's size and hash, written last
+
+(`Topology.checkpoint_layout` says which of the three optimizer layouts a run writes.) Everything
+goes into a temporary folder that is renamed when complete. `--resume auto` (`resume_point`) takes
+the newest checkpoint whose files all match their manifest (`slackdist.train.manifest`) and says
+which newer ones it skipped and why. Single / DDP and FSDP checkpoints resume on any number of
+processes; DeepSpeed ones on the number that wrote them. A run stopped by SIGTERM / SIGUSR1
+(`PreemptionFlag`) checkpoints and exits.
 
 Every model folder here (OUT, best/, each checkpoint) carries the tokenizer, the config and
 `slackdist_inference.json` (`slackdist.model.info`), so chat, eval and serve load any of them alone.
-A run stopped by SIGTERM / SIGUSR1 (`PreemptionFlag`) checkpoints and exits; `--resume auto`
-(`resume_point`) continues from the newest complete checkpoint.
 
 Why the adapter is written by hand (workaround B of ../shared/notes/fsdp_qlora_measured.md):
 peft 0.21 picks adapter keys by walking the live module tree and strips only a *leading*
@@ -25,8 +42,9 @@ itself is correct under FSDP1/FSDP2/ZeRO-3 (a collective: every rank calls it), 
 `lora_A` / `lora_B` entries from it, name them as PEFT does, write them with safetensors and
 write `adapter_config.json` with `peft_config.save_pretrained`. Only LoRA tensors are kept,
 which is `save_embedding_layers=False`: no copy of the (tied) embedding in every checkpoint
-(+788 MB at Llama-3.2-3B size). Every save is verified: 2 tensors per LoRA-wrapped module,
-and after training no `lora_B` may be all zeros.
+(+788 MB at Llama-3.2-3B size). Every save is checked (`slackdist.model.adapter`): lora_A and
+lora_B of every LoRA module, and after training no `lora_B` may be all zeros; the number of
+updates goes into the file's metadata so that loading it later checks the same.
 
 The adapter is one safetensors file, not shards: peft 0.21's `load_peft_weights` reads only
 `adapter_model.safetensors` (a 3B r=64 adapter on every projection + lm_head is ~420 MB in
@@ -49,15 +67,23 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
+from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from slackdist.config import Config, save_config
 from slackdist.data.records import format_system_prompt
 from slackdist.errors import SlackdistError, first_line
 from slackdist.files import write_json_atomic
+from slackdist.model.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    UPDATES_METADATA,
+    check_adapter_file,
+    clean_key,
+    lora_module_names,
+)
 from slackdist.model.info import (
     CONFIG_FILE,
     DEFAULT_CHANNEL,
@@ -67,13 +93,26 @@ from slackdist.model.info import (
     write_model_info,
 )
 from slackdist.model.template import chat_template_name
-from slackdist.train.distributed import Topology, gather_state_dict
+from slackdist.train.distributed import (
+    Topology,
+    gather_state_dict,
+    load_sharded_trainable,
+    log_main,
+    save_sharded_trainable,
+)
+from slackdist.train.manifest import (
+    MANIFEST,
+    InvalidCheckpoint,
+    Manifest,
+    read_manifest,
+    verify_checkpoint,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
+TRAINABLE_DIR = "trainable"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 BEST_EVAL = "eval.json"
@@ -82,14 +121,14 @@ LOSS_PLOT = "loss.png"
 RUNS_DIR = "runs"
 MERGED_DIR = "merged"
 PREPARE_REPORT = "report.json"
+RNG_STATE = "random_states_{rank}.pkl"
+"""accelerate's name for one process's RNG state file."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Wrapper names that FSDP / activation checkpointing / torch.compile / DDP put into parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 @dataclass
 class TrainerState:
-    """Where training is: saved with every checkpoint (`register_for_checkpointing` + trainer_state.json)."""
+    """Where training is: saved with every checkpoint as trainer_state.json."""
 
     global_step: int = 0
     """Optimizer steps done."""
@@ -130,18 +169,6 @@ class TrainerState:
 # ------------------------------------------------------------------ adapter
 
 
-def lora_module_names(model: torch.nn.Module) -> list[str]:
-    """Names of the modules that carry a LoRA adapter (works through DDP/FSDP wrappers)."""
-    return [clean_key(name) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-
-
-def clean_key(key: str) -> str:
-    """A parameter name without FSDP / checkpoint / compile / DDP wrapper parts."""
-    for part in _WRAPPER_PARTS:
-        key = key.replace(part, "")
-    return key.removeprefix("module.")
-
-
 def adapter_state_dict(
     state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
 ) -> dict[str, torch.Tensor]:
@@ -162,32 +189,6 @@ def adapter_state_dict(
     return out
 
 
-def verify_adapter(path: str | os.PathLike[str], expected_modules: int, *, trained: bool) -> int:
-    """Check a written adapter: 2 tensors per LoRA module, and no all-zero lora_B after training.
-
-    Returns:
-        The number of tensors.
-
-    Raises:
-        SlackdistError: missing tensors (the silent FSDP1 adapter loss) or untrained lora_B.
-    """
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        b_keys = [k for k in keys if re.search(r"\.lora_(embedding_)?B\b", k)] if trained else []
-        zero_b = [k for k in b_keys if not f.get_tensor(k).any()]
-    if len(keys) != 2 * expected_modules:
-        raise SlackdistError(
-            f"{path}: {len(keys)} tensors, expected {2 * expected_modules} (lora_A and lora_B of "
-            f"{expected_modules} modules): the adapter lost layers while saving"
-        )
-    if zero_b:
-        raise SlackdistError(
-            f"{path}: {len(zero_b)} lora_B tensors are all zeros after training (first: {zero_b[0]})"
-        )
-    return len(keys)
-
-
 def save_adapter(
     accelerator: Accelerator,
     topology: Topology,
@@ -195,7 +196,7 @@ def save_adapter(
     out_dir: str | os.PathLike[str],
     *,
     base_model: str,
-    trained: bool,
+    updates: int,
 ) -> Path | None:
     """Write the LoRA adapter of a (possibly FSDP / DeepSpeed wrapped) PEFT model, PEFT-loadable.
 
@@ -208,13 +209,14 @@ def save_adapter(
         model: the prepared model.
         out_dir: folder for adapter_model.safetensors + adapter_config.json (created).
         base_model: recorded as `base_model_name_or_path` (absolute when it is a local folder).
-        trained: at least one optimizer step ran; then every lora_B must be non-zero.
+        updates: optimizer steps that changed the adapter (`TrainerState.updates`); recorded in the
+            file's metadata; after one, every lora_B must be non-zero.
 
     Returns:
         The adapter weights path on the main process, None elsewhere.
 
     Raises:
-        SlackdistError: the written adapter fails verification.
+        SlackdistError: the written adapter fails its check (`slackdist.model.adapter`).
     """
     full = gather_state_dict(accelerator, topology, model)
     if not accelerator.is_main_process:
@@ -223,13 +225,13 @@ def save_adapter(
     adapter_name = getattr(peft_model, "active_adapter", "default")
     tensors = adapter_state_dict(full, adapter_name)
     del full
-    expected = len(lora_module_names(peft_model))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out))
     try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        verify_adapter(tmp / ADAPTER_WEIGHTS, expected, trained=trained)
+        metadata = {"format": "pt", UPDATES_METADATA: str(updates)}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
+        check_adapter_file(tmp / ADAPTER_WEIGHTS, lora_module_names(peft_model), trained=updates > 0)
         peft_config = copy.deepcopy(peft_model.peft_config[adapter_name])
         peft_config.inference_mode = True
         peft_config.base_model_name_or_path = _base_reference(base_model)
@@ -274,6 +276,104 @@ def copy_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         os.replace(tmp, dst / name)
 
 
+# ------------------------------------------------------------------ training state (optimizer, scheduler, RNG)
+
+
+def save_training_state(
+    accelerator: Accelerator,
+    topology: Topology,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    folder: str | os.PathLike[str],
+) -> None:
+    """What resuming needs besides the adapter file and trainer_state.json, into a checkpoint folder
+    (collective; `Topology.checkpoint_layout` says what goes where).
+
+    DeepSpeed: `accelerator.save_state`, whose engine writes the trainable parameters and each
+    process's optimizer partition (the frozen base left out: `save_state_kwargs`), the scheduler
+    and the RNG states. Elsewhere accelerate's `save_state` would write the whole model, the
+    frozen 4-bit base included (under FSDP 4.36 GiB per checkpoint at 3B), so the model's trainable
+    part is written here: single / DDP need nothing more than the adapter file; FSDP writes each
+    process's shard of the LoRA weights and their optimizer state to `trainable/` (DCP). The rest
+    is accelerate's own writer of what `save_state` saves beside the model: `optimizer.bin`
+    (single / DDP, main process), `scheduler.bin`, the GradScaler of fp16 runs and
+    `random_states_<rank>.pkl` of every process.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layout = topology.checkpoint_layout
+    if layout == "deepspeed":
+        accelerator.save_state(str(folder), **topology.save_state_kwargs)
+        return
+    if layout == "dcp":
+        save_sharded_trainable(topology, model, optimizer, folder / TRAINABLE_DIR)
+    save_accelerator_state(
+        str(folder),
+        model_states=[],
+        optimizers=[optimizer] if layout == "adapter" else [],
+        schedulers=[scheduler],
+        dataloaders=[],
+        process_index=topology.rank,
+        step=accelerator.step,
+        scaler=accelerator.scaler,
+    )
+
+
+def load_training_state(
+    accelerator: Accelerator,
+    topology: Topology,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    checkpoint: str | os.PathLike[str],
+    *,
+    seed: int,
+) -> None:
+    """Load what `save_training_state` and the adapter file of a checkpoint hold. Collective.
+
+    A process the saving run did not have (resuming on more processes) finds no RNG state of its
+    own and is seeded with `seed + rank`, as a fresh run seeds it.
+
+    Raises:
+        SlackdistError: the optimizer state does not fit this run's optimizer (a checkpoint written
+            by another slackdist version, optimizer or launch config).
+    """
+    checkpoint = Path(checkpoint)
+    layout = topology.checkpoint_layout
+    try:
+        if layout == "deepspeed":
+            accelerator.load_state(str(checkpoint), **topology.load_state_kwargs)
+            return
+        if layout == "dcp":
+            load_sharded_trainable(topology, model, optimizer, checkpoint / TRAINABLE_DIR)
+        else:
+            load_adapter_weights(accelerator.unwrap_model(model), checkpoint)
+        load_accelerator_state(
+            str(checkpoint),
+            models=[],
+            optimizers=[optimizer] if layout == "adapter" else [],
+            schedulers=[scheduler],
+            dataloaders=[],
+            process_index=topology.rank,
+            scaler=accelerator.scaler,
+            map_location="on_device" if topology.world_size > 1 and topology.on_gpu else "cpu",
+        )
+    except (
+        ValueError
+    ) as e:  # torch.optim: "loaded state dict contains a parameter group that doesn't match..."
+        raise SlackdistError(
+            f"{checkpoint}: cannot resume: its optimizer state does not fit this run ({first_line(e)}); "
+            "it was written by another slackdist version, optimizer or launch config"
+        ) from None
+    # Checkpoints are written between optimizer steps, so the next micro-batch starts a step: with
+    # the counter at 0, `accelerator.accumulate` syncs after `accumulation` micro-batches whatever
+    # the accumulation of the run that saved it (it changes with the number of processes).
+    accelerator.step = 0
+    if not (checkpoint / RNG_STATE.format(rank=topology.rank)).is_file():
+        set_seed(seed + topology.rank)
+
+
 # ------------------------------------------------------------------ checkpoints and resume
 
 
@@ -282,74 +382,124 @@ def checkpoint_dir(out_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(out_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
 def list_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temp folders of an interrupted save are skipped)."""
+    """Checkpoint folders of a run (`step-N`), oldest first, valid or not; the temporary folders of an
+    unfinished save (`.tmp-step-N`) are not among them."""
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return sorted((p for p in root.iterdir() if p.is_dir() and _step_of(p) >= 0), key=_step_of)
 
 
-def find_latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in OUT/checkpoints, or None."""
+def _is_main_rank() -> bool:
+    """Before the Accelerator exists: the main process of torchrun / accelerate launch (or no launcher)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def newest_valid_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint of OUT whose files match its manifest; each newer one is skipped with a
+    one-line warning saying why (main process). None when OUT has no checkpoint.
+
+    Raises:
+        SlackdistError: there are checkpoints and none of them verifies.
+    """
     checkpoints = list_checkpoints(out_dir)
-    return checkpoints[-1] if checkpoints else None
+    for path in reversed(checkpoints):
+        try:
+            verify_checkpoint(path)
+        except InvalidCheckpoint as e:
+            if _is_main_rank():
+                logger.warning("resume: skipped %s", e)
+            continue
+        return path
+    if checkpoints:
+        raise SlackdistError(
+            f"{Path(out_dir) / CHECKPOINTS}: none of its {len(checkpoints)} checkpoints matches its manifest "
+            "(reasons above); delete the folder to start over, or train into another --output"
+        )
+    return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in (MANIFEST, TRAINER_STATE))
 
 
 def resolve_resume(resume: str | None, out_dir: str | os.PathLike[str]) -> Path | None:
-    """`--resume auto` -> newest checkpoint in OUT (None when there is none); a path -> that checkpoint.
+    """`--resume auto` -> the newest valid checkpoint in OUT (None when there is none); a run's output
+    folder -> its newest valid checkpoint; a checkpoint folder -> that one, if it verifies.
 
     Raises:
-        SlackdistError: the given path is not a checkpoint folder.
+        SlackdistError: the path is not a checkpoint, or does not match its manifest, or no checkpoint
+            of the folder does.
     """
     if not resume:
         return None
     if resume == "auto":
-        return find_latest_checkpoint(out_dir)
+        return newest_valid_checkpoint(out_dir)
     path = Path(resume)
-    if path.is_dir() and not (path / TRAINER_STATE).is_file():
-        latest = find_latest_checkpoint(path)  # a run's output folder
-        if latest is not None:
-            return latest
-    if not (path / TRAINER_STATE).is_file():
+    if not _is_checkpoint(path) and (path / CHECKPOINTS).is_dir():  # a run's output folder
+        return newest_valid_checkpoint(path)
+    if not _is_checkpoint(path):
         raise SlackdistError(
-            f"{resume}: not a checkpoint (no {TRAINER_STATE}); expected OUT/checkpoints/step-N"
+            f"{resume}: not a checkpoint (no {MANIFEST}); expected OUT/checkpoints/step-N or a run's OUT"
         )
+    verify_checkpoint(path)
     return path
 
 
 def resume_point(cfg: Config) -> Path | None:
-    """The checkpoint to resume from (checked before anything heavy loads).
+    """The checkpoint to resume from, verified against its manifest before anything heavy loads.
 
     Raises:
-        SlackdistError: `--resume PATH` is not a checkpoint, or a fresh run would mix with an earlier
-            run's checkpoints in the same output folder.
+        SlackdistError: `--resume PATH` is not a valid checkpoint, no checkpoint verifies, or a fresh
+            run would mix with an earlier run's checkpoints in the same output folder.
     """
     out = Path(cfg.train.output_dir)
-    found = resolve_resume(cfg.train.resume, out)
-    if found is None and not cfg.train.resume and find_latest_checkpoint(out) is not None:
+    if not cfg.train.resume and list_checkpoints(out):
         raise SlackdistError(
             f"{out / CHECKPOINTS}: checkpoints of an earlier run; continue it with --resume auto, "
             "or train into another --output (or delete that folder)"
         )
-    return found
+    return resolve_resume(cfg.train.resume, out)
+
+
+def check_resumable(manifest: Manifest, topology: Topology, checkpoint: str | os.PathLike[str]) -> None:
+    """A checkpoint's layout fits this run (before any collective load starts).
+
+    Raises:
+        SlackdistError: written by a run with another optimizer-state layout, or by DeepSpeed on a
+            different number of processes.
+    """
+    if manifest.layout != topology.checkpoint_layout:
+        raise SlackdistError(
+            f"{checkpoint}: written by a {manifest.backend} run, whose optimizer state ({manifest.layout}) a "
+            f"{topology.backend} run cannot read; resume it with the launch config that wrote it"
+        )
+    if manifest.layout == "deepspeed" and manifest.world_size != topology.world_size:
+        raise SlackdistError(
+            f"{checkpoint}: written by {manifest.world_size} DeepSpeed processes; DeepSpeed resumes its "
+            f"optimizer partitions only on as many (this run has {topology.world_size}); use that number"
+        )
 
 
 def prune_checkpoints(
-    out_dir: str | os.PathLike[str], keep_last: int, *, protect: int | None = None
+    out_dir: str | os.PathLike[str], keep_last: int, *, protect: int | None = None, newest: int | None = None
 ) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints, never the one of step `protect` (the best).
+    """Delete all but the newest `keep_last` checkpoints, never the one of step `protect` (the best),
+    and every checkpoint after step `newest`: those belong to a timeline a resume went back from
+    (a newer checkpoint that did not verify, or a resume from an older one).
 
     Returns:
         The deleted folders.
     """
     checkpoints = list_checkpoints(out_dir)
-    keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
+    current = [p for p in checkpoints if newest is None or _step_of(p) <= newest]
+    keep = set(current[-keep_last:]) if keep_last > 0 else set()
     if protect is not None:
         keep.add(checkpoint_dir(out_dir, protect))
     removed = [path for path in checkpoints if path not in keep]
@@ -358,49 +508,15 @@ def prune_checkpoints(
     return removed
 
 
-def load_checkpoint_state(
-    accelerator: Accelerator, topology: Topology, checkpoint: str | os.PathLike[str]
-) -> None:
-    """`accelerator.load_state` of a checkpoint: adapter (or FSDP / DeepSpeed shards), optimizer, scheduler,
-    RNG of every rank and the registered trainer state. Collective.
-
-    Raises:
-        SlackdistError: the optimizer state does not fit this run's optimizer (a checkpoint written
-            by another slackdist version, optimizer or launch config).
-    """
-    try:
-        accelerator.load_state(str(checkpoint), **topology.load_state_kwargs)
-    except (
-        ValueError
-    ) as e:  # torch.optim: "loaded state dict contains a parameter group that doesn't match..."
-        raise SlackdistError(
-            f"{checkpoint}: cannot resume: its optimizer state does not fit this run ({first_line(e)}); "
-            "it was written by another slackdist version, optimizer or launch config"
-        ) from None
-
-
-def register_adapter_state_hooks(
-    accelerator: Accelerator, topology: Topology, model: torch.nn.Module
-) -> None:
-    """Make `save_state` / `load_state` carry only the LoRA weights, via the checkpoint's adapter file.
-
-    Unsharded, accelerate would write the whole model (4-bit base included, ~2 GB at 3B) into every
-    checkpoint. The save hook drops those weights (the adapter is saved next to them anyway); the
-    load hook loads the adapter instead. Sharded (FSDP / DeepSpeed), accelerate saves each rank's
-    shard itself (these hooks see no weights there) and loads it back.
-    """
-    if topology.sharded:
-        return
-
-    def drop_weights(models: list, weights: list, output_dir: str) -> None:
-        weights.clear()
-
-    def load_adapter(models: list, input_dir: str) -> None:
-        models.clear()  # the local list load_state builds; accelerator._models is untouched
-        load_adapter_weights(accelerator.unwrap_model(model), input_dir)
-
-    accelerator.register_save_state_pre_hook(drop_weights)
-    accelerator.register_load_state_pre_hook(load_adapter)
+def _install(tmp: Path, final: Path) -> None:
+    """Rename a finished checkpoint into place; a folder of the same step (saved again after a resume)
+    is moved aside first and deleted only once the new one is in place."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class PreemptionFlag:
@@ -505,39 +621,74 @@ class OutputFolder:
             model,
             folder,
             base_model=self.cfg.model.base_model,
-            trained=state.updates > 0,
+            updates=state.updates,
         )
 
-    def save_checkpoint(self, model: torch.nn.Module, state: TrainerState) -> Path:
-        """Write OUT/checkpoints/step-N: `save_state` + adapter + tokenizer + config + trainer_state.json.
+    def save_checkpoint(
+        self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainerState
+    ) -> Path:
+        """Write OUT/checkpoints/step-N (module docstring): the training state, the adapter, tokenizer,
+        config, trainer_state.json, and last the manifest.
 
         Each rank writes its RNG state and, under FSDP / DeepSpeed, its shard. Everything goes into
-        a temp folder that the main process renames when complete, so a run killed mid-save leaves
-        no half checkpoint for `--resume auto` to pick; then all but the newest
+        a temp folder that the main process renames once the manifest is written, so a run killed
+        mid-save leaves no half checkpoint for `--resume auto` to pick; then all but the newest
         `train.keep_last_n_checkpoints` (and the best) are deleted.
 
         Returns:
             The checkpoint folder.
         """
-        accelerator, main = self.accelerator, self.topology.is_main_process
+        accelerator, topology = self.accelerator, self.topology
         final = checkpoint_dir(self.path, state.global_step)
         tmp = final.with_name(f".tmp-{final.name}")
-        if main and tmp.exists():
+        if topology.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), **self.topology.save_state_kwargs)
+        save_training_state(accelerator, topology, model, optimizer, scheduler, tmp)
         self._adapter(model, tmp, state)
-        if main:
+        if topology.is_main_process:
             self._describe(tmp)
             write_json_atomic(tmp / TRAINER_STATE, state.state_dict())
-        accelerator.wait_for_everyone()
-        if main:
-            if final.exists():  # the same step saved again after a resume
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            prune_checkpoints(self.path, self.cfg.train.keep_last_n_checkpoints, protect=state.best_step)
+        accelerator.wait_for_everyone()  # every rank's files are in tmp
+        if topology.is_main_process:
+            write_manifest(
+                tmp,
+                step=state.global_step,
+                backend=topology.backend,
+                world_size=topology.world_size,
+                layout=topology.checkpoint_layout,
+            )
+            _install(tmp, final)
+            prune_checkpoints(
+                self.path,
+                self.cfg.train.keep_last_n_checkpoints,
+                protect=state.best_step,
+                newest=state.global_step,
+            )
         accelerator.wait_for_everyone()
         return final
+
+    def load_checkpoint(
+        self, checkpoint: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainerState
+    ) -> None:
+        """Resume from a checkpoint `resume_point` verified: LoRA weights, optimizer, scheduler, every
+        rank's RNG, trainer state (the data position included). Collective.
+
+        Raises:
+            SlackdistError: the checkpoint's layout or optimizer state does not fit this run.
+        """
+        manifest = read_manifest(checkpoint)
+        check_resumable(manifest, self.topology, checkpoint)
+        load_training_state(
+            self.accelerator, self.topology, model, optimizer, scheduler, checkpoint, seed=self.cfg.train.seed
+        )
+        state.load_state_dict(json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")))
+        if manifest.world_size != self.topology.world_size:
+            log_main(
+                self.topology,
+                f"resume: {checkpoint.name} was written by {manifest.world_size} processes, this run has "
+                f"{self.topology.world_size}",
+            )
 
     def save_best(self, model: torch.nn.Module, state: TrainerState, eval_loss: float) -> None:
         """The adapter of a new best eval into OUT/best, with its eval.json."""

@@ -12,6 +12,9 @@ Backends:
 - ddp: several processes, each with the whole model (DistributedDataParallel; gloo on CPUs).
 - fsdp1, fsdp2: Accelerate's FSDP plugin, version 1 or 2; parameters sharded over the processes.
 - deepspeed: DeepSpeed ZeRO (the stage comes from the launch config).
+
+What a checkpoint holds differs with them too (`Topology.checkpoint_layout`); under FSDP it is
+written here, with torch.distributed.checkpoint (`save_sharded_trainable`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, ProjectConfiguration
 from peft.utils.other import fsdp_auto_wrap_policy
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, StateDictType
 from transformers import (
     get_constant_schedule_with_warmup,
     get_cosine_schedule_with_warmup,
@@ -35,12 +43,15 @@ from transformers import (
 )
 
 from slackdist.config import Config
+from slackdist.errors import SlackdistError, first_line
+from slackdist.model.adapter import clean_key, is_lora_key
 from slackdist.model.load import resolve_dtype
 from slackdist.train.flat import FlatParameters
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["single", "ddp", "fsdp1", "fsdp2", "deepspeed"]
+CheckpointLayout = Literal["adapter", "dcp", "deepspeed"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,22 @@ class Topology:
         weight is only gathered inside the root module's forward under FSDP / ZeRO-3, and calling
         lm_head afterwards would use a resharded, empty parameter."""
         return 0 if self.sharded else configured
+
+    @property
+    def checkpoint_layout(self) -> CheckpointLayout:
+        """How a checkpoint holds the trained weights and their optimizer state (never the frozen base):
+
+        - adapter (single, ddp): the LoRA weights are the checkpoint's adapter file, the optimizer
+          state one `optimizer.bin` (every process holds the same); resumes on any number of processes.
+        - dcp (fsdp1, fsdp2): `trainable/`, a torch.distributed.checkpoint folder where each process
+          writes its shard of the LoRA weights and their optimizer state; DCP reshards on load, so it
+          resumes on any number of processes.
+        - deepspeed: DeepSpeed's own files (the trainable parameters, each process's optimizer
+          partition); DeepSpeed resumes them on the same number of processes only.
+        """
+        if self.backend in ("fsdp1", "fsdp2"):
+            return "dcp"
+        return "deepspeed" if self.backend == "deepspeed" else "adapter"
 
     @property
     def save_state_kwargs(self) -> dict[str, Any]:
@@ -268,6 +295,7 @@ def gather_state_dict(
     finished after minutes (H100). Other ranks get an empty dict there.
     """
     if topology.zero_stage != 3:
+        reshard_fsdp2(topology, model)
         return accelerator.get_state_dict(model)
     import deepspeed  # only installed where a DeepSpeed launch config is used
 
@@ -276,3 +304,96 @@ def gather_state_dict(
         if not topology.is_main_process:
             return {}
         return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
+# ------------------------------------------------------------------ FSDP checkpoints (torch.distributed.checkpoint)
+
+
+def _plain_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper: torch's optimizer state-dict functions step an
+    optimizer once to build an empty state, which through the wrapper would also step an fp16 GradScaler."""
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _sharded_lora_weights(topology: Topology, model: torch.nn.Module) -> dict[str, Any]:
+    """This process's shard of every LoRA matrix, by parameter name (collective under FSDP1).
+
+    FSDP2 keeps each parameter as a DTensor holding this process's shard, so the parameters
+    themselves go to DCP (which then loads into them in place). FSDP1 with flat parameters has no
+    per-matrix tensors: its sharded state dict builds one ShardedTensor per original parameter (under
+    NO_SHARD, i.e. one process, a full tensor), gathering each FSDP unit in turn. In both cases only
+    the LoRA tensors are kept: not the frozen 4-bit base, nor the quantization state bitsandbytes adds
+    to a state dict. (torch's `get_model_state_dict` is not used: it looks up every state-dict key
+    as an attribute path, and bitsandbytes' `weight.absmax`-style keys are not attributes.)
+    """
+    if topology.backend == "fsdp2":
+        return {clean_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    with FullyShardedDataParallel.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = model.state_dict()
+    return {clean_key(k): v for k, v in state.items() if is_lora_key(k)}
+
+
+def reshard_fsdp2(topology: Topology, model: torch.nn.Module) -> None:
+    """Register FSDP2's sharded parameters again where a forward left them unsharded.
+
+    FSDP2 swaps a module's parameters for unsharded ones during forward and backward, and the root
+    module stays unsharded after a forward (its backward comes next). After a forward without a
+    backward (an eval pass), `named_parameters()` therefore yields unsharded tensors for the root's
+    parameters (lm_head's LoRA here) that the optimizer does not know: the state-dict functions fail
+    on them (KeyError in torch's optimizer state dict) or would save them unsharded.
+    """
+    if topology.backend == "fsdp2":
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
+def _sharded_trainable_state(topology: Topology, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """{"model": LoRA weight shards, "optimizer": their optimizer state shards}, keyed by parameter
+    name (collective). The optimizer part comes from torch's `get_optimizer_state_dict`, which
+    names states by parameter and shards them as the parameters are (and first gives a fresh
+    optimizer its empty state with one zero-learning-rate step, so a load has shapes to fill)."""
+    reshard_fsdp2(topology, model)
+    return {
+        "model": _sharded_lora_weights(topology, model),
+        "optimizer": get_optimizer_state_dict(model, _plain_optimizer(optimizer)),
+    }
+
+
+def save_sharded_trainable(
+    topology: Topology, model: torch.nn.Module, optimizer: Any, path: str | os.PathLike[str]
+) -> None:
+    """Write the LoRA weights and their optimizer state with torch.distributed.checkpoint: each
+    process writes its own shard (`__<rank>_0.distcp`), the main process `.metadata`. Collective."""
+    dcp.save(_sharded_trainable_state(topology, model, optimizer), checkpoint_id=str(path))
+
+
+def load_sharded_trainable(
+    topology: Topology, model: torch.nn.Module, optimizer: Any, path: str | os.PathLike[str]
+) -> None:
+    """Load what `save_sharded_trainable` wrote, on any number of processes: each process asks DCP
+    for the part of every tensor it holds now, whatever the sharding that wrote it. Collective.
+
+    Raises:
+        SlackdistError: the checkpoint does not fit this run (other LoRA modules, another optimizer).
+    """
+    state = _sharded_trainable_state(topology, model, optimizer)  # the shapes and shards to fill
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as e:  # a BaseException: one entry per failing rank
+        raise SlackdistError(
+            f"{path}: cannot resume: it does not fit this run's LoRA weights or optimizer ({first_line(e)})"
+        ) from None
+    if topology.backend == "fsdp1":
+        # FSDP1 warns once per frozen parameter that the (LoRA-only) state dict lacks.
+        fsdp_log = logging.getLogger("torch.distributed.fsdp._state_dict_utils")
+        level = fsdp_log.level
+        fsdp_log.setLevel(logging.ERROR)
+        try:
+            with FullyShardedDataParallel.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+                model.load_state_dict(state["model"], strict=False)
+        finally:
+            fsdp_log.setLevel(level)
+    set_optimizer_state_dict(model, _plain_optimizer(optimizer), state["optimizer"])

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from slackdist.errors import SlackdistError, first_line
 from slackdist.model.info import CONFIG_FILE, INFO_FILE
-from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
+from slackdist.model.load import attach_adapter, load_tokenizer
 from slackdist.model.merging import merge_lora
 
 if TYPE_CHECKING:
@@ -73,7 +72,8 @@ def merge_adapter(
         The output folder.
 
     Raises:
-        SlackdistError: not an adapter folder, no base model, or a base that cannot load.
+        SlackdistError: not an adapter folder, no base model, a base that cannot load, or an adapter
+            with missing tensors or zeroed lora_B (`slackdist.model.adapter`).
     """
     if dtype not in _DTYPES:
         raise SlackdistError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
@@ -88,8 +88,7 @@ def merge_adapter(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], device_map={"": "cpu"})
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{base}: cannot load the base model ({first_line(e)})") from None
-    with quiet_tied_lora_warning():
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model = attach_adapter(model, adapter_dir, base=base)
     merged = merge_lora(model)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)

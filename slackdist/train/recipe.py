@@ -43,8 +43,6 @@ from slackdist.train.checkpoint import (
     OutputFolder,
     PreemptionFlag,
     TrainerState,
-    load_checkpoint_state,
-    register_adapter_state_hooks,
     resume_point,
 )
 from slackdist.train.distributed import Topology, log_main, make_accelerator, trainable_parameters, wrap
@@ -158,11 +156,9 @@ class LoRARecipe:
         with phases.timed("wrap"):
             w = wrap(accelerator, topology, model, cfg, self.total_steps)
         self.model, self.optimizer, self.scheduler, self.flat = w.model, w.optimizer, w.scheduler, w.flat
-        register_adapter_state_hooks(accelerator, topology, self.model)
-        accelerator.register_for_checkpointing(self.state)
         if resume_from is not None:
-            # adapter (or FSDP/DeepSpeed shards), optimizer, scheduler, RNG of every rank, trainer state
-            load_checkpoint_state(accelerator, topology, resume_from)
+            # LoRA weights, optimizer, scheduler, RNG of every rank, trainer state (data position)
+            self.out.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.state)
             self.last_saved_step = self.state.global_step
             log_main(topology, f"resumed from {resume_from} at step {self.state.global_step}")
         else:
@@ -311,7 +307,7 @@ class LoRARecipe:
 
     def save_checkpoint(self) -> None:
         with self.phases.timed("checkpoints"):
-            self.out.save_checkpoint(self.model, self.state)
+            self.out.save_checkpoint(self.model, self.optimizer, self.scheduler, self.state)
         self.last_saved_step = self.state.global_step
 
     # ------------------------------------------------------------ save
