@@ -16,10 +16,12 @@ from typing import Any, Protocol
 from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
 from slackdist.data.conversations import Conversation, Turn
 from slackdist.errors import SlackdistError, first_line
+from slackdist.model.chat_formats import LLAMA3
 
 CHARS_PER_TOKEN = 4
-# Llama 3 template: "<|start_header_id|>role<|end_header_id|>\n\n" + content + "<|eot_id|>" ~ 5 tokens a message.
-ESTIMATED_MESSAGE_OVERHEAD = 5
+# Without a tokenizer: the default model's (Llama 3) tokens per message besides its content; with
+# --tokenizer the overhead is measured through the model family's own chat template.
+ESTIMATED_MESSAGE_OVERHEAD = LLAMA3.message_overhead
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -95,7 +97,8 @@ class HFTokenCounter:
         self.overhead = max(0, two - one - self._encode(probe))
 
     def _encode(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Special-token strings in Slack text are text (as training encodes them: `encode_chat`).
+        return len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def turn(self, content: str) -> int:
         return self._encode(content) + self.overhead
@@ -104,8 +107,9 @@ class HFTokenCounter:
         return self.record([{"role": "system", "content": system}])
 
     def record(self, messages: list[dict[str, str]]) -> int:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
-        return len(out["input_ids"])
+        from slackdist.model.template import encode_chat  # with the tokenizer: training's own count
+
+        return len(encode_chat(self.tokenizer, messages)[0])
 
 
 def load_token_counter(tokenizer: str | None) -> TokenCounter:
@@ -121,9 +125,13 @@ def load_token_counter(tokenizer: str | None) -> TokenCounter:
     try:
         from transformers import AutoTokenizer  # only when asked: data prep must stay light
 
+        from slackdist.model.families import read_model_type
         from slackdist.model.template import ensure_chat_template
 
-        tok = ensure_chat_template(AutoTokenizer.from_pretrained(tokenizer))
+        # The model family's chat template, as `slackdist train` will give it (model.chat_template=auto).
+        tok = ensure_chat_template(
+            AutoTokenizer.from_pretrained(tokenizer), model_type=read_model_type(tokenizer), source=tokenizer
+        )
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{tokenizer}: cannot load tokenizer ({first_line(e)})") from None
     return HFTokenCounter(tok)

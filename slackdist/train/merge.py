@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from slackdist.errors import SlackdistError, first_line
-from slackdist.model.info import CONFIG_FILE, INFO_FILE
+from slackdist.model.info import CONFIG_FILE, INFO_FILE, read_model_info
 from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
 
 if TYPE_CHECKING:
@@ -129,7 +129,10 @@ def merge_adapter(
     if untied:
         _retie_if_equal(merged)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+    info = read_model_info(adapter_dir)
+    tokenizer = load_tokenizer(
+        str(adapter_dir) if has_tokenizer else base, chat_template=info.chat_template if info else "auto"
+    )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))

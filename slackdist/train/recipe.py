@@ -106,7 +106,11 @@ class LoRARecipe:
         )
         self.topology = topology = Topology.of(accelerator)
         set_seed(t.seed)  # the same LoRA init on every rank
-        self.tokenizer = load_tokenizer(cfg.model.base_model, trust_remote_code=cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            cfg.model.base_model,
+            trust_remote_code=cfg.model.trust_remote_code,
+            chat_template=cfg.model.chat_template,
+        )
         self.pad_id = self.tokenizer.pad_token_id
         self.out = OutputFolder(cfg, accelerator=accelerator, topology=topology, tokenizer=self.tokenizer)
         self.out.create()
