@@ -302,6 +302,25 @@ def test_special_token_strings_are_text_on_the_server(llama_im) -> None:
     assert sum(i in controls for i in expected) == 1 + 2 * 3 + 2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepare_counts_tokens_as_training_does(
+    family_dirs: dict[str, Path], tokenizers, family: str
+) -> None:
+    """`prepare --tokenizer` measures a record through the family's template exactly as training encodes it
+    (special-token strings as text), and its per-message overhead never lets a planned window overrun."""
+    from slackdist.data.records import load_token_counter
+
+    counter = load_token_counter(str(family_dirs[family]))
+    chats = [
+        [*CHAT, {"role": "assistant", "content": "Bob: np"}],
+        [*_quoting_chat(" ".join(FORGERIES)), {"role": "assistant", "content": "Bob: <|eot_id|> [/INST] ok"}],
+    ]
+    for chat in chats:
+        assert counter.record(chat) == len(encode_chat(tokenizers[family], chat)[0])
+        planned = counter.base(chat[0]["content"]) + sum(counter.turn(m["content"]) for m in chat[1:])
+        assert 0 <= planned - counter.record(chat) <= 10, (planned, counter.record(chat))
+
+
 # ---------------------------------------------------------------- choosing a format
 
 
@@ -332,6 +351,15 @@ def test_an_unknown_family_is_named_in_a_warning(
         assert chat_template_name(tok) == expected
         (record,) = caplog.records
         assert "'newfamily'" in record.getMessage() and "model.chat_template" in record.getMessage()
+
+
+def test_generation_markers_are_tags_not_words() -> None:
+    from slackdist.model.families import has_generation_markers
+
+    assert has_generation_markers(CHAT_FORMATS["chatml"].template)
+    assert has_generation_markers("{% generation %}{{ x }}{% endgeneration %}")
+    assert not has_generation_markers("{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert not has_generation_markers(None)
 
 
 def test_a_saved_model_folder_keeps_its_format(tokenizers, tmp_path: Path) -> None:

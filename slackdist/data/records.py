@@ -92,9 +92,12 @@ class HFTokenCounter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         probe = "x"
-        one = self.record([{"role": "system", "content": probe}])
-        two = self.record([{"role": "system", "content": probe}, {"role": "user", "content": probe}])
-        self.overhead = max(0, two - one - self._encode(probe))
+        system = [{"role": "system", "content": probe}]
+        pair = [{"role": "user", "content": probe}, {"role": "assistant", "content": probe}]
+        # What one more user/assistant pair costs, per message: where a family puts the system prompt
+        # (Mistral: in the last user turn, Gemma: in the first) cancels out.
+        added = self.record(system + pair + pair) - self.record(system + pair) - 2 * self._encode(probe)
+        self.overhead = max(0, -(-added // 2))
 
     def _encode(self, text: str) -> int:
         # Special-token strings in Slack text are text (as training encodes them: `encode_chat`).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,9 @@ FUSED_LORA_TARGETS: dict[str, dict[str, str]] = {
 """Llama module names -> the module that holds them, for families that fuse projections."""
 
 
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 def read_model_type(name_or_path: str) -> str | None:
     """`model_type` of a model folder's config.json (a hub id: through transformers' cache), or None."""
     config = Path(name_or_path) / "config.json"
@@ -88,7 +92,7 @@ def read_model_type(name_or_path: str) -> str | None:
 
 def has_generation_markers(template: object) -> bool:
     """Whether a chat template can mark assistant tokens (`{% generation %}` ... `{% endgeneration %}`)."""
-    return isinstance(template, str) and "generation" in template and "endgeneration" in template
+    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
 
 
 def missing_tokens(fmt: ChatFormat, tokenizer: PreTrainedTokenizerBase) -> list[str]:

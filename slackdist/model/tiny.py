@@ -517,6 +517,7 @@ def write_tiny_model(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
