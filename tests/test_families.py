@@ -5,6 +5,7 @@ every family."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -125,13 +126,11 @@ def test_mask_is_the_assistant_content_and_its_end_token(tokenizers, family: str
     chat = [*CHAT, {"role": "assistant", "content": "Bob: np"}]
     ids, mask = encode_chat(tok, chat)
     end = tok.convert_tokens_to_ids(END_OF_TURN[family])
-    spans, start = [], None
-    for i, m in enumerate([*mask, 0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            spans.append((start, i))
-            start = None
+    spans, at = [], 0
+    for masked, run in itertools.groupby(mask):
+        n = len(list(run))
+        spans += [(at, at + n)] if masked else []
+        at += n
     assert len(spans) == 2  # one per assistant turn, each closed by the end-of-turn token
     for (a, b), content in zip(spans, (A1, "Bob: np"), strict=True):
         assert ids[b - 1] == end

