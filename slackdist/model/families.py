@@ -155,25 +155,30 @@ def resolve_chat_format(
         if _fits(fmt, tokenizer):
             return fmt
     guess = _by_vocabulary(tokenizer)
-    what = f"model type {model_type!r}" if model_type else "a model without config.json"
+    if candidates:  # e.g. a Llama 2 vocabulary: model type llama, neither Llama 3 nor ChatML tokens
+        names = " or ".join(f.name for f in candidates)
+        unknown = f"{source}: model type {model_type!r}, but the vocabulary lacks the tokens of {names}"
+    elif model_type:
+        unknown = f"{source}: model type {model_type!r} is not a family slackdist knows"
+    else:
+        unknown = f"{source}: no config.json says which family the model is"
     if guess is not None:
         logger.warning(
-            "%s: %s is not a family slackdist knows; its vocabulary has %s's tokens, so it uses the %s chat "
-            "template (set %s to choose another)",
-            source,
-            what,
+            "%s; its vocabulary has %s's tokens, so it gets the %s chat template (set %s to choose another)",
+            unknown,
             guess.name,
             guess.name,
             CHAT_TEMPLATE_KEY,
         )
         return guess
     if tokenizer.eos_token is None:
-        raise ValueError(f"{source}: {what} has no chat format slackdist knows and no eos token")
+        raise ValueError(
+            f"{unknown}, its vocabulary has no family's tokens and no eos token; set {CHAT_TEMPLATE_KEY}"
+        )
     logger.warning(
-        "%s: %s has no chat format slackdist knows; using a plain-text template ('### role:' turns ending "
+        "%s and its vocabulary has no family's tokens; using a plain-text template ('### role:' turns ending "
         "with %s). Set %s to one of llama3, chatml, mistral, gemma, phi3, tokenizer if the model has one",
-        source,
-        what,
+        unknown,
         tokenizer.eos_token,
         CHAT_TEMPLATE_KEY,
     )
