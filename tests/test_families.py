@@ -426,6 +426,28 @@ def test_gemma2_loss_soft_caps_like_the_model(family_dirs: dict[str, Path]) -> N
     assert (uncapped / n).item() != pytest.approx(out.loss.item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_keep_conversations_apart(family_dirs: dict[str, Path], family: str) -> None:
+    """With the attention each family loads with (eager for Gemma 2), a conversation packed after another
+    (position ids restarting) gets the logits it gets alone."""
+    from slackdist.config import ModelConfig
+    from slackdist.model.load import load_base_model
+
+    model = load_base_model(
+        ModelConfig(base_model=str(family_dirs[family]), load_in_4bit=False), dtype=torch.float32
+    ).eval()
+    generator = torch.Generator().manual_seed(0)
+    first, second = (
+        torch.randint(5, 900, (1, 12), generator=generator),
+        torch.randint(5, 900, (1, 9), generator=generator),
+    )
+    positions = torch.cat([torch.arange(12), torch.arange(9)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions).logits
+        alone = model(input_ids=second).logits
+    assert torch.allclose(packed[:, 12:].double(), alone.double(), atol=1e-5)
+
+
 # ---------------------------------------------------------------- prepare -> train -> merge -> chat
 
 
