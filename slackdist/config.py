@@ -122,6 +122,11 @@ class ModelConfig:
         "auto", "Attention: auto = flash-attn 2 if installed, else torch varlen on GPU, else SDPA."
     )
     trust_remote_code: bool = opt(False, "Allow custom model code from the hub.")
+    chat_template: Literal["auto", "llama3", "chatml", "mistral", "gemma", "phi3", "tokenizer"] = opt(
+        "auto",
+        "Chat format: auto = the tokenizer's own if it marks assistant tokens, else the model family's "
+        "(config.json model_type); tokenizer = the tokenizer's own (needs {% generation %} markers).",
+    )
 
 
 @dataclass

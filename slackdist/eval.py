@@ -28,7 +28,7 @@ from slackdist.errors import SlackdistError
 from slackdist.files import write_json_atomic, write_text_atomic
 from slackdist.generate import GenerationSettings, context_limit, reply, trim_history, warm_up
 from slackdist.model.load import InferenceModel, merge_in_memory
-from slackdist.model.loss import chunked_lm_loss
+from slackdist.model.loss import chunked_lm_loss, logit_softcap
 
 TEST_FILE = "test.jsonl"
 LOSS_CHUNK_TOKENS = 1024
@@ -84,7 +84,11 @@ def heldout_loss(
             # chunks, so a 128k vocabulary never materialises [T, vocab] logits.
             out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
             loss_sum, n = chunked_lm_loss(
-                out.hidden_states[-1], model.get_output_embeddings(), labels, LOSS_CHUNK_TOKENS
+                out.hidden_states[-1],
+                model.get_output_embeddings(),
+                labels,
+                LOSS_CHUNK_TOKENS,
+                softcap=logit_softcap(model),
             )
             total += float(loss_sum)
             tokens += n

@@ -9,6 +9,7 @@ import pytest
 
 from slackdist.cli import main as cli_main
 from slackdist.errors import SlackdistError
+from slackdist.model.families import has_generation_markers
 from slackdist.model.tiny import build_tiny_tokenizer, write_tiny_model
 
 
@@ -84,3 +85,43 @@ def test_cli_tiny_model(tmp_path: Path, capsys):
     # writing again into the existing folder replaces it
     assert cli_main(["tiny-model", str(out), "--seed", "1"]) == 0
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture", "tied", "end_of_turn"),
+    [
+        ("qwen2", "Qwen2ForCausalLM", True, "<|im_end|>"),
+        ("mistral", "MistralForCausalLM", False, "</s>"),
+        ("gemma2", "Gemma2ForCausalLM", True, "<end_of_turn>"),
+        ("phi3", "Phi3ForCausalLM", False, "<|end|>"),
+    ],
+)
+def test_every_family_loads_and_encodes_any_text(
+    tmp_path: Path, family: str, architecture: str, tied: bool, end_of_turn: str
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = write_tiny_model(tmp_path / family, family=family, seed=1)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == architecture and model.config.tie_word_embeddings is tied
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) is tied
+    assert len(tok) <= model.config.vocab_size and model.config.model_type == family
+    assert tok.convert_tokens_to_ids(end_of_turn) in model.generation_config.eos_token_id
+    # the hub's template shape: no generation markers, so `model.chat_template=auto` goes by model_type
+    assert not has_generation_markers(tok.chat_template)
+    # byte fallback (SentencePiece-style families) or byte-level BPE: any text round-trips, nothing is <unk>
+    text = "Zürich 東京 👍\n```py\nx = {'a': 1}\n```"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and tok.unk_token_id not in ids
+    out_logits = model(torch.tensor([ids])).logits
+    assert out_logits.shape[-1] == model.config.vocab_size and torch.isfinite(out_logits).all()
+
+
+def test_cli_tiny_model_family(tmp_path: Path):
+    assert cli_main(["tiny-model", str(tmp_path / "m"), "--family", "phi3", "--layers", "1"]) == 0
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "phi3" and cfg["num_hidden_layers"] == 1
+    with pytest.raises(SlackdistError, match="unknown family 'gpt2'"):
+        write_tiny_model(tmp_path / "x", family="gpt2")

@@ -16,10 +16,12 @@ from typing import Any, Protocol
 from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
 from slackdist.data.conversations import Conversation, Turn, WindowPlan, split_windows
 from slackdist.errors import SlackdistError, first_line
+from slackdist.model.chat_formats import LLAMA3
 
 CHARS_PER_TOKEN = 4
-# Llama 3 template: "<|start_header_id|>role<|end_header_id|>\n\n" + content + "<|eot_id|>" ~ 5 tokens a message.
-ESTIMATED_MESSAGE_OVERHEAD = 5
+# Without a tokenizer: the default model's (Llama 3) tokens per message besides its content; with
+# --tokenizer the overhead is measured through the model family's own chat template.
+ESTIMATED_MESSAGE_OVERHEAD = LLAMA3.message_overhead
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -126,12 +128,16 @@ class HFTokenCounter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         probe = "x"
-        one = self.record([{"role": "system", "content": probe}])
-        two = self.record([{"role": "system", "content": probe}, {"role": "user", "content": probe}])
-        self.overhead = max(0, two - one - self._encode(probe))
+        system = [{"role": "system", "content": probe}]
+        pair = [{"role": "user", "content": probe}, {"role": "assistant", "content": probe}]
+        # What one more user/assistant pair costs, per message: where a family puts the system prompt
+        # (Mistral: in the last user turn, Gemma: in the first) cancels out.
+        added = self.record(system + pair + pair) - self.record(system + pair) - 2 * self._encode(probe)
+        self.overhead = max(0, -(-added // 2))
 
     def _encode(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Special-token strings in Slack text are text (as training encodes them: `encode_chat`).
+        return len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def turn(self, content: str) -> int:
         return self._encode(content) + self.overhead
@@ -140,8 +146,9 @@ class HFTokenCounter:
         return self.record([{"role": "system", "content": system}])
 
     def record(self, messages: list[dict[str, str]]) -> int:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
-        return len(out["input_ids"])
+        from slackdist.model.template import encode_chat  # with the tokenizer: training's own count
+
+        return len(encode_chat(self.tokenizer, messages)[0])
 
 
 def load_token_counter(tokenizer: str | None) -> TokenCounter:
@@ -157,9 +164,13 @@ def load_token_counter(tokenizer: str | None) -> TokenCounter:
     try:
         from transformers import AutoTokenizer  # only when asked: data prep must stay light
 
+        from slackdist.model.families import read_model_type
         from slackdist.model.template import ensure_chat_template
 
-        tok = ensure_chat_template(AutoTokenizer.from_pretrained(tokenizer))
+        # The model family's chat template, as `slackdist train` will give it (model.chat_template=auto).
+        tok = ensure_chat_template(
+            AutoTokenizer.from_pretrained(tokenizer), model_type=read_model_type(tokenizer), source=tokenizer
+        )
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{tokenizer}: cannot load tokenizer ({first_line(e)})") from None
     return HFTokenCounter(tok)

@@ -51,9 +51,10 @@ from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, loa
 from slackdist.errors import SlackdistError, first_line
 from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.attention import register_varlen_attention, varlen_available
+from slackdist.model.families import lora_targets, read_model_type
 from slackdist.model.info import CONFIG_FILE, ModelInfo, read_model_info
 from slackdist.model.merging import merge_lora
-from slackdist.model.template import chat_template_name, ensure_chat_template
+from slackdist.model.template import ensure_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -99,13 +100,17 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attn_implementation(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+def resolve_attn_implementation(
+    name: str, device: torch.device | str, dtype: torch.dtype, *, softcap: bool = False
+) -> str:
     """The `attn_implementation` to pass to transformers.
 
     auto = flash_attention_2 when the flash-attn package is installed and the model runs on
     CUDA in 16-bit, else our registered torch varlen kernel on CUDA (torch >= 2.10), else
     SDPA (CPU, fp32). Both varlen paths keep packed conversations apart with no dense mask;
-    SDPA does it with a block mask built from `position_ids`.
+    SDPA does it with a block mask built from `position_ids`. A model that soft-caps its
+    attention logits (`softcap`: Gemma 2) gets eager attention instead of SDPA or varlen,
+    which cannot soft-cap (flash-attn 2 can).
 
     Raises:
         SlackdistError: flash_attention_2 asked for but not installed.
@@ -117,6 +122,12 @@ def resolve_attn_implementation(name: str, device: torch.device | str, dtype: to
                 "model.attn_implementation=flash_attention_2: the flash-attn package is not installed"
             )
         return name
+    if softcap and not (name == "auto" and on_gpu_16bit and _flash_attn_installed()):
+        if name in ("sdpa", "varlen"):
+            _warn_once(
+                f"model.attn_implementation={name}: this model soft-caps attention logits; using eager"
+            )
+        return "eager"
     if name in ("sdpa", "eager"):
         return name
     if name == "auto" and on_gpu_16bit and _flash_attn_installed():
@@ -130,6 +141,15 @@ def resolve_attn_implementation(name: str, device: torch.device | str, dtype: to
     return "sdpa"
 
 
+def _softcaps_attention(name_or_path: str, trust_remote_code: bool) -> bool:
+    """Whether the model's config soft-caps attention logits (Gemma 2's `attn_logit_softcapping`)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return False  # from_pretrained will name the problem
+    return getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None
+
+
 def _flash_attn_installed() -> bool:
     try:  # an optional package: only its presence is asked for
         import flash_attn  # noqa: F401
@@ -138,18 +158,29 @@ def _flash_attn_installed() -> bool:
     return True
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it our chat template and a pad token (`ensure_chat_template`).
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, chat_template: str = "auto"
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it its family's chat template and a pad token (`ensure_chat_template`).
+
+    Args:
+        name_or_path: a model folder or hub id.
+        trust_remote_code: allow a tokenizer class from the hub.
+        chat_template: `model.chat_template` (`slackdist.model.families`), or the name a model folder's
+            `slackdist_inference.json` records.
 
     Raises:
-        SlackdistError: the folder or hub id has no loadable tokenizer.
+        SlackdistError: the folder or hub id has no loadable tokenizer, or the chosen chat template does
+            not fit it.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SlackdistError(f"{name_or_path}: cannot load a tokenizer ({first_line(e)})") from None
     try:
-        return ensure_chat_template(tokenizer)
+        return ensure_chat_template(
+            tokenizer, chat_template, model_type=read_model_type(name_or_path), source=name_or_path
+        )
     except ValueError as e:
         raise SlackdistError(f"{name_or_path}: {e}") from None
 
@@ -249,7 +280,12 @@ def load_base_model(
     device = _device_of(device_map)
     quantize = model_cfg.load_in_4bit if quantize is None else quantize
     bnb_config = quantization_config(replace(model_cfg, load_in_4bit=quantize), dtype, device=device)
-    attn = resolve_attn_implementation(attn_implementation or model_cfg.attn_implementation, device, dtype)
+    attn = resolve_attn_implementation(
+        attn_implementation or model_cfg.attn_implementation,
+        device,
+        dtype,
+        softcap=_softcaps_attention(model_cfg.base_model, model_cfg.trust_remote_code),
+    )
     kwargs: dict[str, Any] = dict(
         dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code
     )
@@ -352,7 +388,8 @@ def add_lora(model: PreTrainedModel, lora_cfg: LoraSettings, *, gradient_checkpo
     Args:
         model: from `load_base_model`.
         lora_cfg: rank, alpha, dropout, init and target modules (default: the seven
-            projections and lm_head, also when lm_head is tied to the embeddings).
+            projections and lm_head, also when lm_head is tied to the embeddings; Llama's
+            names, mapped to the family's fused modules by `slackdist.model.families.lora_targets`).
         gradient_checkpointing: enable non-reentrant activation checkpointing.
 
     Returns:
@@ -365,9 +402,12 @@ def add_lora(model: PreTrainedModel, lora_cfg: LoraSettings, *, gradient_checkpo
     model.config.use_cache = False
     if gradient_checkpointing:
         enable_checkpointing(model)
+    targets = lora_targets(getattr(model.config, "model_type", None), list(lora_cfg.target_modules))
+    if targets != list(lora_cfg.target_modules):
+        logger.info("LoRA targets for %s: %s", model.config.model_type, ", ".join(targets))
     try:
         with quiet_tied_lora_warning():
-            peft_model = get_peft_model(model, lora_config(lora_cfg))
+            peft_model = get_peft_model(model, lora_config(replace(lora_cfg, target_modules=targets)))
     except ValueError as e:
         targets = ",".join(lora_cfg.target_modules)
         raise SlackdistError(f"lora.target_modules={targets}: {first_line(e)}") from None
@@ -561,17 +601,13 @@ def load_for_inference(
         )
 
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
-    tokenizer = load_tokenizer(
-        str(folder) if has_tokenizer else source, trust_remote_code=model_cfg.trust_remote_code
-    )
     info = read_model_info(folder)
-    if info is not None and chat_template_name(tokenizer) != info.chat_template:
-        logger.warning(
-            "%s: trained with the %s chat template, but its tokenizer renders %s",
-            model_dir,
-            info.chat_template,
-            chat_template_name(tokenizer),
-        )
+    # The template training used, by the name the folder records (a folder training did not write: auto).
+    tokenizer = load_tokenizer(
+        str(folder) if has_tokenizer else source,
+        trust_remote_code=model_cfg.trust_remote_code,
+        chat_template=info.chat_template if info is not None else model_cfg.chat_template,
+    )
     model_cfg = replace(model_cfg, base_model=source)
     model = load_base_model(
         model_cfg, dtype=dtype, device_map={"": device}, quantize=quantize, attn_implementation="sdpa"

@@ -17,13 +17,28 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def logit_softcap(model: torch.nn.Module) -> float | None:
+    """The model's final logit soft-cap (Gemma 2: 30.0), which its forward applies after lm_head; else None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def _chunk_loss(
+    lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     logits = lm_head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def chunked_lm_loss(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int,
+    *,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, computed in chunks.
 
@@ -36,6 +51,8 @@ def chunked_lm_loss(
         labels: `[B, T]` token ids, -100 where no loss is taken.
         chunk_size: labelled positions per chunk; 0 = all at once without checkpointing
             (the plain path).
+        softcap: `logit_softcap(model)`: cap the logits at +-softcap with tanh, as the model's own
+            forward does after lm_head.
 
     Returns:
         (loss_sum, n_tokens): fp32 scalar sum over labelled tokens (divide by the token
@@ -51,11 +68,11 @@ def chunked_lm_loss(
         # Keep the graph connected so backward() and DDP gradient hooks still run.
         return hidden.sum().float() * 0.0, 0
     if chunk_size <= 0:
-        return _chunk_loss(lm_head, selected, targets), n_tokens
+        return _chunk_loss(lm_head, selected, targets, softcap), n_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n_tokens, chunk_size):
         end = start + chunk_size
         total = total + checkpoint(
-            _chunk_loss, lm_head, selected[start:end], targets[start:end], use_reentrant=False
+            _chunk_loss, lm_head, selected[start:end], targets[start:end], softcap, use_reentrant=False
         )
     return total, n_tokens

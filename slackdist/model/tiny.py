@@ -1,16 +1,27 @@
-"""`slackdist tiny-model DIR`: a tiny random Llama-3-architecture model for tests and demos.
+"""`slackdist tiny-model DIR [--family F]`: a tiny random model of one family for tests and demos.
 
-The model has the features of Llama 3.2 that matter to the training code (tied
-embeddings, grouped-query attention, llama3 rope scaling, rope_theta 500000, the Llama
-3 special tokens and chat template) at a size that loads and trains on a CPU in
-seconds. The tokenizer is a byte-level BPE (Llama 3's pre-tokenizer regex) trained
-here on a small built-in English + code corpus, so it encodes any text and needs no
-download. Everything is deterministic for a given seed.
+The default (`llama`) has the features of Llama 3.2 that matter to the training code (tied
+embeddings, grouped-query attention, llama3 rope scaling, rope_theta 500000, the Llama 3 special
+tokens and chat template) at a size that loads and trains on a CPU in seconds. The other families
+are the same size in their own architecture, with a tokenizer built the way the family's is, so
+chat formats, tokenization details and LoRA module names are tested on the real code paths:
+
+| family | architecture | tokenizer | tied head | chat template it ships |
+|---|---|---|---|---|
+| llama | LlamaForCausalLM | byte-level BPE, Llama 3 split | yes | ours (with generation markers) |
+| qwen2 | Qwen2ForCausalLM (q/k/v bias) | byte-level BPE, Qwen2 split, no bos | yes | ChatML without markers |
+| mistral | MistralForCausalLM | SentencePiece-style BPE, byte fallback, Metaspace "first", [INST] tokens | no | Mistral's, without markers |
+| gemma2 | Gemma2ForCausalLM (logit soft-capping) | SentencePiece-style BPE, byte fallback, no prefix space | yes | Gemma's, without markers |
+| phi3 | Phi3ForCausalLM (fused qkv / gate_up) | Llama 2 style (prefix "▁" per section), chat tokens that swallow the newline after them | no | Phi-3's, without markers |
+
+Each tokenizer is trained here on a small built-in English + code corpus, so it encodes any text
+and needs no download. Everything is deterministic for a given seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -19,10 +30,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GenerationConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from slackdist.errors import SlackdistError
+from slackdist.model.chat_formats import CHATML, GEMMA, LLAMA3, MISTRAL, PHI3
 from slackdist.model.template import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
@@ -35,6 +69,8 @@ LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: the same, but one digit at a time.
+QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 _CORPUS = """\
 system: You are a member of the team. user: hi! assistant: Hello, how can I help you today?
@@ -152,26 +188,12 @@ def tiny_corpus() -> list[str]:
     return _CORPUS.splitlines(keepends=True)
 
 
-def build_tiny_tokenizer(
-    vocab_size: int = BPE_VOCAB_SIZE, corpus: Iterable[str] | None = None
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on the built-in corpus and wrap it as a Llama 3 style tokenizer.
-
-    The Llama 3 special tokens come after the learned vocabulary (as in Llama 3);
-    `bos` is `<|begin_of_text|>` (added in front of plain `tokenizer(text)` calls, not by
-    the chat template path), `eos` is `<|eot_id|>`, `pad` is `<|finetune_right_pad_id|>`.
-
-    Args:
-        vocab_size: byte alphabet plus learned merges (the corpus may give fewer).
-        corpus: training text (default: the built-in corpus); benchmarks train on their data.
-
-    Returns:
-        The tokenizer, with `LLAMA3_CHAT_TEMPLATE` set.
-    """
+def _byte_level_bpe(split_pattern: str, vocab_size: int, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style, as Llama 3 and Qwen2) with this pre-tokenizer split, trained on the corpus."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -182,27 +204,162 @@ def build_tiny_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus() if corpus is None else corpus, trainer=trainer)
+    return tok
+
+
+def _sentencepiece_bpe(first_tokens: tuple[str, ...], vocab_size: int) -> Tokenizer:
+    """A SentencePiece-style BPE (as Mistral, Gemma, Phi-3): "▁" for spaces, `first_tokens` (unk, bos, eos,
+    ...) as ids 0.., then the 256 byte-fallback tokens `<0x00>`..`<0xFF>`, then the learned pieces.
+    Normalizer, pre-tokenizer and decoder are the caller's."""
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
+    trainer_tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    vocab = {tok: i for i, tok in enumerate(first_tokens)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=first_tokens[0], byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in first_tokens])
+    return tok
+
+
+# "▁" back to spaces, <0xNN> pieces back to bytes, the first space dropped (Llama 2, Mistral, Phi-3).
+_LLAMA2_DECODER = decoders.Sequence(
+    [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+)
+
+
+def _bos_processor(tok: Tokenizer, bos: str) -> processors.TemplateProcessing:
+    """Put `bos` in front of plain `tokenizer(text)` calls (the chat template path adds none)."""
+    return processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0",
+        pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, tok.token_to_id(bos))],
+    )
+
+
+def _without_generation_markers(template: str) -> str:
+    """A family's template as the hub ships it: the same turns, without `{% generation %}` markers."""
+    return template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+
+
+def _llama_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    tok = _byte_level_bpe(LLAMA3_SPLIT_PATTERN, vocab_size, corpus)
     tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
     bos = LLAMA3_SPECIAL_TOKENS[0]
     tok.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0",
-                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                special_tokens=[(bos, tok.token_to_id(bos))],
-            ),
-        ]
+        [processors.ByteLevel(trim_offsets=False), _bos_processor(tok, bos)]
     )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=8192,
+        tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
     )
     wrapped.chat_template = LLAMA3_CHAT_TEMPLATE
+    return wrapped
+
+
+def _qwen2_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = _byte_level_bpe(QWEN2_SPLIT_PATTERN, vocab_size)
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    wrapped.chat_template = _without_generation_markers(CHATML.template)
+    return wrapped
+
+
+def _mistral_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = _sentencepiece_bpe(("<unk>", "<s>", "</s>"), vocab_size)
+    # As Mistral v0.3's tokenizer.json: "▁" in front of the text only at its very start.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = _LLAMA2_DECODER
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("[INST]", "[/INST]")])
+    tok.post_processor = _bos_processor(tok, "<s>")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    wrapped.chat_template = _without_generation_markers(MISTRAL.template)
+    return wrapped
+
+
+def _gemma2_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = _sentencepiece_bpe(("<unk>", "<pad>", "<eos>", "<bos>"), vocab_size)
+    tok.normalizer = normalizers.Replace(" ", "▁")  # as Gemma's: no "▁" added in front
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    turns = ("<start_of_turn>", "<end_of_turn>")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in turns])
+    tok.post_processor = _bos_processor(tok, "<bos>")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    wrapped.chat_template = _without_generation_markers(GEMMA.template)
+    return wrapped
+
+
+def _phi3_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = _sentencepiece_bpe(("<unk>", "<s>", "</s>"), vocab_size)
+    # Llama 2's legacy normalizer, as Phi-3's tokenizer.json: every piece of text gets a "▁" in front.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = _LLAMA2_DECODER
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    # Phi-3's chat tokens swallow the whitespace after them (rstrip), so "<|user|>\nHi" is two tokens.
+    chat = ("<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=True) for t in chat])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+    wrapped.chat_template = _without_generation_markers(PHI3.template)
+    return wrapped
+
+
+_TOKENIZERS = {
+    "llama": _llama_tokenizer,
+    "qwen2": _qwen2_tokenizer,
+    "mistral": _mistral_tokenizer,
+    "gemma2": _gemma2_tokenizer,
+    "phi3": _phi3_tokenizer,
+}
+FAMILIES = tuple(_TOKENIZERS)
+"""`--family` values, each an architecture with its family's tokenizer and chat template."""
+
+
+def build_tiny_tokenizer(
+    vocab_size: int = BPE_VOCAB_SIZE, family: str = "llama", corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a BPE on the built-in corpus and wrap it as the family's tokenizer.
+
+    For `llama`: a byte-level BPE with the Llama 3 special tokens after the learned vocabulary (as in
+    Llama 3); `bos` is `<|begin_of_text|>` (added in front of plain `tokenizer(text)` calls, not by the
+    chat template path), `eos` is `<|eot_id|>`, `pad` is `<|finetune_right_pad_id|>`, and the chat
+    template is ours. Other families: see the module docstring.
+
+    Args:
+        vocab_size: alphabet plus learned merges (the corpus may give fewer).
+        family: one of `FAMILIES`.
+        corpus: training text for the `llama` family (default: the built-in corpus); benchmarks train
+            on their own data.
+
+    Returns:
+        The tokenizer, with its chat template set.
+
+    Raises:
+        SlackdistError: an unknown family.
+    """
+    if family not in _TOKENIZERS:
+        raise SlackdistError(f"tiny model: unknown family {family!r} (use one of {', '.join(FAMILIES)})")
+    if corpus is not None and family != "llama":
+        raise SlackdistError(
+            f"tiny model: a training corpus is only supported for the llama family, not {family!r}"
+        )
+    wrapped = _llama_tokenizer(vocab_size, corpus) if corpus is not None else _TOKENIZERS[family](vocab_size)
+    wrapped.clean_up_tokenization_spaces = False
+    wrapped.model_max_length = 8192
     return wrapped
 
 
@@ -248,9 +405,80 @@ def _install_dir(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
+_FORMATS = {"llama": LLAMA3, "qwen2": CHATML, "mistral": MISTRAL, "gemma2": GEMMA, "phi3": PHI3}
+"""The chat format each tiny family ships (and stops generation on)."""
+
+
+def _model_config(
+    family: str, tokenizer: PreTrainedTokenizerFast, **shape: int
+) -> tuple[PretrainedConfig, GenerationConfig]:
+    """The family's architecture config at this shape, and a generation config that stops on its end tokens."""
+    vocab_size = -(-len(tokenizer) // 64) * 64  # round up, as real vocabularies are
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    common = dict(vocab_size=vocab_size, rms_norm_eps=1e-5, **shape, **ids)
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    if family == "llama":
+        config = LlamaConfig(
+            **common,
+            max_position_embeddings=131072,  # as Llama 3.2; rope is computed per position, nothing is allocated
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    elif family == "qwen2":  # as Qwen2.5-0.5B/1.5B: tied, biases on q/k/v
+        config = Qwen2Config(
+            **common,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        )
+    elif family == "mistral":  # as Mistral-7B-v0.3: untied, no sliding window
+        config = MistralConfig(
+            **common,
+            head_dim=head_dim,
+            max_position_embeddings=32768,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        )
+    elif family == "gemma2":  # as Gemma 2: tied, soft-capped attention and output logits
+        config = Gemma2Config(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            max_position_embeddings=8192,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        )
+    else:  # phi3, as Phi-3-mini: untied, fused qkv_proj and gate_up_proj
+        config = Phi3Config(
+            **common,
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
+    vocab = tokenizer.get_vocab()
+    stops = [vocab[t] for t in _FORMATS[family].stop_tokens if t in vocab]
+    generation = GenerationConfig(**{**ids, "eos_token_id": stops})
+    return config, generation
+
+
 def write_tiny_model(
     out_dir: str | os.PathLike[str],
     *,
+    family: str = "llama",
     hidden_size: int = 64,
     layers: int = 2,
     heads: int = 4,
@@ -259,13 +487,14 @@ def write_tiny_model(
     seed: int = 0,
     dtype: torch.dtype | str = "fp32",
 ) -> Path:
-    """Write a tiny random LlamaForCausalLM and its tokenizer with `save_pretrained`.
+    """Write a tiny random model of one family and its tokenizer with `save_pretrained`.
 
     `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`
     load the result. Saved in fp32 by default so CPU tests compare exactly.
 
     Args:
         out_dir: folder to write (created; existing files of the same name are replaced).
+        family: one of `FAMILIES` (module docstring).
         hidden_size: model width.
         layers: decoder layers.
         heads: attention heads (must divide hidden_size).
@@ -278,46 +507,36 @@ def write_tiny_model(
         The output folder.
 
     Raises:
-        SlackdistError: impossible shape or dtype.
+        SlackdistError: an unknown family, impossible shape or dtype.
     """
     _check_shape(hidden_size, layers, heads, kv_heads, intermediate_size)
     torch_dtype = _resolve_dtype(dtype)
-    tokenizer = build_tiny_tokenizer()
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in LLAMA3_SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64  # round up, as real vocabularies are
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    tokenizer = build_tiny_tokenizer(family=family)
+    config, generation = _model_config(
+        family,
+        tokenizer,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=131072,  # as Llama 3.2; rope is computed per position, nothing is allocated
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=ids["<|eot_id|>"],
-        pad_token_id=ids["<|finetune_right_pad_id|>"],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch_dtype)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=[ids["<|eot_id|>"], ids["<|end_of_text|>"]],
-        pad_token_id=ids["<|finetune_right_pad_id|>"],
-    )
+        model = AutoModelForCausalLM.from_config(config).to(torch_dtype)
+    model.generation_config = generation
+    return save_model_folder(model, tokenizer, out_dir)
+
+
+def save_model_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str]
+) -> Path:
+    """`save_pretrained` a model and its tokenizer into a temporary folder next to `out_dir`, then move it into
+    place (files of the same name in an existing folder are replaced; nothing is left half-written)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -329,9 +548,10 @@ def write_tiny_model(
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    """`slackdist tiny-model DIR [--hidden-size ...]`."""
+    """`slackdist tiny-model DIR [--family F] [--hidden-size ...]`."""
     out = write_tiny_model(
         args.output,
+        family=args.family,
         hidden_size=args.hidden_size,
         layers=args.layers,
         heads=args.heads,

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slackdist.errors import SlackdistError, first_line
-from slackdist.model.info import CONFIG_FILE, INFO_FILE
+from slackdist.model.info import CONFIG_FILE, INFO_FILE, read_model_info
 from slackdist.model.load import attach_adapter, load_tokenizer
 from slackdist.model.merging import merge_lora
 
@@ -91,7 +91,10 @@ def merge_adapter(
     model = attach_adapter(model, adapter_dir, base=base)
     merged = merge_lora(model)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+    info = read_model_info(adapter_dir)
+    tokenizer = load_tokenizer(
+        str(adapter_dir) if has_tokenizer else base, chat_template=info.chat_template if info else "auto"
+    )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))

@@ -108,7 +108,9 @@ class LoRARecipe:
         phases = self.phases
         with phases.timed("data"):
             self.tokenizer = load_tokenizer(
-                cfg.model.base_model, trust_remote_code=cfg.model.trust_remote_code
+                cfg.model.base_model,
+                trust_remote_code=cfg.model.trust_remote_code,
+                chat_template=cfg.model.chat_template,
             )
             self.pad_id = self.tokenizer.pad_token_id
             self.out = OutputFolder(cfg, accelerator=accelerator, topology=topology, tokenizer=self.tokenizer)

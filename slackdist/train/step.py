@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from slackdist.model.loss import IGNORE_INDEX, chunked_lm_loss
+from slackdist.model.loss import IGNORE_INDEX, chunked_lm_loss, logit_softcap
 from slackdist.train.flat import FlatParameters
 from slackdist.train.packing import PackedRow, collate
 
@@ -62,13 +62,16 @@ def forward_loss(
         # state (after the final norm) feeds the chunked loss.
         out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1]
-        lm_head = accelerator.unwrap_model(model).get_output_embeddings()
+        unwrapped = accelerator.unwrap_model(model)
+        lm_head = unwrapped.get_output_embeddings()
         with accelerator.autocast():
             if int(batch["num_label_tokens"]) == 0:
                 # A filler micro-batch: zero loss, but through lm_head too, so every LoRA parameter
                 # gets a (zero) gradient and DDP's reducer does not wait for lm_head's.
                 return lm_head(hidden[:, :1]).float().sum() * 0.0
-            loss_sum, _ = chunked_lm_loss(hidden, lm_head, labels, chunk_size)
+            loss_sum, _ = chunked_lm_loss(
+                hidden, lm_head, labels, chunk_size, softcap=logit_softcap(unwrapped)
+            )
         return loss_sum
     logits = model(**inputs, use_cache=False).logits
     targets = labels[:, 1:]
