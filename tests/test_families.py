@@ -288,7 +288,8 @@ def test_special_token_strings_are_text_on_the_server(llama_im) -> None:
     messages = [{"role": "user", "content": message}]
     recorder = _PromptRecorder(llama_im.model.get_base_model())
     try:
-        with TestClient(app) as client:
+        # a loopback Host, as a local client sends (the server refuses others: DNS-rebinding protection)
+        with TestClient(app, base_url="http://localhost") as client:
             response = client.post("/v1/chat/completions", json={"model": "slackdist", "messages": messages})
     finally:
         recorder.close()
