@@ -1,0 +1,699 @@
+"""Where the secrets are in a text: spans with a kind, found in layers, cheaply on text that holds none.
+
+Layers, in order of priority (where spans overlap, the first layer's kind wins):
+
+1. Known token formats from `detect-secrets` (Yelp): its plugins' format regexes for AWS key ids, Azure
+   storage keys, GitHub, GitLab, npm, legacy OpenAI, PyPI, SendGrid, Slack, Stripe, Twilio, Discord, Mailchimp,
+   Square and Telegram tokens.
+2. Current formats the library lacks (``_FORMATS``), each with the scanner rule it follows (gitleaks'
+   ``config/gitleaks.toml``, MIT): newer GitHub/GitLab/Slack/OpenAI forms, Anthropic, Hugging Face, GCP, Azure,
+   Stripe, npm, JWTs (signed or not), private key blocks and about fifty other services' prefixed tokens.
+3. Context rules no format covers: keyword assignments with any prefix or suffix (``DB_PASSWORD=``,
+   ``*_API_KEY:``, ``.env`` lines, YAML/JSON keys, XML elements, ``--password x``), URL userinfo for every scheme,
+   ``Authorization`` headers and bare ``Bearer``/``Basic`` credentials, ``curl -u``, meeting passcodes, and an
+   unlabelled AWS secret key next to an AWS key id.
+
+Only the value is marked, and only a literal one: a quoted string or a token-shaped run, never a code expression
+(``password = getpass.getpass()``, ``token = os.environ["X"]``, ``api_key=None``, ``token=token``).
+
+Speed: ``find_secrets`` runs on every message of an export. Each rule names lowercase anchors (substrings one of
+which every match contains); a rule runs only when an anchor is in the lowered text, and token-format rules run
+only when the text holds a run of 16+ token characters at all. Ordinary chat costs a ``lower()``, a dozen ``in``
+tests and one short regex scan.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from detect_secrets.plugins.aws import AWSKeyDetector
+from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
+from detect_secrets.plugins.discord import DiscordBotTokenDetector
+from detect_secrets.plugins.github_token import GitHubTokenDetector
+from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
+from detect_secrets.plugins.mailchimp import MailchimpDetector
+from detect_secrets.plugins.npm import NpmDetector
+from detect_secrets.plugins.openai import OpenAIDetector
+from detect_secrets.plugins.pypi_token import PypiTokenDetector
+from detect_secrets.plugins.sendgrid import SendGridDetector
+from detect_secrets.plugins.slack import SlackDetector
+from detect_secrets.plugins.square_oauth import SquareOAuthDetector
+from detect_secrets.plugins.stripe import StripeDetector
+from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
+from detect_secrets.plugins.twilio import TwilioKeyDetector
+
+PLACEHOLDER = "[REDACTED_SECRET]"
+
+# Every kind a span can have; report.json counts redactions under these names (documented in the README).
+SECRET_KINDS = (
+    "private_key",
+    "slack_token",
+    "github_token",
+    "gitlab_token",
+    "aws_key",
+    "gcp_key",
+    "azure_key",
+    "openai_key",
+    "anthropic_key",
+    "huggingface_token",
+    "stripe_key",
+    "twilio_key",
+    "sendgrid_key",
+    "npm_token",
+    "pypi_token",
+    "jwt",
+    "other_token",
+    "bearer",
+    "basic_auth",
+    "url_password",
+    "meeting_passcode",
+    "password",
+)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A secret's place in a text: ``text[start:end]`` is replaced by one placeholder."""
+
+    start: int
+    end: int
+    kind: str
+
+
+Finder = Callable[[str], Iterator[tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One detector: runs ``find`` on a text whose lowered form contains one of ``anchors``.
+
+    Attributes:
+        kind: the kind of every span it finds.
+        anchors: lowercase substrings; the rule runs only on texts holding one (empty: always, when gated).
+        find: yields (start, end) of each value in the text.
+        gated: a token format: runs only when the text holds a 16+ character token-shaped run.
+    """
+
+    kind: str
+    anchors: tuple[str, ...]
+    find: Finder
+    gated: bool = True
+
+
+def _regex(pattern: str | re.Pattern, group: int | str = 0, check: Callable[[str], bool] | None = None) -> Finder:
+    """A finder over one regex: the span of ``group`` of each match that passes ``check``."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+    def find(text: str) -> Iterator[tuple[int, int]]:
+        for m in rx.finditer(text):
+            start, end = m.span(group)
+            if start < end and (check is None or check(text[start:end])):
+                yield start, end
+
+    return find
+
+
+def _library(plugin: type, group: int = 0, only: tuple[int, ...] | None = None) -> Finder:
+    """A finder over a detect-secrets plugin's own format regexes (its ``denylist``).
+
+    Args:
+        plugin: a ``RegexBasedDetector`` subclass.
+        group: the regex group that holds the value (0: the whole match).
+        only: indexes of the denylist regexes to use (None: all).
+    """
+    regexes = [rx for i, rx in enumerate(plugin.denylist) if only is None or i in only]
+    finders = [_regex(rx, group if rx.groups else 0) for rx in regexes]
+
+    def find(text: str) -> Iterator[tuple[int, int]]:
+        for f in finders:
+            yield from f(text)
+
+    return find
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _mixed(value: str) -> bool:
+    """Upper and lower case letters and a digit or ``/``/``+``: a base64 key, never a hex digest or a word."""
+    return (
+        any(c.isupper() for c in value)
+        and any(c.islower() for c in value)
+        and any(c.isdigit() or c in "/+" for c in value)
+    )
+
+
+def _basic_credentials(value: str) -> bool:
+    """A Basic auth value: base64 of ``user:password``."""
+    try:
+        return b":" in base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- layer 1: detect-secrets plugins
+
+_LIBRARY_RULES = (
+    Rule("aws_key", ("akia", "asia", "abia", "acca", "a3t"), _library(AWSKeyDetector, only=(0,))),
+    Rule("aws_key", ("aws",), _library(AWSKeyDetector, group=1, only=(1,))),
+    Rule("azure_key", ("accountkey=",), _library(AzureStorageKeyDetector)),
+    Rule("github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _library(GitHubTokenDetector)),
+    Rule(
+        "gitlab_token",
+        ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "gr1348941", "glcbt-", "glimt-", "glptt-", "glagent-"),
+        _library(GitLabTokenDetector),
+    ),
+    Rule("gitlab_token", ("gloas-",), _library(GitLabTokenDetector, only=(6,))),
+    Rule("npm_token", ("_authtoken",), _library(NpmDetector, group=1)),
+    Rule("openai_key", ("t3blbkfj",), _library(OpenAIDetector)),
+    Rule("pypi_token", ("pypi-age",), _library(PypiTokenDetector)),
+    Rule("sendgrid_key", ("sg.",), _library(SendGridDetector)),
+    Rule("slack_token", ("xox", "hooks.slack.com"), _library(SlackDetector), gated=False),
+    Rule("stripe_key", ("k_live_",), _library(StripeDetector)),
+    Rule("twilio_key", (), _library(TwilioKeyDetector)),
+    Rule("other_token", (), _library(DiscordBotTokenDetector)),
+    Rule("other_token", ("-us",), _library(MailchimpDetector)),
+    Rule("other_token", ("sq0csp-",), _library(SquareOAuthDetector)),
+    Rule("other_token", (":a",), _library(TelegramBotTokenDetector)),
+)
+
+# ---------------------------------------------------------------- layer 2: formats the library lacks
+
+_END = r"(?![A-Za-z0-9_-])"  # a token ends where token characters end
+
+# (kind, anchors, regex). Sources: gitleaks config/gitleaks.toml (MIT) unless a comment says otherwise.
+_FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    # A BEGIN line up to its END line (also JSON-escaped, as in a GCP service-account file); an unterminated
+    # block (a truncated paste) runs to the next fence or the end.
+    (
+        "private_key",
+        ("private key",),
+        r"-----BEGIN[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:.*?-----END[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----|(?:(?!```).)*)",
+    ),
+    ("private_key", ("putty-user-key-file",), r"PuTTY-User-Key-File-\d:(?:.*?Private-MAC: *[0-9a-fA-F]+|(?:(?!```).)*)"),
+    # Slack: every xox?- type (xoxc- client tokens, xoxd- cookies with %-escapes, xoxe.xoxp- config tokens),
+    # app-level tokens, and webhooks with http://, https:// or no scheme.
+    ("slack_token", ("xox",), r"\bxox[a-z](?:\.xox[a-z])?-(?=[A-Za-z0-9%-]*\d)[A-Za-z0-9%-]{3,}"),
+    ("slack_token", ("xapp-",), r"\bxapp-\d-[A-Za-z0-9-]{10,}"),
+    ("slack_token", ("hooks.slack.com",), r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[\w/+-]+"),
+    ("github_token", ("gh", "github_pat_"), rf"\bgh[pousr]_[A-Za-z0-9]{{20,255}}{_END}|\bgithub_pat_\w{{20,255}}"),
+    (
+        "gitlab_token",
+        ("gl", "gr1348941"),
+        r"\b(?:glpat|gldt|glft|glsoat|glrt|glcbt|glimt|glptt|glagent|gloas|glffct)-[\w.-]{20,}|\bGR1348941[\w-]{20,}",
+    ),
+    # AWS ids the library does not list (IAM user/role/group/policy ids leak account structure).
+    ("aws_key", ("agpa", "aida", "aroa", "anpa", "anva", "aipa"), r"\b(?:AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b"),
+    ("anthropic_key", ("sk-ant-",), rf"\bsk-ant-[a-z]{{2,8}}\d\d-[\w-]{{20,}}{_END}"),
+    # OpenAI project/service-account/admin keys, and the plain sk- + 32..200 forms (OpenAI-compatible APIs).
+    ("openai_key", ("sk-",), rf"\bsk-(?:(?:proj|svcacct|admin|None)-[\w-]{{20,}}|[A-Za-z0-9]{{32,200}}){_END}"),
+    ("huggingface_token", ("hf_", "api_org_"), rf"\b(?:hf|api_org)_[A-Za-z0-9]{{30,}}{_END}"),
+    ("gcp_key", ("aiza",), rf"\bAIza[\w-]{{35}}{_END}"),
+    ("gcp_key", ("gocspx-",), rf"\bGOCSPX-[\w-]{{24,}}{_END}"),  # OAuth client secret (Google's documented prefix)
+    ("gcp_key", ("ya29.",), rf"\bya29\.[\w-]{{20,}}{_END}"),  # OAuth access token (Google's documented prefix)
+    ("azure_key", ("accountkey=", "sharedaccesskey=", "sharedaccesssignature="), r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=([^\s;\"']{16,})"),
+    ("azure_key", ("sig=",), r"[?&;]sig=([A-Za-z0-9%+/=]{20,})"),  # a SAS token's signature
+    ("azure_key", ("q~",), r"(?<![\w~.-])[\w~.]{3}\dQ~[\w~.-]{31,34}(?![\w~.-])"),  # Entra ID client secret
+    ("stripe_key", ("k_live_", "k_test_", "k_prod_"), rf"\b[rs]k_(?:live|test|prod)_[A-Za-z0-9]{{10,247}}{_END}"),
+    ("stripe_key", ("whsec_",), rf"\bwhsec_[A-Za-z0-9+/=]{{24,}}{_END}"),
+    ("twilio_key", (), r"\b(?:AC|SK)[0-9a-fA-F]{32}\b"),
+    ("sendgrid_key", ("sg.",), rf"\bSG\.[\w-]{{16,32}}\.[\w-]{{16,64}}{_END}"),
+    ("npm_token", ("npm_",), rf"\bnpm_[A-Za-z0-9]{{36}}{_END}"),
+    ("pypi_token", ("pypi-age",), r"\bpypi-AgE[\w-]{50,}"),
+    # A JWT (signed, or unsigned with an empty third part); detect-secrets' regex would leave the signature.
+    ("jwt", ("eyj",), r"\beyJ[\w-]{8,}={0,2}\.[\w-]{8,}={0,2}\.(?:[\w-]+={0,2})?"),
+    # Other services' prefixed tokens (all gitleaks rules of that form).
+    (
+        "other_token",
+        (
+            "ops_eyj", "age-secret-key-1", "p8e-", "ltai", "akcp", "cmvmd", "absk", "4b1d", "clojars_", "v1.0-",
+            "dapi", "_v1_", "dp.", "duffel_", "dt0c01.", "ezak", "eztk", "eaa", "flwseck", "flwpubk", "fo1_", "fm1",
+            "fm2_", "fio-u-", "glc_", "glsa_", "eyjrijoi", "atlasv1", "hrku-", "ico-", "s-s4t2", "lin_api_", "_mmk",
+            "ntn_", "api-", "sha256~", "pplx-", "pscale_", "pmak-", "pnu_", "pul-", "rdme_", "rubygems_", "tk-us-",
+            "xkeysib-", "sntry", "sm_", "shippo_", "shp", "sq0atp-", "hvs.", "hvb.", "sgp_", "squ_", "sqp_", "sqa_",
+            "nrak-", "nrii-", "nrjs-", "atatt3", "dnkey-", "_gitlab_session=", "aaaaaaaaaaaaaaaaaaaaa", "doo_",
+        ),
+        r"\bops_eyJ[\w+/]{250,}={0,3}|\bAGE-SECRET-KEY-1[0-9A-Z]{58}|\bp8e-[A-Za-z0-9]{32}"
+        r"|\bLTAI[A-Za-z0-9]{20}\b|\bAKCp[A-Za-z0-9]{69}\b|\bcmVmd[A-Za-z0-9]{59}\b|\bABSK[A-Za-z0-9+/]{109,269}={0,2}"
+        r"|\b4b1d[A-Za-z0-9]{38}\b|\bCLOJARS_[A-Za-z0-9]{60}|\bv1\.0-[a-f0-9]{24}-[a-f0-9]{146}|\bdapi[a-f0-9]{32}(?:-\d)?\b"
+        r"|\bdo[opr]_v1_[a-f0-9]{64}|\bdp\.(?:pt|st|ct|sa|scim|audit)\.[A-Za-z0-9]{40,44}|\bduffel_(?:test|live)_[\w=-]{43}"
+        r"|\bdt0c01\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{64}|\bEZ[AT]K[A-Za-z0-9]{54}\b|\bEAA[MC][A-Za-z0-9]{100,}"
+        r"|\bFLW(?:SECK|PUBK)_TEST-[a-hA-H0-9]{12,32}(?:-X)?|\bfo1_[\w-]{43}|\bfm1[ar]_[\w+/]{100,}={0,3}"
+        r"|\bfm2_[\w+/]{100,}={0,3}|\bfio-u-[\w=-]{64}|\bglc_[A-Za-z0-9+/]{32,400}={0,3}|\bglsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}"
+        r"|\beyJrIjoi[A-Za-z0-9]{70,400}={0,3}|\b[a-z0-9]{14}\.atlasv1\.[\w=-]{60,70}|\bHRKU-AA[\w-]{58}"
+        r"|\bico-[A-Za-z0-9]{32}\b|\bs-s4t2(?:ud|af)-[a-f0-9]{64}|\blin_api_[A-Za-z0-9]{40}|\b[A-Za-z0-9]{6}_[A-Za-z0-9]{29}_mmk"
+        r"|\bntn_\d{11}[A-Za-z0-9]{35}|\bAPI-[A-Z0-9]{26}\b|\bsha256~[\w-]{43}|\bpplx-[A-Za-z0-9]{48}"
+        r"|\bpscale_(?:tkn|oauth|pw)_[\w=.-]{32,64}|\bPMAK-[a-fA-F0-9]{24}-[a-fA-F0-9]{34}|\bpnu_[A-Za-z0-9]{36}"
+        r"|\bpul-[a-f0-9]{40}|\brdme_[a-z0-9]{70}|\brubygems_[a-f0-9]{48}|\btk-us-[\w-]{48}"
+        r"|\bxkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}|\bsntrys_eyJ[A-Za-z0-9+/=_]{50,}|\bsntryu_[a-f0-9]{64}"
+        r"|\bsm_(?:aat|pat|sat)_[A-Za-z0-9]{16}|\bshippo_(?:live|test)_[a-fA-F0-9]{40}|\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"
+        r"|\b(?:EAAA|sq0atp-)[\w-]{22,60}|\bhv[sb]\.[\w-]{90,300}|\bsgp_(?:[a-fA-F0-9]{16}_|local_)?[a-fA-F0-9]{40}"
+        r"|\bsq[upa]_[a-f0-9]{40}|\bNR(?:AK|II|JS)-[A-Za-z0-9-]{19,32}|\bATATT3[\w=-]{150,}|\bdnkey-[\w=-]{26}-[\w=-]{52}"
+        r"|_gitlab_session=[0-9a-z]{32}|\bA{22}[A-Za-z0-9%]{80,120}",
+    ),
+    # Webhook URLs that are their own credential (Microsoft Teams, Discord); Slack's are above.
+    ("other_token", ("webhook.office.com",), r"https://[\w.-]+\.webhook\.office\.com/webhookb2/[^\s\"'<>]+"),
+    ("other_token", ("/api/webhooks/",), r"(?:https?://)?(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d+/[\w-]+"),
+)
+
+
+def _format_rules() -> tuple[Rule, ...]:
+    rules = []
+    for kind, anchors, pattern in _FORMATS:
+        rx = re.compile(pattern, re.DOTALL)
+        group = 1 if rx.groups else 0
+        gated = kind != "slack_token" and kind != "private_key"
+        rules.append(Rule(kind, anchors, _regex(rx, group), gated))
+    return tuple(rules)
+
+
+# ---------------------------------------------------------------- layer 3: context rules
+#
+# Keyword assignments. A key is an identifier-ish run holding a secret word; the value after its operator is
+# marked only when it is a literal. Strength decides how secret-shaped a literal must be.
+
+STRONG, TOKENISH = 2, 1
+
+# Words (after splitting a key on _ - . and camelCase) and what a value under them must look like.
+_STRONG_WORDS = frozenset(
+    "password passwd passwort passphrase passcode pass pwd pswd secret secrets contrasena contraseña motdepasse".split()
+)
+_TOKEN_WORDS = frozenset("token apikey credential credentials creds key auth sig signature".split())
+# A key ending in one of these names something about a secret, not the secret (``token_type``, ``password_hash``).
+_NOT_VALUE_TAILS = frozenset(
+    "id ids name names type types len length size count file files path dir url uri endpoint field fields header "
+    "headers env var prefix suffix format algorithm algo policy version expires expiry expiration ttl timeout hint "
+    "label placeholder help message msg pattern regex class mode param params attr column index idx limit char chars "
+    "hash hashed salt rounds min max required enabled disabled strength reset confirm confirmation changed change "
+    "provider providers store manager service source sources location ref refs kind scope scopes usage uses used "
+    "method methods handler callback getter setter tokenizer tokenizers spec schema validator error errors list "
+    "map dict set cache key_name input output filter filters text template rule rules policy policies".split()
+)
+# Multi-word keys whose last part is ``key`` but that are not secrets.
+_KEY_FALSE = frozenset(
+    "primary foreign sort cache partition hash dict lookup map group join unique composite natural row api_version "
+    "shortcut hot keyboard press release default public pub secondary index range".split()
+)
+_CAMEL_SPLIT_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_KEYWORD_RE = re.compile(
+    r"pass|pwd|pswd|secret|token|key|auth|cred|sig|contrase|motdepasse", re.IGNORECASE
+)
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.$")
+# After a key: an optional closing quote/bracket, an optional type word (``var apiToken string = "…"``), an
+# assignment operator (gitleaks' set, plus ``.=``), then the value.
+_ASSIGN_RE = re.compile(
+    r"(?P<close>[\"'`]?\]?[\"']?)"
+    r"(?P<type>[ \t]+[A-Za-z_][\w.]*(?=[ \t]*(?::?=)))?"
+    r"(?P<sp1>[ \t]*)(?P<op>:::=|::=|:=|\?=|\.=|=>|\|\||=(?![=~])|:(?![:/])|,)(?P<sp2>[ \t]*)"
+)
+_CLI_ASSIGN_RE = re.compile(r"(?P<sp>[ \t]+|=)")
+_QUOTED_RE = re.compile(r"""[bB]?(?P<q>["'`])(?P<v>(?:(?!(?P=q))[^\n\\]|\\.)*)(?P=q)""")
+# An unquoted value: up to whitespace, a quote, a bracket, ``,`` ``;`` or a JSON-escaped newline; ``&`` goes on
+# unless a new ``name=`` follows it (a URL query's next parameter).
+_BARE_RE = re.compile(r"""(?:[^\s"'`<>(){}\[\],;\\&]|&(?![\w.-]+=))+""")
+_IDENT_CHAIN_RE = re.compile(r"[A-Za-z_$][\w$]*(?:(?:\.|->|::)[A-Za-z_$][\w$]*)*")
+_STOP_VALUES = frozenset(
+    "none null nil true false undefined yes no on off str string int integer bool boolean bytes float number "
+    "object any dict list optional secretstr self this cls void required optional empty default unset na n/a tbd "
+    "todo xxx redacted masked hidden secret password passwd token key value changeme placeholder example dummy "
+    "sample foo bar baz test testing your_password yourpassword your_token your_api_key mypassword mysecret "
+    "env auto prompt ask stdin".split()
+)
+_TEMPLATE_RE = re.compile(r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$\w|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE)
+
+
+def _key_words(key: str) -> list[str]:
+    return [w.lower() for w in _CAMEL_SPLIT_RE.findall(key)]
+
+
+def key_strength(key: str) -> int:
+    """How sure a key names a secret: ``STRONG`` (any literal), ``TOKENISH`` (token-shaped literals), or 0.
+
+    ``DB_PASSWORD``, ``PGPASSWD``, ``client_secret`` are strong; ``GITHUB_TOKEN``, ``x-api-key``, ``apiKey``
+    are tokenish; ``tokenizer``, ``max_tokens``, ``password_hash``, ``sort_key``, ``token_type`` are not keys
+    of secrets.
+    """
+    words = [w for w in _key_words(key) if not w.isdigit()]
+    if not words:
+        return 0
+    tail = words[-1]
+    if tail in _NOT_VALUE_TAILS or (len(words) > 1 and words[-2] in ("key", "token") and tail in ("name", "id")):
+        return 0
+    low = key.lower()
+    if tail in _STRONG_WORDS or "passw" in tail or tail.endswith(("secret", "passwd", "pwd")):
+        return STRONG
+    if any(w in _STRONG_WORDS for w in words[-3:]) and tail in ("value", "data", "str", "text", "b64", "base", "plain"):
+        return STRONG
+    if tail == "key":
+        if len(words) == 1 or words[-2] not in _KEY_FALSE:
+            return TOKENISH
+        return 0
+    if tail in _TOKEN_WORDS or tail.endswith(("token", "apikey", "secretkey", "accesskey")):
+        return TOKENISH
+    if "apikey" in low.replace("_", "").replace("-", "") and tail not in _NOT_VALUE_TAILS:
+        return TOKENISH
+    return 0
+
+
+def _token_shaped(value: str) -> bool:
+    """A value that looks like a generated credential rather than a word, a name or a number."""
+    if len(value) < 6 or any(c.isspace() for c in value):
+        return False
+    letters = sum(c.isalpha() for c in value)
+    digits = sum(c.isdigit() for c in value)
+    if letters == 0:
+        return False
+    if digits == 0 and not (any(c.isupper() for c in value[1:]) and any(c.islower() for c in value)):
+        # one case, no digit: a word or an identifier (``bearer``, ``my_api_name``) unless long and odd
+        return len(value) >= 24 and not re.fullmatch(r"[A-Za-z]+(?:[_.-][A-Za-z]+)*", value)
+    if re.fullmatch(r"[a-z]+\d*(?:[_.-][a-z]+\d*)+", value) or re.fullmatch(r"[\w-]+\.(?:py|js|json|ya?ml|txt|pem|key)", value):
+        return False  # snake/kebab/dotted names and file names
+    return True
+
+
+def _placeholder(value: str) -> bool:
+    """An empty, masked, templated or example value, or one of our own placeholders."""
+    v = value.strip()
+    if len(v) < 3 or v.startswith("[") or v.startswith("$"):
+        return True
+    if v.lower() in _STOP_VALUES or len(set(v)) <= 2:
+        return True
+    return _TEMPLATE_RE.search(v) is not None
+
+
+@dataclass
+class _Assignment:
+    key: str
+    start: int  # the value's span
+    end: int
+    quoted: bool
+    op: str
+    env_style: bool
+    rest_of_line: bool
+    expression: bool = field(default=False)
+
+
+def _keyword_spans(text: str) -> Iterator[tuple[int, int, str]]:
+    """Values of secret-named keys: ``KEY=v``, ``key: v``, ``"key": "v"``, ``key := "v"``, ``--key v``, …"""
+    last_end = -1
+    for m in _KEYWORD_RE.finditer(text):
+        if m.start() < last_end:
+            continue
+        ks, ke = m.start(), m.end()
+        while ks > 0 and text[ks - 1] in _KEY_CHARS:
+            ks -= 1
+        while ke < len(text) and text[ke] in _KEY_CHARS:
+            ke += 1
+        last_end = ke
+        key = text[ks:ke].strip(".-$")
+        if not key or text.startswith(PLACEHOLDER, ks - 1):
+            continue
+        strength = key_strength(key)
+        if not strength:
+            continue
+        found = _assignment(text, ks, ke, key)
+        if found is None or found.expression:
+            continue
+        value = text[found.start : found.end]
+        if _literal_secret(value, found, strength):
+            yield found.start, found.end, _kind_of_key(key)
+
+
+def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
+    """The value assigned to the key at ``text[ks:ke]``, or None when no value follows it."""
+    key_quoted = ks > 0 and text[ks - 1] in "\"'`"
+    if key.startswith("--") or (ks > 1 and text[ks - 2 : ks] == "--"):
+        a = _CLI_ASSIGN_RE.match(text, ke)
+        if a is None:
+            return None
+        op, pos, tight = a.group("sp").strip() or " ", a.end(), False
+    else:
+        a = _ASSIGN_RE.match(text, ke)
+        if a is None:
+            return None
+        op, pos = a.group("op"), a.end()
+        tight = not (a.group("type") or a.group("sp1") or a.group("sp2"))
+        if op == "," and not key_quoted:
+            return None
+    line_start = text.rfind("\n", 0, ks) + 1
+    prefix = text[line_start:ks].strip()
+    env_style = (
+        op == "="
+        and tight
+        and key.upper() == key
+        and prefix in ("", "export", "set", "ENV", "-", "RUN export")
+    )
+    q = _QUOTED_RE.match(text, pos)
+    if q is not None:
+        if q.group("q") == "`" and "${" in q.group("v"):
+            return None
+        start, end = q.span("v")
+        return _Assignment(key, start, end, True, op, env_style, _rest_of_line(text, q.end()))
+    if op == "," or not tight and a.re is _ASSIGN_RE and a.group("type"):
+        return None
+    b = _BARE_RE.match(text, pos)
+    if b is None:
+        return None
+    start, end = b.span()
+    while end > start and text[end - 1] in ".:!?" and (end == len(text) or text[end] in " \t\n"):
+        if text[end - 1] == "!" and end - start > 8:
+            break  # passwords end in ! often; a sentence rarely ends right after a value
+        end -= 1
+    if start == end:
+        return None
+    found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end))
+    chain = _IDENT_CHAIN_RE.match(text, start)
+    if chain is not None:
+        name = chain.group(0)
+        called = text[chain.end() : chain.end() + 1] in ("(", "[", "{")
+        attribute = chain.end() >= end and not any(c.isdigit() for c in name) and any(s in name for s in ".->::")
+        found.expression = called or attribute
+    return found
+
+
+def _rest_of_line(text: str, end: int) -> bool:
+    nl = text.find("\n", end)
+    tail = text[end : len(text) if nl < 0 else nl].strip()
+    return tail in ("", ";", ",", "\\", "\"", "'") or tail.startswith(("#", "//"))
+
+
+def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
+    """Whether an assigned value is a literal secret (not a placeholder, template, word or expression)."""
+    if _placeholder(value):
+        return False
+    if a.quoted:
+        if any(c.isspace() for c in value):
+            return False
+        return strength == STRONG or _token_shaped(value)
+    if value.isdigit():  # a PIN or a numeric key; a bare ``key=`` is as often a count or an index
+        return len(value) >= (4 if strength == STRONG else 6) and a.key.lower() != "key"
+    is_word = re.fullmatch(r"[A-Za-z_][A-Za-z_]*", value) is not None
+    if is_word:
+        if strength != STRONG:
+            return _token_shaped(value)
+        if a.env_style:
+            return True
+        if a.op == ":" and a.rest_of_line:
+            return not (value[0].isupper() and any(c.isupper() for c in value[1:]))  # not a CamelCase type
+        return False
+    if strength == STRONG:
+        return True
+    return _token_shaped(value)
+
+
+_PROVIDER_KINDS = (
+    ("aws", "aws_key"),
+    ("secretaccesskey", "aws_key"),
+    ("secret_access_key", "aws_key"),
+    ("github", "github_token"),
+    ("gitlab", "gitlab_token"),
+    ("slack", "slack_token"),
+    ("openai", "openai_key"),
+    ("anthropic", "anthropic_key"),
+    ("claude", "anthropic_key"),
+    ("huggingface", "huggingface_token"),
+    ("hf_", "huggingface_token"),
+    ("gcp", "gcp_key"),
+    ("google", "gcp_key"),
+    ("azure", "azure_key"),
+    ("stripe", "stripe_key"),
+    ("twilio", "twilio_key"),
+    ("sendgrid", "sendgrid_key"),
+    ("npm", "npm_token"),
+    ("pypi", "pypi_token"),
+)
+
+
+def _kind_of_key(key: str) -> str:
+    low = key.lower()
+    for name, kind in _PROVIDER_KINDS:
+        if name in low:
+            return kind
+    return "password"
+
+
+# XML elements and .NET/NuGet ``<add key="Password" value="…"/>`` entries.
+_XML_RE = re.compile(
+    r"<(?P<tag>[\w:.-]*(?:[Pp]ass(?:word|wd)?|PASSWORD|[Ss]ecret|SECRET|[Tt]oken|TOKEN|[Aa]pi[_-]?[Kk]ey|API_?KEY)[\w.-]*)>"
+    r"\s*(?P<v>[^<\s]+)\s*</(?P=tag)>"
+    r"|<add\s+key=\"[^\"]*(?:[Pp]assword|[Ss]ecret|[Tt]oken|[Aa]pi[Kk]ey)[^\"]*\"\s+value=\"(?P<v2>[^\"]+)\""
+)
+
+
+def _xml_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _XML_RE.finditer(text):
+        group = "v" if m.group("v") is not None else "v2"
+        if key_strength(m.group("tag") or "password") and not _placeholder(m.group(group)):
+            yield m.span(group)
+
+
+# Authorization headers (any scheme), then bare ``Bearer x`` / ``Basic x`` outside a header.
+_AUTH_HEADER_RE = re.compile(
+    r"(?i)\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?"
+    r"(?:(?P<scheme>bearer|basic|token|bot|digest|apikey|sso-key|splunk|dsn|key|gitlab-token)\s+)?"
+    r"(?P<v>[A-Za-z0-9._~+/:=-]{8,})"
+)
+# The token must look like one (a digit or token punctuation, or long): "Bearer authentication" stays.
+_BEARER_RE = re.compile(r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z0-9._~+/-]*[0-9._~+/-])[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})")
+_BASIC_RE = re.compile(r"(?i)\bbasic\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})")
+
+
+def _auth_spans(text: str) -> Iterator[tuple[int, int, str]]:
+    for m in _AUTH_HEADER_RE.finditer(text):
+        value = m.group("v")
+        if _placeholder(value) or (m.group("scheme") is None and not _token_shaped(value)):
+            continue
+        kind = "basic_auth" if (m.group("scheme") or "").lower() == "basic" else "bearer"
+        yield *m.span("v"), kind
+    for m in _BEARER_RE.finditer(text):
+        if not _placeholder(m.group("v")):
+            yield *m.span("v"), "bearer"
+    for m in _BASIC_RE.finditer(text):
+        if _basic_credentials(m.group("v")):
+            yield *m.span("v"), "basic_auth"
+
+
+# ``curl -u user:pass``, ``--user user:pass``, ``mysql -pSECRET``, ``docker login -p SECRET``.
+_CLI_USER_RE = re.compile(
+    r"(?:^|\s)(?:-u|--user|--proxy-user)(?:[ \t]+|=)(?P<q>[\"']?)[^\s\"':]*:(?P<v>[^\s\"']+)(?P=q)"
+)
+_CLI_PASSWORD_RE = re.compile(
+    r"\b(?:mysql|mysqldump|mysqladmin|mariadb)\b[^\n]*?\s-p(?P<v>[^\s\"'-][^\s\"']*)"
+    r"|\b(?:docker|podman|helm(?: registry)?|oras|nerdctl|buildah)\s+login\b[^\n]*?\s(?:-p|--password)(?:[ \t]+|=)(?P<w>[^\s\"'-][^\s\"']*)"
+)
+
+
+def _cli_spans(text: str) -> Iterator[tuple[int, int, str]]:
+    for m in _CLI_USER_RE.finditer(text):
+        if not _placeholder(m.group("v")) and not m.group("v").isdigit():  # docker -u 1000:1000 is uid:gid
+            yield *m.span("v"), "basic_auth"
+    for m in _CLI_PASSWORD_RE.finditer(text):
+        group = "v" if m.group("v") is not None else "w"
+        if not _placeholder(m.group(group)):
+            yield *m.span(group), "password"
+
+
+# ``scheme://user:password@host`` for every scheme (postgres, mongodb+srv, redis, amqp, https, ftp, …).
+_URL_USERINFO_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,30}://[^\s:/?#@\"'<>]*:(?P<v>[^\s/?#@\"'<>]+)@(?=[\w\[])")
+
+
+def _url_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _URL_USERINFO_RE.finditer(text):
+        if not _placeholder(m.group("v")):
+            yield m.span("v")
+
+
+# Meeting passcodes: ``?pwd=…`` in Zoom links, ``Passcode: 123456``, ``Meeting password: abc123``.
+_MEETING_RE = re.compile(
+    r"[?&](?:pwd|passcode|pw)=(?P<v>[\w.~-]{4,})"
+    r"|(?i:\bpass ?code|\b(?:meeting|zoom|webex|teams|call|bridge|conference|dial-in|host)\s+(?:password|pwd|pin|key|code))"
+    r"(?:\s*(?:is|:|=|-|#)\s*|\s+)(?P<w>(?=[\w@#$%^&*!.-]*\d)[\w@#$%^&*!.-]{4,}(?:\s\d{3,})?)"
+)
+
+
+def _meeting_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _MEETING_RE.finditer(text):
+        group = "v" if m.group("v") is not None else "w"
+        yield m.span(group)
+
+
+# An unlabelled 40-character AWS secret access key, looked for only in texts that hold an AWS key id.
+_AWS_SECRET_RE = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+
+
+def _aws_secret_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _AWS_SECRET_RE.finditer(text):
+        if _mixed(m.group(0)):
+            yield m.span()
+
+
+# ---------------------------------------------------------------- the detector
+
+
+_LONG_RUN_RE = re.compile(r"[A-Za-z0-9_.+/=~%-]{16}")
+_KEYWORD_ANCHORS = ("pass", "pwd", "pswd", "secret", "token", "key", "auth", "cred", "sig", "contrase", "motdepasse")
+
+
+@dataclass(frozen=True)
+class SecretFinder:
+    """All layers: ``find(text)`` returns the spans of every secret, merged and in order."""
+
+    rules: tuple[Rule, ...] = field(default_factory=lambda: _LIBRARY_RULES + _format_rules())
+
+    def find(self, text: str) -> list[Span]:
+        """The secrets in ``text``, as non-overlapping spans sorted by start.
+
+        Where spans of two rules overlap they merge into one, with the kind of the rule listed first (a
+        specific format beats a keyword rule: ``token=xoxb-…`` is a ``slack_token``).
+        """
+        low = text.lower()
+        found: list[tuple[int, int, int, str]] = []  # (start, end, priority, kind)
+        gate = _LONG_RUN_RE.search(text) is not None
+        for priority, rule in enumerate(self.rules):
+            if rule.gated and not gate:
+                continue
+            if rule.anchors and not any(a in low for a in rule.anchors):
+                continue
+            for start, end in rule.find(text):
+                found.append((start, end, priority, rule.kind))
+        p = len(self.rules)
+        if any(f[3] == "aws_key" for f in found):
+            found += [(s, e, p, "aws_key") for s, e in _aws_secret_spans(text)]
+        if "://" in text and "@" in text:
+            found += [(s, e, p + 1, "url_password") for s, e in _url_spans(text)]
+        if "pwd=" in low or "pw=" in low or "passcode" in low or "pass code" in low or "meeting" in low or "zoom" in low:
+            found += [(s, e, p + 2, "meeting_passcode") for s, e in _meeting_spans(text)]
+        if "bearer" in low or "basic" in low or "authorization" in low:
+            found += [(s, e, p + 3, k) for s, e, k in _auth_spans(text)]
+        if "-u" in text or "--user" in text or "-p" in text:
+            found += [(s, e, p + 4, k) for s, e, k in _cli_spans(text)]
+        if any(a in low for a in _KEYWORD_ANCHORS):
+            found += [(s, e, p + 5, k) for s, e, k in _keyword_spans(text)]
+            if "<" in text:
+                found += [(s, e, p + 5, "password") for s, e in _xml_spans(text)]
+        return _merge(found)
+
+
+def _merge(found: list[tuple[int, int, int, str]]) -> list[Span]:
+    """Overlapping spans become one, with the kind of the highest-priority (lowest number) span among them."""
+    if not found:
+        return []
+    found.sort()
+    spans: list[Span] = []
+    start, end, prio, kind = found[0]
+    for s, e, p, k in found[1:]:
+        if s < end:
+            if e > end:
+                end = e
+            if p < prio:
+                prio, kind = p, k
+        else:
+            spans.append(Span(start, end, kind))
+            start, end, prio, kind = s, e, p, k
+    spans.append(Span(start, end, kind))
+    return spans
