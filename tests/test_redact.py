@@ -174,13 +174,14 @@ secrets = st.one_of(
     st.builds(
         lambda k, s: f"{k}={s}",
         st.sampled_from(["password", "passwd", "secret"]),
-        _varied(_alnum + "!#$%*-_.", 6, 24),
+        # a leading $ makes it a variable reference ($DB_PASSWORD), which stays
+        _varied(_alnum + "!#$%*-_.", 6, 24).filter(lambda s: s[0] != "$"),
     ),
     # API keys and tokens are generated credentials: long enough to tell from counts and names.
     st.builds(
         lambda k, s: f"{k}={s}",
         st.sampled_from(["api_key", "apikey", "token", "access_token"]),
-        _varied(_alnum + "-_", 12, 40),
+        _varied(_alnum + "-_", 12, 40).filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s)),
     ),
     st.builds(
         lambda s: f"-----BEGIN RSA PRIVATE KEY-----\n{s}\n-----END RSA PRIVATE KEY-----",

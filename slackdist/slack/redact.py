@@ -33,7 +33,7 @@ _EMAIL_RE = re.compile(
 )
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
 # A necessary condition for any phone number: 7 digits with at most a few separators between them.
-PHONE_HINT_RE = re.compile(r"\d(?:[ ().+/-]{0,3}\d){6}")
+PHONE_HINT_RE = re.compile(r"\d(?:[ ().+/xX-]{0,3}\d){6}")
 # A phone layout that makes a merely possible number (e.g. the fictional 555 range) a phone.
 _PHONE_LAYOUT_RE = re.compile(r"^\+|^\(\d{2,4}\)|^\d{3}[-.]\d{3}[-.]\d{4}$")
 
@@ -111,7 +111,7 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
     ``.digit``, ``:digit`` or another digit run (a Unix timestamp with fraction, a time, a version) is not.
     """
     raw = text[start:end]
-    if sum(c.isdigit() for c in raw) < 7:
+    if sum(c.isdigit() for c in raw) - len(number.extension or "") < 7:
         return False
     before, after = text[max(0, start - 2) : start], text[end : end + 2]
     if re.fullmatch(r"\d[.:,]", before) or re.fullmatch(r"[.:,/]\d", after):

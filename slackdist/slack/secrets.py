@@ -324,7 +324,7 @@ _STOP_VALUES = frozenset(
     "sample foo bar baz test testing your_password yourpassword your_token your_api_key mypassword mysecret "
     "env auto prompt ask stdin".split()
 )
-_TEMPLATE_RE = re.compile(r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$\w|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE)
+_TEMPLATE_RE = re.compile(r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$[A-Za-z_{(]|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE)
 
 
 def _key_words(key: str) -> list[str]:
@@ -379,7 +379,7 @@ def _token_shaped(value: str) -> bool:
 def _placeholder(value: str) -> bool:
     """An empty, masked, templated or example value, or one of our own placeholders."""
     v = value.strip()
-    if len(v) < 3 or v.startswith("[") or v.startswith("$"):
+    if len(v) < 3 or v.startswith("[") or re.match(r"\$[A-Za-z_{(]", v):
         return True
     if v.lower() in _STOP_VALUES or len(set(v)) <= 2:
         return True
@@ -393,7 +393,7 @@ class _Assignment:
     end: int
     quoted: bool
     op: str
-    env_style: bool
+    env_style: bool  # a tight ``KEY=value`` outside a call
     rest_of_line: bool
     expression: bool = field(default=False)
 
@@ -440,14 +440,10 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         tight = not (a.group("type") or a.group("sp1") or a.group("sp2"))
         if op == "," and not key_quoted:
             return None
-    line_start = text.rfind("\n", 0, ks) + 1
-    prefix = text[line_start:ks].strip()
-    env_style = (
-        op == "="
-        and tight
-        and key.upper() == key
-        and prefix in ("", "export", "set", "ENV", "-", "RUN export")
-    )
+    # ``KEY=value`` with nothing around ``=``, outside a call's arguments: a .env / shell / query line, where a
+    # bare word is a value; in ``f(token=token)`` or ``password = DEFAULT`` it is a name.
+    in_call = text[:ks].rstrip()[-1:] in ("(", ",")
+    env_style = op == "=" and tight and not in_call
     q = _QUOTED_RE.match(text, pos)
     if q is not None:
         if q.group("q") == "`" and "${" in q.group("v"):
@@ -466,6 +462,7 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         end -= 1
     if start == end:
         return None
+    env_style = env_style and text[end : end + 1] not in (",", ")")
     found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end))
     chain = _IDENT_CHAIN_RE.match(text, start)
     if chain is not None:
