@@ -59,8 +59,8 @@ TARGET_RECALL = 0.98
 TARGET_FP_PER_10K = 1.0
 # Kinds found by a context rule (a keyword, a header, a URL, a passcode): everything else is a token format.
 CONTEXT_KINDS = frozenset({"password", "bearer", "basic_auth", "url_password", "meeting_passcode", "email", "phone"})
-# Example credentials providers print in their documentation (AWS: ...EXAMPLE / ...EXAMPLEKEY).
-DOCUMENTED_EXAMPLES = ("EXAMPLE", "example_key", "examplekey")
+# Example credentials providers print in their documentation (AWS: AKIAIOSFODNN7EXAMPLE, wJalr…EXAMPLEKEY).
+DOCUMENTED_EXAMPLE = "EXAMPLE"
 
 
 # ---------------------------------------------------------------- redactors to compare
@@ -207,9 +207,11 @@ def library_section(limit: int | None, progress: bool = True) -> dict:
         out, counts = redactor.redact(line)
         if out == line:
             continue
-        secret_kinds = {s.kind for s in finder.find(line)}
+        spans = finder.find(line)
+        secret_kinds = {s.kind for s in spans}
+        example = any(DOCUMENTED_EXAMPLE in line[s.start : s.end] for s in spans)
         where = {"file": path.split("site-packages/")[-1], "line": number, "kinds": sorted(counts)}
-        if secret_kinds - CONTEXT_KINDS or any(e in line for e in DOCUMENTED_EXAMPLES):
+        if secret_kinds - CONTEXT_KINDS or example:
             real_format.append({**where, "text": line.strip()[:200]})
         elif not secret_kinds:
             for kind in counts:
@@ -352,17 +354,61 @@ def gitleaks_cases(root: Path) -> Iterator[tuple[str, str, str]]:
                     yield rule["id"], sample, secret
 
 
-def gitleaks_section(root: Path) -> dict:
+def _go_expr(expr: str, consts: dict[str, str]) -> str | None:
+    """A Go string expression of a test table: a literal, a constant, or ``fmt.Sprintf`` over those."""
+    expr = expr.strip()
+    literal = _GO_STRING_RE.fullmatch(expr)
+    if literal:
+        return _go_unquote(literal.group(1), literal.group(2))
+    if expr in consts:
+        return consts[expr]
+    m = re.fullmatch(r"fmt\.Sprintf\((.*)\)", expr, re.DOTALL)
+    if m is None:
+        return None
+    parts = [p.strip() for p in re.findall(r'`[^`]*`|"(?:[^"\\]|\\.)*"|[^,]+', m.group(1))]
+    values = [_go_expr(p, consts) for p in parts]
+    if not values or any(v is None for v in values):
+        return None
+    fmt, args = values[0], values[1:]
+    try:
+        return re.sub(r"%[sqv]", lambda _m: args.pop(0), fmt)
+    except IndexError:
+        return None
+
+
+def trufflehog_cases(root: Path) -> Iterator[tuple[str, str, str]]:
+    """(detector, test input, wanted secret) for every pattern test of every trufflehog detector."""
+    for test_file in sorted((root / "pkg" / "detectors").rglob("*_test.go")):
+        if test_file.name.endswith("_integration_test.go"):
+            continue
+        source = test_file.read_text(errors="replace")
+        consts = {
+            m.group(1): _go_unquote(m.group(2), m.group(3))
+            for m in re.finditer(r'^\s*(\w+)\s*(?:string\s*)?=\s*(?:`([^`]*)`|"((?:[^"\\\n]|\\.)*)")\s*$', source, re.MULTILINE)
+        }
+        for case in re.finditer(r"input:\s*(.+?),\s*\n\s*want:\s*(.+?)\n", source, re.DOTALL):
+            text = _go_expr(case.group(1), consts)
+            if text is None:
+                continue
+            wants = re.findall(r'`[^`]*`|"(?:[^"\\]|\\.)*"|\b[A-Za-z_]\w*\b', case.group(2).split("{", 1)[-1])
+            for w in wants:
+                value = _go_expr(w, consts)
+                if value and len(value) >= 8 and value in text:
+                    yield test_file.parent.name, text, value
+
+
+def scanner_section(cases: Iterator[tuple[str, str, str]]) -> dict:
+    """Recall on a scanner's own test cases: the wanted secret must not survive."""
     redactor = Redactor(keep_emails=True, keep_phones=True)
     n = caught = 0
     misses: dict[str, list[str]] = defaultdict(list)
-    for rule_id, sample, secret in gitleaks_cases(root):
+    for rule_id, sample, secret in cases:
         n += 1
         out, _ = redactor.redact(sample)
         if secret not in out:
             caught += 1
         else:
-            misses[rule_id].append(sample[:160])
+            misses[rule_id].append(sample.strip()[:160])
     return {
         "cases": n,
         "recall": caught / n if n else None,
@@ -400,10 +446,11 @@ def print_tables(result: dict) -> None:
         if "baseline_messages_per_s" in tp:
             line += f", baseline {tp['baseline_messages_per_s']:,.0f} msg/s ({tp['baseline_us_per_message']:.1f} us)"
         print(line)
-    gl = result.get("gitleaks")
-    if gl:
-        print(f"\ngitleaks rule test cases: {gl['cases']} samples, recall {gl['recall']:.1%}; most missed rules: "
-              + ", ".join(f"{k} ({v})" for k, v in list(gl["missed_rules"].items())[:8]))
+    for name in ("gitleaks", "trufflehog"):
+        sc = result.get(name)
+        if sc:
+            print(f"\n{name} test cases: {sc['cases']} samples, recall {sc['recall']:.1%}; most missed: "
+                  + ", ".join(f"{k} ({v})" for k, v in list(sc["missed_rules"].items())[:8]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-messages", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gitleaks", type=Path, help="a gitleaks checkout: also run its rules' test cases")
+    parser.add_argument("--trufflehog", type=Path, help="a trufflehog checkout: also run its detectors' pattern tests")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
     args = parser.parse_args(argv)
 
@@ -434,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     result["throughput"] = throughput_section(baseline, args.throughput_messages, args.seed, args.repeats)
     if args.gitleaks:
         print("gitleaks cases ...", file=sys.stderr)
-        result["gitleaks"] = gitleaks_section(args.gitleaks)
+        result["gitleaks"] = scanner_section(gitleaks_cases(args.gitleaks))
+    if args.trufflehog:
+        print("trufflehog cases ...", file=sys.stderr)
+        result["trufflehog"] = scanner_section(trufflehog_cases(args.trufflehog))
     if not args.no_library:
         print("site-packages ...", file=sys.stderr)
         result["library"] = library_section(args.max_library_lines)

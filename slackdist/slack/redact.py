@@ -40,9 +40,9 @@ _NOT_PHONE_RE = re.compile(
     r"|^\d{1,3}(?:\.\d{1,3}){3}$"  # IPv4 addresses
     r"|^\d+(?:\.\d+){3,}$"  # versions
 )
-_DOTTED_PHONE_RE = re.compile(r"\(?\d{3}\)?[. ]?\d{3}\.\d{4}")
+_DOTTED_PHONE_RE = re.compile(r"\(?\d{3}\)?[. ]\d{3}\.\d{4}")
 # A phone layout that makes a merely possible number (e.g. the fictional 555 range) a phone.
-_PHONE_LAYOUT_RE = re.compile(r"^\+|^\(\d{2,4}\)|^\d{3}[-.]\d{3}[-.]\d{4}$")
+_PHONE_LAYOUT_RE = re.compile(r"^\+|^\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}$|^\d{3}[-.]\d{3}[-.]\d{4}$")
 
 
 @dataclass
@@ -117,8 +117,6 @@ class Redactor:
             digits = sum(ch.isdigit() for ch in window)
             if not 7 <= digits <= 15 or _NOT_PHONE_RE.search(window):
                 continue
-            if window.isdigit() and len(window) not in (10, 11):
-                continue  # a bare run is a phone only at a national length (ids, timestamps, counts are not)
             if ("." in window or "/" in window) and window[0] != "+" and not _DOTTED_PHONE_RE.fullmatch(window):
                 continue  # decimals, times (09.36.49), dates (01/11/2016), coordinates
             for m in PhoneNumberMatcher(window, self.phone_region, leniency=Leniency.POSSIBLE):
@@ -128,6 +126,20 @@ class Redactor:
         return spans
 
 
+def _in_number_list(text: str, start: int, end: int) -> bool:
+    """A digit run among code (``(2147483647, 65535)``, ``x = 1234567890``, ``[3414372578, 3437564012]``).
+
+    Code punctuation right before or after, or another number across a comma, makes it a constant.
+    """
+    before = text[:start].rstrip()
+    after = text[end:].lstrip()
+    if before[-1:] in tuple("([{=*+-/<>%|&") or after[:1] in tuple(")]}*+-/<>%|&"):
+        return True
+    return (before[-1:] == "," and before[:-1].rstrip()[-1:].isdigit()) or (
+        after[:1] == "," and after[1:].lstrip()[:1].isdigit()
+    )
+
+
 def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) -> bool:
     """Whether the matcher's candidate ``text[start:end]`` is a phone number and not a lookalike.
 
@@ -135,6 +147,8 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
     ``.digit``, ``:digit`` or another digit run (a Unix timestamp with fraction, a time, a version) is not.
     """
     raw = text[start:end]
+    if any(c.isalpha() or c == "/" for c in raw):
+        return False  # "x", "ext." or a letter read as a digit, or a date/fraction/path with slashes
     if sum(c.isdigit() for c in raw) - len(number.extension or "") < 7:
         return False
     before, after = text[max(0, start - 2) : start], text[end : end + 2]
@@ -144,6 +158,8 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
         return False
     if before.endswith(("/", "=", "#", "v")) and raw.isdigit():
         return False  # a path segment, an id parameter, an issue number
+    if raw.isdigit() and (len(raw) not in (10, 11) or _in_number_list(text, start, end)):
+        return False  # a bare run is a phone only at a national length, and not as a constant in code
     if phonenumbers.is_valid_number(number):
         return True
     return _PHONE_LAYOUT_RE.search(raw) is not None

@@ -116,7 +116,9 @@ def _regex(kind: str, pattern: str | re.Pattern, group: int | str = 0) -> Finder
     return find
 
 
-def _library(kind: str, plugin: type, group: int = 0, only: tuple[int, ...] | None = None) -> Finder:
+def _library(
+    kind: str, plugin: type, group: int = 0, only: tuple[int, ...] | None = None, bounded: bool = False
+) -> Finder:
     """A finder over a detect-secrets plugin's own format regexes (its ``denylist``).
 
     Args:
@@ -124,6 +126,8 @@ def _library(kind: str, plugin: type, group: int = 0, only: tuple[int, ...] | No
         plugin: a ``RegexBasedDetector`` subclass.
         group: the regex group that holds the value (0: the whole match).
         only: indexes of the denylist regexes to use (None: all).
+        bounded: drop matches glued to more letters or digits (the plugin's regex has no boundaries, and
+            ``ACCA…`` inside a DNA string or ``AC…`` inside a base64 blob is not a key).
     """
     finders = [
         _regex(kind, rx, group if rx.groups else 0)
@@ -135,6 +139,12 @@ def _library(kind: str, plugin: type, group: int = 0, only: tuple[int, ...] | No
         found = []
         for f in finders:
             found += f(text)
+        if bounded:
+            found = [
+                (s, e, k)
+                for s, e, k in found
+                if not (s > 0 and text[s - 1].isalnum()) and not (e < len(text) and text[e].isalnum())
+            ]
         return found
 
     return find
@@ -163,7 +173,7 @@ def _basic_credentials(value: str) -> bool:
 # ---------------------------------------------------------------- layer 1: detect-secrets plugins
 
 _LIBRARY_RULES = (
-    Rule("AWS key id", ("akia", "asia", "abia", "acca", "a3t"), _library("aws_key", AWSKeyDetector, only=(0,))),
+    Rule("AWS key id", ("akia", "asia", "abia", "acca", "a3t"), _library("aws_key", AWSKeyDetector, only=(0,), bounded=True)),
     Rule("quoted AWS secret key", ("aws",), _library("aws_key", AWSKeyDetector, group=1, only=(1,))),
     Rule("Azure storage key", ("accountkey=",), _library("azure_key", AzureStorageKeyDetector)),
     Rule("GitHub token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _library("github_token", GitHubTokenDetector)),
@@ -178,11 +188,11 @@ _LIBRARY_RULES = (
     Rule("SendGrid key", ("sg.",), _library("sendgrid_key", SendGridDetector)),
     Rule("Slack token or webhook", ("xox", "hooks.slack.com"), _library("slack_token", SlackDetector)),
     Rule("Stripe live key", ("k_live_",), _library("stripe_key", StripeDetector)),
-    Rule("Twilio SID", (), _library("twilio_key", TwilioKeyDetector)),
-    Rule("Discord bot token", (), _library("other_token", DiscordBotTokenDetector)),
-    Rule("Mailchimp key", tuple(f"-us{d}" for d in range(10)), _library("other_token", MailchimpDetector)),
+    Rule("Twilio SID", (), _library("twilio_key", TwilioKeyDetector, bounded=True)),
+    Rule("Discord bot token", (), _library("other_token", DiscordBotTokenDetector, bounded=True)),
+    Rule("Mailchimp key", tuple(f"-us{d}" for d in range(10)), _library("other_token", MailchimpDetector, bounded=True)),
     Rule("Square OAuth secret", ("sq0csp-",), _library("other_token", SquareOAuthDetector)),
-    Rule("Telegram bot token", (":a",), _library("other_token", TelegramBotTokenDetector)),
+    Rule("Telegram bot token", (":a",), _library("other_token", TelegramBotTokenDetector, bounded=True)),
 )
 
 # ---------------------------------------------------------------- layer 2: formats the library lacks
@@ -240,6 +250,7 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
             "ntn_", "api-", "sha256~", "pplx-", "pscale_", "pmak-", "pnu_", "pul-", "rdme_", "rubygems_", "tk-us-",
             "xkeysib-", "sntry", "sm_", "shippo_", "shp", "sq0atp-", "hvs.", "hvb.", "sgp_", "squ_", "sqp_", "sqa_",
             "nrak-", "nrii-", "nrjs-", "atatt3", "dnkey-", "_gitlab_session=", "aaaaaaaaaaaaaaaaaaaaa", "doo_",
+            "atbb", "lsv2_",
         ),
         r"\bops_eyJ[\w+/]{250,}={0,3}|\bAGE-SECRET-KEY-1[0-9A-Z]{58}|\bp8e-[A-Za-z0-9]{32}"
         r"|\bLTAI[A-Za-z0-9]{20}\b|\bAKCp[A-Za-z0-9]{69}\b|\bcmVmd[A-Za-z0-9]{59}\b|\bABSK[A-Za-z0-9+/]{109,269}={0,2}"
@@ -257,7 +268,8 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         r"|\bsm_(?:aat|pat|sat)_[A-Za-z0-9]{16}|\bshippo_(?:live|test)_[a-fA-F0-9]{40}|\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"
         r"|\b(?:EAAA|sq0atp-)[\w-]{22,60}|\bhv[sb]\.[\w-]{90,300}|\bsgp_(?:[a-fA-F0-9]{16}_|local_)?[a-fA-F0-9]{40}"
         r"|\bsq[upa]_[a-f0-9]{40}|\bNR(?:AK|II|JS)-[A-Za-z0-9-]{19,32}|\bATATT3[\w=-]{150,}|\bdnkey-[\w=-]{26}-[\w=-]{52}"
-        r"|_gitlab_session=[0-9a-z]{32}|\bA{22}[A-Za-z0-9%]{80,120}",
+        r"|_gitlab_session=[0-9a-z]{32}|\bA{22}[A-Za-z0-9%]{80,120}"
+        r"|\bATBB[A-Za-z0-9_=.-]{24,}|\blsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}",  # (trufflehog: Bitbucket, LangSmith)
     ),
     # Webhook URLs that are their own credential (Microsoft Teams, Discord); Slack's are above.
     ("other_token", ("webhook.office.com",), r"https://[\w.-]+\.webhook\.office\.com/webhookb2/[^\s\"'<>]+"),
@@ -277,7 +289,7 @@ STRONG, TOKENISH = 2, 1
 
 # Words (after splitting a key on _ - . and camelCase) and what a value under them must look like.
 _STRONG_WORDS = frozenset(
-    "password passwd passwort passphrase passcode pass pwd pswd secret secrets contrasena contraseña motdepasse".split()
+    "password passwd passwort passphrase passcode pass pwd pswd secret contrasena contraseña motdepasse".split()
 )
 _TOKEN_WORDS = frozenset("token apikey credential credentials creds key auth".split())
 # A key ending in one of these names something about a secret, not the secret (``token_type``, ``password_hash``).
@@ -303,7 +315,7 @@ _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 _ASSIGN_RE = re.compile(
     r"(?P<close>[\"'`]?\]?[\"']?)"
     r"(?P<type>[ \t]+[A-Za-z_][\w.]*(?=[ \t]*(?::?=)))?"
-    r"(?P<sp1>[ \t]*)(?P<op>:::=|::=|:=|\?=|\.=|=>|\|\||=(?![=~])|:(?![:/])|,)(?P<sp2>[ \t]*)"
+    r"(?P<sp1>[ \t]*)(?P<op>:::=|::=|:=|\?=|\.=|=>|\|\||=(?![=~])|:(?![:/])|,|(?<=[ \t])-(?=[ \t]+[\"'`]))(?P<sp2>[ \t]*)"
 )
 _CLI_ASSIGN_RE = re.compile(r"(?P<sp>[ \t]+|=)")
 _QUOTED_RE = re.compile(r"""[bB]?(?P<q>["'`])(?P<v>(?:(?!(?P=q))[^\n\\]|\\.)*)(?P=q)""")
@@ -354,20 +366,24 @@ def key_strength(key: str) -> int:
     return 0
 
 
+_WORDLIKE_RE = re.compile(r"(?:[A-Z]?[a-z]+|[A-Z]+)(?:[A-Z][a-z]+|[A-Z]+(?![a-z]))*\d{0,2}")
+_SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,19}|[0-9A-F]{1,19}")
+
+
 def _token_shaped(value: str) -> bool:
-    """A value that looks like a generated credential rather than a word, a name or a number."""
-    if len(value) < 6 or any(c.isspace() for c in value):
+    """A value that looks like a generated credential, not a word, a name, a constant or a short hash.
+
+    ``aio_VxEqGaqgMgZej3Dcee``, ``WLCO3GIZN6QD2OO9``, ``sk_live_fake_9f8e7d6c5b4a`` are; ``X-Xet-Access-Token``,
+    ``serverlessrepo:applicationId``, ``CVSS2_VECTOR``, ``RSAKey``, ``48205d4ffd7feba3`` are not.
+    """
+    if len(value) < 6 or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
         return False
-    letters = sum(c.isalpha() for c in value)
-    digits = sum(c.isdigit() for c in value)
-    if letters == 0:
+    parts = [p for p in re.split(r"[-_.:/]+", value) if p]
+    if all(_WORDLIKE_RE.fullmatch(p) for p in parts) or _SHORT_HEX_RE.fullmatch(value):
         return False
-    if digits == 0 and not (any(c.isupper() for c in value[1:]) and any(c.islower() for c in value)):
-        # one case, no digit: a word or an identifier (``bearer``, ``my_api_name``) unless long and odd
-        return len(value) >= 24 and not re.fullmatch(r"[A-Za-z]+(?:[_.-][A-Za-z]+)*", value)
-    if re.fullmatch(r"[a-z]+\d*(?:[_.-][a-z]+\d*)+", value) or re.fullmatch(r"[\w-]+\.(?:py|js|json|ya?ml|txt|pem|key)", value):
-        return False  # snake/kebab/dotted names and file names
-    return True
+    if any(c.isdigit() for c in value):
+        return True
+    return len(value) >= 20 and any(c.isupper() for c in value) and any(c.islower() for c in value)
 
 
 def _placeholder(value: str) -> bool:
@@ -405,8 +421,8 @@ def _keyword_spans(text: str) -> Iterator[tuple[int, int, str]]:
             ke += 1
         last_end = ke
         key = text[ks:ke].strip(".-$")
-        if not key or text.startswith(PLACEHOLDER, ks - 1):
-            continue
+        if not key or text.startswith(PLACEHOLDER, ks - 1) or text[ks - 1 : ks] == ":":
+            continue  # our own placeholder, or a namespaced name (``AWS::ApiGateway::ApiKey``, ``arn:…:secret``)
         strength = key_strength(key)
         if not strength:
             continue
@@ -434,6 +450,8 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         tight = not (a.group("type") or a.group("sp1") or a.group("sp2"))
         if op == "," and not key_quoted:
             return None
+        if op == ":" and key.lower() == "pass":
+            return None  # "First pass: …" is prose; a bare ``pass`` key needs ``=``
     # ``KEY=value`` with nothing around ``=``, outside a call's arguments: a .env / shell / query line, where a
     # bare word is a value; in ``f(token=token)`` or ``password = DEFAULT`` it is a name.
     in_call = text[:ks].rstrip()[-1:] in ("(", ",")
@@ -444,7 +462,7 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
             return None
         start, end = q.span("v")
         return _Assignment(key, start, end, True, op, env_style, _rest_of_line(text, q.end()))
-    if op == "," or not tight and a.re is _ASSIGN_RE and a.group("type"):
+    if op in (",", "-") or not tight and a.re is _ASSIGN_RE and a.group("type"):
         return None
     b = _BARE_RE.match(text, pos)
     if b is None:
@@ -458,11 +476,20 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         return None
     env_style = env_style and text[end : end + 1] not in (",", ")")
     found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end))
+    value = text[start:end]
+    if op == ":" and text[end:].lstrip(" \t")[:1] in (",", ")", "=", "|", "]") and not _token_shaped(value):
+        found.expression = True  # an annotation: ``key: RSAKey, …``, ``token: str | None = None``
+        return found
     chain = _IDENT_CHAIN_RE.match(text, start)
     if chain is not None:
         name = chain.group(0)
         called = text[chain.end() : chain.end() + 1] in ("(", "[", "{")
-        attribute = chain.end() >= end and not any(c.isdigit() for c in name) and any(s in name for s in ".->::")
+        attribute = (
+            chain.end() >= end
+            and not env_style  # ``PASSWORD=Abc.Def`` on a .env line is a value
+            and not any(c.isdigit() for c in name)
+            and any(s in name for s in ".->::")
+        )
         found.expression = called or attribute
     return found
 
@@ -477,6 +504,8 @@ def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
     """Whether an assigned value is a literal secret (not a placeholder, template, word or expression)."""
     if _placeholder(value):
         return False
+    if a.op == ",":  # ("FOO_TOKEN", "…") is a call's arguments: only a credential-shaped value is one
+        return _token_shaped(value)
     if a.quoted:
         if any(c.isspace() for c in value):
             return False
@@ -531,7 +560,7 @@ def _kind_of_key(key: str) -> str:
 # XML elements and .NET/NuGet ``<add key="Password" value="…"/>`` entries.
 _XML_RE = re.compile(
     r"<(?P<tag>[\w:.-]*(?:[Pp]ass(?:word|wd)?|PASSWORD|[Ss]ecret|SECRET|[Tt]oken|TOKEN|[Aa]pi[_-]?[Kk]ey|API_?KEY)[\w.-]*)>"
-    r"\s*(?P<v>[^<\s]+)\s*</(?P=tag)>"
+    r"\s*(?P<v>[^<\n]*[^<\s])\s*</(?P=tag)>"
     r"|<add\s+key=\"[^\"]*(?:[Pp]assword|[Ss]ecret|[Tt]oken|[Aa]pi[Kk]ey)[^\"]*\"\s+value=\"(?P<v2>[^\"]+)\""
 )
 
@@ -703,7 +732,23 @@ class SecretFinder:
             return []
         if any(f[3] == "aws_key" for f in found):  # an unlabelled secret key travels with its key id
             found += [(s, e, len(self.rules), k) for s, e, k in _aws_secret_spans(text)]
-        return _merge(found)
+        spans = _merge(found)
+        return _merge(found + _repeats(text, spans)) if len(spans) < len(text) else spans
+
+
+def _repeats(text: str, spans: list[Span]) -> list[tuple[int, int, int, str]]:
+    """Other places the same value occurs (``'k' | 'k'``, a key quoted again in a reply): a secret anywhere."""
+    more = []
+    for span in spans:
+        value = text[span.start : span.end]
+        if len(value) < 8:
+            continue
+        pos = text.find(value)
+        while pos >= 0:
+            if pos != span.start:
+                more.append((pos, pos + len(value), 1 << 30, span.kind))
+            pos = text.find(value, pos + 1)
+    return more
 
 
 def _merge(found: list[tuple[int, int, int, str]]) -> list[Span]:
