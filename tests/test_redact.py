@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import string
 from collections import Counter
 
@@ -180,7 +181,7 @@ secrets = st.one_of(
     st.builds(
         lambda k, s: f"{k}={s}",
         st.sampled_from(["api_key", "apikey", "token", "access_token"]),
-        _varied(_alnum + "-_", 12, 40).filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s)),
+        _varied(_alnum + "-_", 20, 40).filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s)),
     ),
     st.builds(
         lambda s: f"-----BEGIN RSA PRIVATE KEY-----\n{s}\n-----END RSA PRIVATE KEY-----",
@@ -197,6 +198,7 @@ def _value(secret: str) -> str:
     return secret
 
 
+_seeds = st.integers(0, 2**32 - 1)
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _around = st.text(max_size=60)
 
@@ -232,10 +234,10 @@ def test_idempotent_and_never_crashes(text: str) -> None:
 
 
 @PROPS
-@given(st.randoms(use_true_random=False), st.text(alphabet=string.ascii_letters + " ,.:!?", max_size=30), st.booleans())
-def test_generated_phone_numbers_are_redacted(rng, words: str, in_code: bool) -> None:
+@given(_seeds, st.text(alphabet=string.ascii_letters + " ,.:!?", max_size=30), st.booleans())
+def test_generated_phone_numbers_are_redacted(seed: int, words: str, in_code: bool) -> None:
     # A valid number of one of 15 regions, in a layout people write, among words: its digits must go.
-    number = phone_number(rng)
+    number = phone_number(random.Random(seed))
     body = f"```\n{number}\n```" if in_code else number
     out, counts = Redactor().redact(f"{words} {body} {words[::-1]}")
     assert number not in out and counts["phone"] == 1

@@ -158,7 +158,8 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
         return False
     if before.endswith(("/", "=", "#", "v")) and raw.isdigit():
         return False  # a path segment, an id parameter, an issue number
-    if raw.isdigit() and (len(raw) not in (10, 11) or _in_number_list(text, start, end)):
+    bare = raw.lstrip("(")
+    if bare.isdigit() and (len(bare) not in (10, 11) or _in_number_list(text, end - len(bare), end)):
         return False  # a bare run is a phone only at a national length, and not as a constant in code
     if phonenumbers.is_valid_number(number):
         return True

@@ -621,7 +621,8 @@ def _cli_spans(text: str) -> Iterator[tuple[int, int, str]]:
 
 
 # ``scheme://user:password@host`` for every scheme (postgres, mongodb+srv, redis, amqp, https, ftp, …).
-_URL_USERINFO_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,30}://[^\s:/?#@\"'<>]*:(?P<v>[^\s/?#@\"'<>]+)@(?=[\w\[])")
+# A password may hold an unescaped ``#`` (pasted by hand); the ``@`` and a host after it make it userinfo.
+_URL_USERINFO_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,30}://[^\s:/?#@\"'<>]*:(?P<v>[^\s/?@\"'<>]+)@(?=[\w\[])")
 
 
 def _url_spans(text: str) -> Iterator[tuple[int, int, str]]:
