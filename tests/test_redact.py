@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from slackdist.slack.markup import MarkupContext, clean_text
 from bench.redaction_corpus import phone_number
 from slackdist.slack.redact import EMAIL, PHONE, SECRET, Redactor
+from slackdist.slack.secrets import is_placeholder
 
 PEM = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\nAAAAB3NzaC1yc2E\n-----END OPENSSH PRIVATE KEY-----"
 
@@ -154,28 +155,28 @@ secrets = st.one_of(
         st.sampled_from("abposr"),
         st.text("0123456789", min_size=8, max_size=12),
         st.text("0123456789", min_size=8, max_size=12),
-        st.text(_alnum, min_size=16, max_size=32),
+        _varied(_alnum, 16, 32),
     ),
     st.builds(
         lambda p, s: p + s,
         st.sampled_from(["ghp_", "gho_", "ghs_", "ghu_"]),
-        st.text(_alnum, min_size=36, max_size=36),
+        _varied(_alnum, 36, 36),
     ),
     _tok("github_pat_", _alnum + "_", 40, 82),
     _tok("AKIA", string.ascii_uppercase + string.digits, 16, 16),
     st.builds(lambda s: f"aws_secret_access_key={s}", _varied(_alnum + "/+", 40, 40)),
     st.builds(
         lambda a, b, c: f"eyJ{a}.eyJ{b}.{c}",
-        st.text(_b64url, min_size=10, max_size=40),
-        st.text(_b64url, min_size=10, max_size=80),
-        st.text(_b64url, min_size=10, max_size=43),
+        _varied(_b64url, 10, 40),
+        _varied(_b64url, 10, 80),
+        _varied(_b64url, 10, 43),
     ),
     st.builds(lambda s: f"Bearer {s}9", _varied(_alnum + "-._~+/", 10, 40)),
     st.builds(
         lambda k, s: f"{k}={s}",
         st.sampled_from(["password", "passwd", "secret"]),
         # a leading $ makes it a variable reference ($DB_PASSWORD), which stays
-        _varied(_alnum + "!#$%*-_.", 6, 24).filter(lambda s: s[0] != "$"),
+        _varied(_alnum + "!#$%*-_.", 6, 24).filter(lambda s: s[0] != "$" and not is_placeholder(s)),
     ),
     # API keys and tokens are generated credentials: long enough to tell from counts and names.
     st.builds(

@@ -126,6 +126,9 @@ class Redactor:
         return spans
 
 
+_INT_LIMITS = frozenset({"2147483647", "2147483648", "4294967295", "4294967296"})
+
+
 def _in_number_list(text: str, start: int, end: int) -> bool:
     """A digit run among code (``(2147483647, 65535)``, ``x = 1234567890``, ``[3414372578, 3437564012]``).
 
@@ -133,7 +136,7 @@ def _in_number_list(text: str, start: int, end: int) -> bool:
     """
     before = text[:start].rstrip()
     after = text[end:].lstrip()
-    if before[-1:] in tuple("([{=*+-/<>%|&") or after[:1] in tuple(")]}*+-/<>%|&"):
+    if before[-1:] in tuple("([{=*+-/<>%|&") or after[:1] in tuple(")]}*+-/<>%|&") or before[-1:].isdigit():
         return True
     return (before[-1:] == "," and before[:-1].rstrip()[-1:].isdigit()) or (
         after[:1] == "," and after[1:].lstrip()[:1].isdigit()
@@ -158,6 +161,8 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
         return False
     if before.endswith(("/", "=", "#", "v")) and raw.isdigit():
         return False  # a path segment, an id parameter, an issue number
+    if raw.count(".") == 1 or raw.lstrip("(").lstrip("+") in _INT_LIMITS:
+        return False  # a decimal (+9.869604), or a 32-bit limit written in code
     bare = raw.lstrip("(")
     if bare.isdigit() and (len(bare) not in (10, 11) or _in_number_list(text, end - len(bare), end)):
         return False  # a bare run is a phone only at a national length, and not as a constant in code

@@ -111,7 +111,11 @@ def _regex(kind: str, pattern: str | re.Pattern, group: int | str = 0) -> Finder
     def find(text: str) -> list[tuple[int, int, str]]:
         if rx.search(text) is None:  # the common case, without building a list
             return []
-        return [(*m.span(group), kind) for m in rx.finditer(text) if m.start(group) < m.end(group)]
+        return [
+            (*m.span(group), kind)
+            for m in rx.finditer(text)
+            if m.start(group) < m.end(group) and len(set(m.group(group))) > 4  # not a mask: ACxxxxxxxx…
+        ]
 
     return find
 
@@ -207,14 +211,16 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         "private_key",
         ("private key",),
         r"-----BEGIN[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
-        r"(?:.*?-----END[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----|(?:(?!```).)*)",
+        r"(?:.*?-----END[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
+        # unterminated: only when a body follows (a quoted header alone is a mention, not a key)
+        r"|(?=(?:\s|\\n|[\w-]+: [^\n]*\n)*[A-Za-z0-9+/=]{16})(?:(?!```).)*)",
     ),
     ("private_key", ("putty-user-key-file",), r"PuTTY-User-Key-File-\d:(?:.*?Private-MAC: *[0-9a-fA-F]+|(?:(?!```).)*)"),
     # Slack: every xox?- type (xoxc- client tokens, xoxd- cookies with %-escapes, xoxe.xoxp- config tokens),
     # app-level tokens, and webhooks with http://, https:// or no scheme.
     ("slack_token", ("xox",), r"\bxox[a-z](?:\.xox[a-z])?-(?=[A-Za-z0-9%-]*\d)[A-Za-z0-9%-]{3,}"),
     ("slack_token", ("xapp-",), r"\bxapp-\d-[A-Za-z0-9-]{10,}"),
-    ("slack_token", ("hooks.slack.com",), r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[\w/+-]+"),
+    ("slack_token", ("hooks.slack.com",), r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/\w+/[\w/+-]+"),
     ("github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"), rf"\bgh[pousr]_[A-Za-z0-9]{{20,255}}{_END}|\bgithub_pat_\w{{20,255}}"),
     (
         "gitlab_token",
@@ -230,7 +236,7 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("gcp_key", ("aiza",), rf"\bAIza[\w-]{{35}}{_END}"),
     ("gcp_key", ("gocspx-",), rf"\bGOCSPX-[\w-]{{24,}}{_END}"),  # OAuth client secret (Google's documented prefix)
     ("gcp_key", ("ya29.",), rf"\bya29\.[\w-]{{20,}}{_END}"),  # OAuth access token (Google's documented prefix)
-    ("azure_key", ("accountkey=", "sharedaccesskey=", "sharedaccesssignature="), r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=([^\s;\"']{16,})"),
+    ("azure_key", ("accountkey=", "sharedaccesskey=", "sharedaccesssignature="), r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=([A-Za-z0-9+/=%]{20,})"),
     ("azure_key", ("sig=",), r"[?&;]sig=([A-Za-z0-9%+/=]{20,})"),  # a SAS token's signature
     ("azure_key", ("q~",), r"(?<![\w~.-])[\w~.]{3}\dQ~[\w~.-]{31,34}(?![\w~.-])"),  # Entra ID client secret
     ("stripe_key", ("k_live_", "k_test_", "k_prod_"), rf"\b[rs]k_(?:live|test|prod)_[A-Za-z0-9]{{10,247}}{_END}"),
@@ -328,7 +334,7 @@ _STOP_VALUES = frozenset(
     "object any dict list optional secretstr self this cls void required optional empty default unset na n/a tbd "
     "todo xxx redacted masked hidden secret password passwd token key value changeme placeholder example dummy "
     "sample foo bar baz test testing your_password yourpassword your_token your_api_key mypassword mysecret "
-    "env auto prompt ask stdin".split()
+    "env auto prompt ask stdin pass pwd user username admin".split()
 )
 _TEMPLATE_RE = re.compile(r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$[A-Za-z_{(]|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE)
 
@@ -356,6 +362,8 @@ def key_strength(key: str) -> int:
     if any(w in _STRONG_WORDS for w in words[-3:]) and tail in ("value", "data", "str", "text", "b64", "base", "plain"):
         return STRONG
     if tail == "key":
+        if any(w in _STRONG_WORDS for w in words[:-1]):
+            return STRONG  # SECRET_KEY, PASSWORD_KEY
         if len(words) == 1 or words[-2] not in _KEY_FALSE:
             return TOKENISH
         return 0
@@ -368,6 +376,8 @@ def key_strength(key: str) -> int:
 
 _WORDLIKE_RE = re.compile(r"(?:[A-Z]?[a-z]+|[A-Z]+)(?:[A-Z][a-z]+|[A-Z]+(?![a-z]))*\d{0,2}")
 _SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,19}|[0-9A-F]{1,19}")
+_TOKEN_CHARS_RE = re.compile(r"[A-Za-z0-9_\-+/=.~:%]+")
+_DOTTED_NAME_RE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*){2,}")
 
 
 def _token_shaped(value: str) -> bool:
@@ -376,24 +386,27 @@ def _token_shaped(value: str) -> bool:
     ``aio_VxEqGaqgMgZej3Dcee``, ``WLCO3GIZN6QD2OO9``, ``sk_live_fake_9f8e7d6c5b4a`` are; ``X-Xet-Access-Token``,
     ``serverlessrepo:applicationId``, ``CVSS2_VECTOR``, ``RSAKey``, ``48205d4ffd7feba3`` are not.
     """
-    if len(value) < 6 or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
+    if len(value) < 6 or not _TOKEN_CHARS_RE.fullmatch(value) or not any(c.isalpha() for c in value):
         return False
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
-    if all(_WORDLIKE_RE.fullmatch(p) for p in parts) or _SHORT_HEX_RE.fullmatch(value):
-        return False
+    if all(_WORDLIKE_RE.fullmatch(p) or p.isdigit() for p in parts) or _SHORT_HEX_RE.fullmatch(value):
+        return False  # words, CamelCase, CONSTANT_CASE, paths and versions; short hex ids and hashes
+    if _DOTTED_NAME_RE.fullmatch(value):
+        return False  # com.github.googlei18n.cu2qu.curve_type
     if any(c.isdigit() for c in value):
         return True
     return len(value) >= 20 and any(c.isupper() for c in value) and any(c.islower() for c in value)
 
 
-def _placeholder(value: str) -> bool:
+def is_placeholder(value: str) -> bool:
     """An empty, masked, templated or example value, or one of our own placeholders."""
     v = value.strip()
     if len(v) < 3 or v.startswith("[") or re.match(r"\$[A-Za-z_{(]", v):
         return True
-    if v.lower() in _STOP_VALUES or len(set(v)) <= 2:
-        return True
-    return _TEMPLATE_RE.search(v) is not None
+    low = v.lower()
+    if low in _STOP_VALUES or low.rstrip("0123456789!") in _STOP_VALUES or len(set(v)) <= 2:
+        return True  # password1, secret123, changeme!
+    return "%20" in v or _TEMPLATE_RE.search(v) is not None
 
 
 @dataclass
@@ -448,10 +461,10 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
             return None
         op, pos = a.group("op"), a.end()
         tight = not (a.group("type") or a.group("sp1") or a.group("sp2"))
-        if op == "," and not key_quoted:
-            return None
-        if op == ":" and key.lower() == "pass":
-            return None  # "First pass: …" is prose; a bare ``pass`` key needs ``=``
+        if op == "," and not (key_quoted and re.fullmatch(r"[A-Z0-9_.]+", key)):
+            return None  # System.setProperty("FOO_TOKEN", "…"); not ("secret", "Ed25519") in a tuple
+        if key.lower() == "pass" and (op != "=" or a.group("type")):
+            return None  # "First pass: …", "Pass x='y' to …" are prose; a bare ``pass`` key needs ``pass=``
     # ``KEY=value`` with nothing around ``=``, outside a call's arguments: a .env / shell / query line, where a
     # bare word is a value; in ``f(token=token)`` or ``password = DEFAULT`` it is a name.
     in_call = text[:ks].rstrip()[-1:] in ("(", ",")
@@ -477,7 +490,7 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
     env_style = env_style and text[end : end + 1] not in (",", ")")
     found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end))
     value = text[start:end]
-    if op == ":" and text[end:].lstrip(" \t")[:1] in (",", ")", "=", "|", "]") and not _token_shaped(value):
+    if op == ":" and text[end:].lstrip(" \t")[:1] in (",", ")", "=", "|", "]") and _looks_like_type(value):
         found.expression = True  # an annotation: ``key: RSAKey, …``, ``token: str | None = None``
         return found
     chain = _IDENT_CHAIN_RE.match(text, start)
@@ -487,11 +500,16 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         attribute = (
             chain.end() >= end
             and not env_style  # ``PASSWORD=Abc.Def`` on a .env line is a value
-            and not any(c.isdigit() for c in name)
-            and any(s in name for s in ".->::")
+            and any(s in name for s in (".", "->", "::"))
         )
         found.expression = called or attribute
     return found
+
+
+def _looks_like_type(value: str) -> bool:
+    return value.lower() in _STOP_VALUES or (
+        value[0].isupper() and re.fullmatch(r"[A-Za-z_][\w.]*", value) is not None and not _token_shaped(value)
+    ) or re.fullmatch(r"[A-Z][a-z]+(?:[A-Z0-9][a-z0-9]*)+", value) is not None
 
 
 def _rest_of_line(text: str, end: int) -> bool:
@@ -500,16 +518,25 @@ def _rest_of_line(text: str, end: int) -> bool:
     return tail in ("", ";", ",", "\\", "\"", "'") or tail.startswith(("#", "//"))
 
 
+def _names_a_secret(value: str) -> bool:
+    """A name that mentions a secret (``FORCE_CHANGE_PASSWORD``, ``challengePassword``, ``my-secret``)."""
+    parts = [p for p in re.split(r"[-_.:/]+", value) if p]
+    low = value.lower()
+    return all(_WORDLIKE_RE.fullmatch(p) for p in parts) and any(w in low for w in ("pass", "secret", "token", "key"))
+
+
 def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
     """Whether an assigned value is a literal secret (not a placeholder, template, word or expression)."""
-    if _placeholder(value):
+    if is_placeholder(value):
         return False
     if a.op == ",":  # ("FOO_TOKEN", "…") is a call's arguments: only a credential-shaped value is one
         return _token_shaped(value)
     if a.quoted:
         if any(c.isspace() for c in value):
             return False
-        return strength == STRONG or _token_shaped(value)
+        if strength == STRONG:
+            return len(value) >= 4 and not _names_a_secret(value)
+        return _token_shaped(value)
     if value.isdigit():  # a PIN or a numeric key; a bare ``key=`` is as often a count or an index
         return len(value) >= (4 if strength == STRONG else 6) and a.key.lower() != "key"
     is_word = re.fullmatch(r"[A-Za-z_][A-Za-z_]*", value) is not None
@@ -523,7 +550,7 @@ def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
         return False
     if strength == STRONG:
         return True
-    return _token_shaped(value)
+    return _token_shaped(value.split("&", 1)[0])  # ``key=tok&more``: the whole value goes if its head is a token
 
 
 _PROVIDER_KINDS = (
@@ -570,7 +597,7 @@ def _xml_spans(text: str) -> Iterator[tuple[int, int, str]]:
         return
     for m in _XML_RE.finditer(text):
         group = "v" if m.group("v") is not None else "v2"
-        if key_strength(m.group("tag") or "password") and not _placeholder(m.group(group)):
+        if key_strength(m.group("tag") or "password") and not is_placeholder(m.group(group)):
             yield *m.span(group), "password"
 
 
@@ -581,19 +608,21 @@ _AUTH_HEADER_RE = re.compile(
     r"(?P<v>[A-Za-z0-9._~+/:=-]{8,})"
 )
 # The token must look like one (a digit or token punctuation, or long): "Bearer authentication" stays.
-_BEARER_RE = re.compile(r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z0-9._~+/-]*[0-9._~+/-])[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})")
+_BEARER_RE = re.compile(
+    r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z0-9._~+/-]*(?:[0-9]|[._~+/-][A-Za-z0-9]))[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})"
+)
 _BASIC_RE = re.compile(r"(?i)\bbasic\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})")
 
 
 def _auth_spans(text: str) -> Iterator[tuple[int, int, str]]:
     for m in _AUTH_HEADER_RE.finditer(text):
         value = m.group("v")
-        if _placeholder(value) or (m.group("scheme") is None and not _token_shaped(value)):
+        if is_placeholder(value) or (m.group("scheme") is None and (len(value) < 16 or not _token_shaped(value))):
             continue
         kind = "basic_auth" if (m.group("scheme") or "").lower() == "basic" else "bearer"
         yield *m.span("v"), kind
     for m in _BEARER_RE.finditer(text):
-        if not _placeholder(m.group("v")):
+        if not is_placeholder(m.group("v")):
             yield *m.span("v"), "bearer"
     for m in _BASIC_RE.finditer(text):
         if _basic_credentials(m.group("v")):
@@ -612,11 +641,11 @@ _CLI_PASSWORD_RE = re.compile(
 
 def _cli_spans(text: str) -> Iterator[tuple[int, int, str]]:
     for m in _CLI_USER_RE.finditer(text):
-        if not _placeholder(m.group("v")) and not m.group("v").isdigit():  # docker -u 1000:1000 is uid:gid
+        if not is_placeholder(m.group("v")) and not m.group("v").isdigit():  # docker -u 1000:1000 is uid:gid
             yield *m.span("v"), "basic_auth"
     for m in _CLI_PASSWORD_RE.finditer(text):
         group = "v" if m.group("v") is not None else "w"
-        if not _placeholder(m.group(group)):
+        if not is_placeholder(m.group(group)):
             yield *m.span(group), "password"
 
 
@@ -629,7 +658,7 @@ def _url_spans(text: str) -> Iterator[tuple[int, int, str]]:
     if "@" not in text:
         return
     for m in _URL_USERINFO_RE.finditer(text):
-        if not _placeholder(m.group("v")):
+        if not is_placeholder(m.group("v")):
             yield *m.span("v"), "url_password"
 
 
