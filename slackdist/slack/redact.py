@@ -31,6 +31,7 @@ KINDS = SECRET_KINDS + ("email", "phone")
 _EMAIL_RE = re.compile(
     r"(?<![\w.+%-])(?!git@)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 )
+_TWO_DIGITS_RE = re.compile(r"\d\d")
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
 # Where a phone number can be: an optional ``+`` or ``(``, then digits and separators, ending on a digit that no
 # word character follows. Only these windows go to the matcher (it costs ~0.1 ms a call).
@@ -59,6 +60,10 @@ class Redactor:
     keep_phones: bool = False
     phone_region: str = "US"
     finder: SecretFinder = field(default_factory=SecretFinder, repr=False)
+    _national_lengths: frozenset[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._national_lengths = national_lengths(self.phone_region)
 
     def redact(self, text: str) -> tuple[str, Counter]:
         """Redact one text (idempotent: a second call changes nothing).
@@ -92,7 +97,7 @@ class Redactor:
             text, n = _EMAIL_RE.subn(EMAIL, text)
             if n:
                 counts["email"] += n
-        if not self.keep_phones:
+        if not self.keep_phones and _TWO_DIGITS_RE.search(text):  # every phone layout has two digits in a row
             text = self._phones(text, counts)
         return text
 
@@ -117,6 +122,8 @@ class Redactor:
             digits = sum(ch.isdigit() for ch in window)
             if not 7 <= digits <= 15 or _NOT_PHONE_RE.search(window):
                 continue
+            if "+" not in window and digits not in self._national_lengths:
+                continue  # without +country a number is read in the region's plan (US: 10 digits, 11 with the 1)
             if ("." in window or "/" in window) and window[0] != "+" and not _DOTTED_PHONE_RE.fullmatch(window):
                 continue  # decimals, times (09.36.49), dates (01/11/2016), coordinates
             for m in PhoneNumberMatcher(window, self.phone_region, leniency=Leniency.POSSIBLE):
@@ -127,6 +134,20 @@ class Redactor:
 
 
 _INT_LIMITS = frozenset({"2147483647", "2147483648", "4294967295", "4294967296"})
+
+
+def national_lengths(region: str) -> frozenset[int]:
+    """How many digits a number of ``region`` has written without ``+country``: its possible national lengths,
+    and each plus one for a national or trunk prefix (US ``1``, UK ``0``).
+
+    Raises:
+        ValueError: libphonenumber does not know the region.
+    """
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region.upper())
+    if metadata is None:
+        raise ValueError(f"unknown phone region {region!r} (use a two-letter region code such as US or GB)")
+    lengths = set(metadata.general_desc.possible_length)
+    return frozenset(lengths | {n + 1 for n in lengths})
 
 
 def _in_number_list(text: str, start: int, end: int) -> bool:

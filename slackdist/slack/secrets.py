@@ -95,13 +95,15 @@ class Rule:
 
     Attributes:
         name: what it finds (for messages and the README).
-        anchors: lowercase substrings, one of which every match contains (empty: it runs on every text).
+        anchors: lowercase substrings, one of which every match contains (empty: ``gate`` decides).
         find: returns (start, end, kind) of each secret value in the text.
+        gate: for a rule without anchors, a cheap necessary condition on the text (None: always run).
     """
 
     name: str
     anchors: tuple[str, ...]
     find: Finder
+    gate: Callable[[str], bool] | None = None
 
 
 def _regex(kind: str, pattern: str | re.Pattern, group: int | str = 0) -> Finder:
@@ -192,8 +194,14 @@ _LIBRARY_RULES = (
     Rule("SendGrid key", ("sg.",), _library("sendgrid_key", SendGridDetector)),
     Rule("Slack token or webhook", ("xox", "hooks.slack.com"), _library("slack_token", SlackDetector)),
     Rule("Stripe live key", ("k_live_",), _library("stripe_key", StripeDetector)),
-    Rule("Twilio SID", (), _library("twilio_key", TwilioKeyDetector, bounded=True)),
-    Rule("Discord bot token", (), _library("other_token", DiscordBotTokenDetector, bounded=True)),
+    # No lowercase literal is common to these; their gates are case-sensitive substring tests.
+    Rule("Twilio SID", (), _library("twilio_key", TwilioKeyDetector, bounded=True), lambda t: "AC" in t or "SK" in t),
+    Rule(
+        "Discord bot token",
+        (),
+        _library("other_token", DiscordBotTokenDetector, bounded=True),
+        lambda t: len(t) >= 59 and ("M" in t or "N" in t or "O" in t) and t.count(".") >= 2,
+    ),
     Rule("Mailchimp key", tuple(f"-us{d}" for d in range(10)), _library("other_token", MailchimpDetector, bounded=True)),
     Rule("Square OAuth secret", ("sq0csp-",), _library("other_token", SquareOAuthDetector)),
     Rule("Telegram bot token", (":a",), _library("other_token", TelegramBotTokenDetector, bounded=True)),
@@ -374,7 +382,34 @@ def key_strength(key: str) -> int:
     return 0
 
 
-_WORDLIKE_RE = re.compile(r"(?:[A-Z]?[a-z]+|[A-Z]+)(?:[A-Z][a-z]+|[A-Z]+(?![a-z]))*\d{0,2}")
+_SEGMENT_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_CONSONANT_RUN_RE = re.compile(r"[bcdfghjklmnpqrstvwxz]{5}")
+
+
+def _wordlike(part: str) -> bool:
+    """A word, an acronym, or words in camelCase/PascalCase (``RSAKey``, ``challengePassword``, ``CVSS2``).
+
+    Random letters split into camelCase too; they fail on a one-letter lowercase piece, a piece without a
+    vowel, or five consonants in a row (``nTiEvHITrbvDCTugmtrt``).
+    """
+    segments = _SEGMENT_RE.findall(part)
+    if not segments or "".join(segments) != part:
+        return False
+    if segments[-1].isdigit() and len(segments) > 1 and len(segments[-1]) <= 2:
+        segments = segments[:-1]
+    for seg in segments:
+        low = seg.lower()
+        if seg.isdigit():
+            return False  # digits inside: a token
+        if seg.isupper():
+            if len(seg) >= 5 and not any(v in low for v in "aeiouy"):
+                return False
+            continue
+        if len(seg) < 2 or not any(v in low for v in "aeiouy") or _CONSONANT_RUN_RE.search(low):
+            return False
+    return True
+
+
 _SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,19}|[0-9A-F]{1,19}")
 _TOKEN_CHARS_RE = re.compile(r"[A-Za-z0-9_\-+/=.~:%]+")
 _DOTTED_NAME_RE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*){2,}")
@@ -389,7 +424,7 @@ def _token_shaped(value: str) -> bool:
     if len(value) < 6 or not _TOKEN_CHARS_RE.fullmatch(value) or not any(c.isalpha() for c in value):
         return False
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
-    if all(_WORDLIKE_RE.fullmatch(p) or p.isdigit() for p in parts) or _SHORT_HEX_RE.fullmatch(value):
+    if all(_wordlike(p) or p.isdigit() for p in parts) or _SHORT_HEX_RE.fullmatch(value):
         return False  # words, CamelCase, CONSTANT_CASE, paths and versions; short hex ids and hashes
     if _DOTTED_NAME_RE.fullmatch(value):
         return False  # com.github.googlei18n.cu2qu.curve_type
@@ -507,9 +542,10 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
 
 
 def _looks_like_type(value: str) -> bool:
+    """``str``, ``RSAKey``, ``typing.Optional``: a name a value is annotated with."""
     return value.lower() in _STOP_VALUES or (
         value[0].isupper() and re.fullmatch(r"[A-Za-z_][\w.]*", value) is not None and not _token_shaped(value)
-    ) or re.fullmatch(r"[A-Z][a-z]+(?:[A-Z0-9][a-z0-9]*)+", value) is not None
+    )
 
 
 def _rest_of_line(text: str, end: int) -> bool:
@@ -522,7 +558,7 @@ def _names_a_secret(value: str) -> bool:
     """A name that mentions a secret (``FORCE_CHANGE_PASSWORD``, ``challengePassword``, ``my-secret``)."""
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
     low = value.lower()
-    return all(_WORDLIKE_RE.fullmatch(p) for p in parts) and any(w in low for w in ("pass", "secret", "token", "key"))
+    return all(_wordlike(p) for p in parts) and any(w in low for w in ("pass", "secret", "token", "key"))
 
 
 def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
@@ -663,9 +699,10 @@ def _url_spans(text: str) -> Iterator[tuple[int, int, str]]:
 
 
 # Meeting passcodes: ``?pwd=…`` in Zoom links, ``Passcode: 123456``, ``Meeting password: abc123``.
+_MEETING_WORDS = ("meeting", "zoom", "webex", "teams", "bridge", "conference", "dial-in")
 _MEETING_RE = re.compile(
     r"[?&](?:pwd|passcode|pw)=(?P<v>[\w.~-]{4,})"
-    r"|(?i:\bpass ?code|\b(?:meeting|zoom|webex|teams|bridge|conference|dial-in)\s+(?:password|pwd|pin|key|code))"
+    rf"|(?i:\bpass ?code|\b(?:{'|'.join(_MEETING_WORDS)}) (?:password|pwd|pin|key|code))"
     r"(?:\s*(?:is|:|=|-|#)\s*|\s+)(?P<w>(?=[\w@#$%^&*!.-]*\d)[\w@#$%^&*!.-]{4,}(?:\s\d{3,})?)"
 )
 
@@ -697,7 +734,8 @@ _CONTEXT_RULES = (
     Rule("URL userinfo", ("://",), lambda text: list(_url_spans(text))),
     Rule(
         "meeting passcode",
-        ("pwd=", "pw=", "passcode", "pass code", "meeting", "zoom", "webex", "teams", "bridge", "conference", "dial-in"),
+        ("pwd=", "pw=", "passcode", "pass code")
+        + tuple(f"{m} {w}" for m in _MEETING_WORDS for w in ("password", "pwd", "pin", "key", "code")),
         lambda text: list(_meeting_spans(text)),
     ),
     Rule("Authorization header, Bearer, Basic", ("bearer", "basic", "authorization"), lambda text: list(_auth_spans(text))),
@@ -751,9 +789,15 @@ class SecretFinder:
         Where spans of two rules overlap they merge into one, with the kind of the rule listed first (a
         specific format beats a keyword rule: ``token=xoxb-…`` is a ``slack_token``).
         """
-        woken = set(self._always)
-        for anchor in self._automaton.find_matches_as_indexes(text.lower(), overlapping=True):
-            woken.update(self._wakes[anchor[0]])
+        woken: set[int] = set()
+        for anchor, _, _ in self._automaton.find_matches_as_indexes(text.lower(), overlapping=True):
+            woken.update(self._wakes[anchor])
+        for i in self._always:
+            gate = self.rules[i].gate
+            if gate is None or gate(text):
+                woken.add(i)
+        if not woken:
+            return []
         found: list[tuple[int, int, int, str]] = []  # (start, end, priority, kind)
         for priority in sorted(woken):
             for start, end, kind in self.rules[priority].find(text):
