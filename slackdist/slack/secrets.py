@@ -264,7 +264,7 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
             "ntn_", "api-", "sha256~", "pplx-", "pscale_", "pmak-", "pnu_", "pul-", "rdme_", "rubygems_", "tk-us-",
             "xkeysib-", "sntry", "sm_", "shippo_", "shp", "sq0atp-", "hvs.", "hvb.", "sgp_", "squ_", "sqp_", "sqa_",
             "nrak-", "nrii-", "nrjs-", "atatt3", "dnkey-", "_gitlab_session=", "aaaaaaaaaaaaaaaaaaaaa", "doo_",
-            "atbb", "lsv2_",
+            "atbb", "lsv2_", "pat.", "sat.",
         ),
         r"\bops_eyJ[\w+/]{250,}={0,3}|\bAGE-SECRET-KEY-1[0-9A-Z]{58}|\bp8e-[A-Za-z0-9]{32}"
         r"|\bLTAI[A-Za-z0-9]{20}\b|\bAKCp[A-Za-z0-9]{69}\b|\bcmVmd[A-Za-z0-9]{59}\b|\bABSK[A-Za-z0-9+/]{109,269}={0,2}"
@@ -283,6 +283,7 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         r"|\b(?:EAAA|sq0atp-)[\w-]{22,60}|\bhv[sb]\.[\w-]{90,300}|\bsgp_(?:[a-fA-F0-9]{16}_|local_)?[a-fA-F0-9]{40}"
         r"|\bsq[upa]_[a-f0-9]{40}|\bNR(?:AK|II|JS)-[A-Za-z0-9-]{19,32}|\bATATT3[\w=-]{150,}|\bdnkey-[\w=-]{26}-[\w=-]{52}"
         r"|_gitlab_session=[0-9a-z]{32}|\bA{22}[A-Za-z0-9%]{80,120}"
+        r"|\b(?:pat|sat)\.[\w-]{22}\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{20}"
         r"|\bATBB[A-Za-z0-9_=.-]{24,}|\blsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}",  # (trufflehog: Bitbucket, LangSmith)
     ),
     # Webhook URLs that are their own credential (Microsoft Teams, Discord); Slack's are above.
@@ -342,7 +343,7 @@ _STOP_VALUES = frozenset(
     "object any dict list optional secretstr self this cls void required optional empty default unset na n/a tbd "
     "todo xxx redacted masked hidden secret password passwd token key value changeme placeholder example dummy "
     "sample foo bar baz test testing your_password yourpassword your_token your_api_key mypassword mysecret "
-    "env auto prompt ask stdin pass pwd user username admin".split()
+    "env auto prompt ask stdin pwd user username admin".split()
 )
 _TEMPLATE_RE = re.compile(r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$[A-Za-z_{(]|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE)
 
@@ -411,7 +412,9 @@ def _wordlike(part: str) -> bool:
 
 
 _SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,19}|[0-9A-F]{1,19}")
-_TOKEN_CHARS_RE = re.compile(r"[A-Za-z0-9_\-+/=.~:%]+")
+_TOKEN_CHARS_RE = re.compile(r"[!-~]+")  # printable ASCII, no space
+_COLOUR_RE = re.compile(r"#[0-9a-fA-F]{3,8}")
+_CODE_CHARS_RE = re.compile(r"[&<>(){}\\\"'`,;]")  # code or markup around, not one token
 _DOTTED_NAME_RE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*){2,}")
 
 
@@ -422,6 +425,8 @@ def _token_shaped(value: str) -> bool:
     ``serverlessrepo:applicationId``, ``CVSS2_VECTOR``, ``RSAKey``, ``48205d4ffd7feba3`` are not.
     """
     if len(value) < 6 or not _TOKEN_CHARS_RE.fullmatch(value) or not any(c.isalpha() for c in value):
+        return False
+    if _COLOUR_RE.fullmatch(value) or _CODE_CHARS_RE.search(value):
         return False
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
     if all(_wordlike(p) or p.isdigit() for p in parts) or _SHORT_HEX_RE.fullmatch(value):
@@ -480,6 +485,27 @@ def _keyword_spans(text: str) -> Iterator[tuple[int, int, str]]:
         value = text[found.start : found.end]
         if _literal_secret(value, found, strength):
             yield found.start, found.end, _kind_of_key(key)
+        elif found.quoted and value.count(" ") == 1:  # "X-Authorization pk_k64v…": a scheme, then the token
+            head, tail = value.split(" ")
+            if len(tail) >= 16 and _token_shaped(tail) and not _token_shaped(head):
+                yield found.end - len(tail), found.end, _kind_of_key(key)
+
+
+# A Kubernetes Secret manifest: every value under ``data:`` / ``stringData:`` is a secret (base64 or plain).
+_K8S_SECRET_RE = re.compile(r"(?im)^[ \t]*kind:[ \t]*[\"']?secret[\"']?[ \t]*$")
+_K8S_DATA_RE = re.compile(r"(?m)^([ \t]*)(?:data|stringData):[ \t]*\n((?:\1[ \t]+[^\n]*\n?)+)")
+_K8S_ITEM_RE = re.compile(r"(?m)^[ \t]+[\w.-]+:[ \t]*[\"']?(?P<v>[^\s\"'#][^\n\"']*?)[\"']?[ \t]*$")
+
+
+def _k8s_secret_spans(text: str) -> list[tuple[int, int, str]]:
+    if _K8S_SECRET_RE.search(text) is None:
+        return []
+    found = []
+    for block in _K8S_DATA_RE.finditer(text):
+        for item in _K8S_ITEM_RE.finditer(text, block.start(2), block.end(2)):
+            if not is_placeholder(item.group("v")):
+                found.append((*item.span("v"), "password"))
+    return found
 
 
 def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
@@ -496,8 +522,8 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
             return None
         op, pos = a.group("op"), a.end()
         tight = not (a.group("type") or a.group("sp1") or a.group("sp2"))
-        if op == "," and not (key_quoted and re.fullmatch(r"[A-Z0-9_.]+", key)):
-            return None  # System.setProperty("FOO_TOKEN", "…"); not ("secret", "Ed25519") in a tuple
+        if op == "," and not key_quoted:
+            return None  # System.setProperty("FOO_TOKEN", "…"), getenv("api_token", "…")
         if key.lower() == "pass" and (op != "=" or a.group("type")):
             return None  # "First pass: …", "Pass x='y' to …" are prose; a bare ``pass`` key needs ``pass=``
     # ``KEY=value`` with nothing around ``=``, outside a call's arguments: a .env / shell / query line, where a
@@ -532,10 +558,12 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
     if chain is not None:
         name = chain.group(0)
         called = text[chain.end() : chain.end() + 1] in ("(", "[", "{")
+        parts = re.split(r"\.|->|::", name)
         attribute = (
             chain.end() >= end
             and not env_style  # ``PASSWORD=Abc.Def`` on a .env line is a value
-            and any(s in name for s in (".", "->", "::"))
+            and len(parts) > 1
+            and (len(parts) > 2 or not any(_token_shaped(p) for p in parts))  # vault's s.ZC9Ecf4M… is a token
         )
         found.expression = called or attribute
     return found
@@ -565,9 +593,10 @@ def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
     """Whether an assigned value is a literal secret (not a placeholder, template, word or expression)."""
     if is_placeholder(value):
         return False
-    if a.op == ",":  # ("FOO_TOKEN", "…") is a call's arguments: only a credential-shaped value is one
-        return _token_shaped(value)
+    if a.op == ",":  # ("FOO_TOKEN", "…") is a call's arguments: only a long credential-shaped value is one
+        return len(value) >= 16 and _token_shaped(value)
     if a.quoted:
+        value = value.strip()
         if any(c.isspace() for c in value):
             return False
         if strength == STRONG:
@@ -640,20 +669,22 @@ def _xml_spans(text: str) -> Iterator[tuple[int, int, str]]:
 # Authorization headers (any scheme), then bare ``Bearer x`` / ``Basic x`` outside a header.
 _AUTH_HEADER_RE = re.compile(
     r"(?i)\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?"
-    r"(?:(?P<scheme>bearer|basic|token|bot|digest|apikey|sso-key|splunk|dsn|key|gitlab-token)\s+)?"
-    r"(?P<v>[A-Za-z0-9._~+/:=-]{8,})"
+    r"(?:(?P<scheme>[A-Za-z][\w-]{1,20})[ \t]+)?"  # Bearer, Basic, token, Bot, Api-Token, SSWS, …
+    r"(?P<v>[A-Za-z0-9._~+/:=|-]{8,})"
 )
 # The token must look like one (a digit or token punctuation, or long): "Bearer authentication" stays.
 _BEARER_RE = re.compile(
     r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z0-9._~+/-]*(?:[0-9]|[._~+/-][A-Za-z0-9]))[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})"
 )
+_AUTH_SCHEMES = frozenset("bearer basic token bot digest apikey api-key api-token sso-key splunk dsn key ssws".split())
 _BASIC_RE = re.compile(r"(?i)\bbasic\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})")
 
 
 def _auth_spans(text: str) -> Iterator[tuple[int, int, str]]:
     for m in _AUTH_HEADER_RE.finditer(text):
         value = m.group("v")
-        if is_placeholder(value) or (m.group("scheme") is None and (len(value) < 16 or not _token_shaped(value))):
+        known = (m.group("scheme") or "").lower() in _AUTH_SCHEMES
+        if is_placeholder(value) or not (known or (len(value) >= 16 and _token_shaped(value))):
             continue
         kind = "basic_auth" if (m.group("scheme") or "").lower() == "basic" else "bearer"
         yield *m.span("v"), kind
@@ -667,7 +698,7 @@ def _auth_spans(text: str) -> Iterator[tuple[int, int, str]]:
 
 # ``curl -u user:pass``, ``--user user:pass``, ``mysql -pSECRET``, ``docker login -p SECRET``.
 _CLI_USER_RE = re.compile(
-    r"(?:^|\s)(?:-u|--user|--proxy-user)(?:[ \t]+|=)(?P<q>[\"']?)[^\s\"':]*:(?P<v>[^\s\"']+)(?P=q)"
+    r"(?:^|\s)(?:-u|--user|--proxy-user)(?:[ \t]+|=)(?P<q>[\"']?)(?P<u>[^\s\"':]*):(?P<v>[^\s\"']*)(?P=q)"
 )
 _CLI_PASSWORD_RE = re.compile(
     r"\b(?:mysql|mysqldump|mysqladmin|mariadb)\b[^\n]*?\s-p(?P<v>[^\s\"'-][^\s\"']*)"
@@ -677,8 +708,11 @@ _CLI_PASSWORD_RE = re.compile(
 
 def _cli_spans(text: str) -> Iterator[tuple[int, int, str]]:
     for m in _CLI_USER_RE.finditer(text):
-        if not is_placeholder(m.group("v")) and not m.group("v").isdigit():  # docker -u 1000:1000 is uid:gid
-            yield *m.span("v"), "basic_auth"
+        if m.group("v"):
+            if not is_placeholder(m.group("v")) and not m.group("v").isdigit():  # docker -u 1000:1000 is uid:gid
+                yield *m.span("v"), "basic_auth"
+        elif len(m.group("u")) >= 8 and not is_placeholder(m.group("u")):  # curl -u "sk_test_…:": the key is the user
+            yield *m.span("u"), "basic_auth"
     for m in _CLI_PASSWORD_RE.finditer(text):
         group = "v" if m.group("v") is not None else "w"
         if not is_placeholder(m.group(group)):
@@ -744,6 +778,7 @@ _CONTEXT_RULES = (
         (" -u", "--user", "--proxy-user", "mysql", "mariadb", " login"),
         lambda text: list(_cli_spans(text)),
     ),
+    Rule("Kubernetes Secret data", ("kind:",), _k8s_secret_spans),
     Rule("keyword assignment", ("pass", "pwd", "pswd", "secret", "token", "key", "auth", "cred", "contrase", "motdepasse"), _keyword_and_xml_spans),
 )
 RULES = _LIBRARY_RULES + _FORMAT_RULES + _CONTEXT_RULES
