@@ -388,25 +388,34 @@ _CONSONANT_RUN_RE = re.compile(r"[bcdfghjklmnpqrstvwxz]{5}")
 
 
 def _wordlike(part: str) -> bool:
-    """A word, an acronym, or words in camelCase/PascalCase (``RSAKey``, ``challengePassword``, ``CVSS2``).
+    """A word, an acronym, or words in camelCase/PascalCase (``RSAKey``, ``challengePassword``, ``Ec2SubnetIds``).
 
-    Random letters split into camelCase too; they fail on a one-letter lowercase piece, a piece without a
-    vowel, or five consonants in a row (``nTiEvHITrbvDCTugmtrt``).
+    Random letters split into camelCase too; they fail on a one-letter lowercase piece, a piece of two or more
+    letters without a vowel (short acronyms like ``Rpc``, ``httpx`` aside), five consonants in a row, or more
+    than one run of digits inside (``nTiEvHITrbvDCTugmtrt``, ``WLCO3GIZN6QD2OO9``).
     """
     segments = _SEGMENT_RE.findall(part)
     if not segments or "".join(segments) != part:
         return False
     if segments[-1].isdigit() and len(segments) > 1 and len(segments[-1]) <= 2:
         segments = segments[:-1]
-    for seg in segments:
+    if sum(seg.isdigit() for seg in segments) > 1:
+        return False
+    for i, seg in enumerate(segments):
         low = seg.lower()
         if seg.isdigit():
-            return False  # digits inside: a token
+            glued = i > 0 and len(segments[i - 1]) >= 2 and (i + 1 == len(segments) or segments[i + 1][0].isupper())
+            if not glued:
+                return False  # Ec2Subnet, PKCS7Private, ed25519 are names; T0ken is a password
+            continue
+        vowel = any(v in low for v in "aeiouy")
         if seg.isupper():
-            if len(seg) >= 5 and not any(v in low for v in "aeiouy"):
+            if len(seg) >= 5 and not vowel:
                 return False
             continue
-        if len(seg) < 2 or not any(v in low for v in "aeiouy") or _CONSONANT_RUN_RE.search(low):
+        if len(seg) < 2 or _CONSONANT_RUN_RE.search(low):
+            return False
+        if not vowel and not ((i == 0 and seg.islower() and len(seg) <= 5) or (seg[0].isupper() and len(seg) == 3)):
             return False
     return True
 
@@ -414,7 +423,7 @@ def _wordlike(part: str) -> bool:
 _SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,19}|[0-9A-F]{1,19}")
 _TOKEN_CHARS_RE = re.compile(r"[!-~]+")  # printable ASCII, no space
 _COLOUR_RE = re.compile(r"#[0-9a-fA-F]{3,8}")
-_CODE_CHARS_RE = re.compile(r"[&<>(){}\\\"'`,;]")  # code or markup around, not one token
+_CODE_CHARS_RE = re.compile(r"[&<>(){}\\\"'`,;#]")  # code or markup around, not one token
 _DOTTED_NAME_RE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*){2,}")
 
 
@@ -429,7 +438,7 @@ def _token_shaped(value: str) -> bool:
     if _COLOUR_RE.fullmatch(value) or _CODE_CHARS_RE.search(value):
         return False
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
-    if all(_wordlike(p) or p.isdigit() for p in parts) or _SHORT_HEX_RE.fullmatch(value):
+    if all(len(p) <= 4 or _wordlike(p) or p.isdigit() for p in parts) or _SHORT_HEX_RE.fullmatch(value):
         return False  # words, CamelCase, CONSTANT_CASE, paths and versions; short hex ids and hashes
     if _DOTTED_NAME_RE.fullmatch(value):
         return False  # com.github.googlei18n.cu2qu.curve_type
@@ -458,7 +467,9 @@ class _Assignment:
     op: str
     env_style: bool  # a tight ``KEY=value`` outside a call
     rest_of_line: bool
-    expression: bool = field(default=False)
+    key_quoted: bool = False  # "key": … (JSON, a dict): a bare word after it is a variable
+    followed_by: str = ""  # the first non-blank character after the value
+    expression: bool = False
 
 
 def _keyword_spans(text: str) -> Iterator[tuple[int, int, str]]:
@@ -535,7 +546,7 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         if q.group("q") == "`" and "${" in q.group("v"):
             return None
         start, end = q.span("v")
-        return _Assignment(key, start, end, True, op, env_style, _rest_of_line(text, q.end()))
+        return _Assignment(key, start, end, True, op, env_style, _rest_of_line(text, q.end()), key_quoted)
     if op in (",", "-") or not tight and a.re is _ASSIGN_RE and a.group("type"):
         return None
     b = _BARE_RE.match(text, pos)
@@ -549,7 +560,8 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
     if start == end:
         return None
     env_style = env_style and text[end : end + 1] not in (",", ")")
-    found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end))
+    found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end), key_quoted)
+    found.followed_by = text[end:].lstrip(" \t")[:1]
     value = text[start:end]
     if op == ":" and text[end:].lstrip(" \t")[:1] in (",", ")", "=", "|", "]") and _looks_like_type(value):
         found.expression = True  # an annotation: ``key: RSAKey, …``, ``token: str | None = None``
@@ -584,6 +596,8 @@ def _rest_of_line(text: str, end: int) -> bool:
 
 def _names_a_secret(value: str) -> bool:
     """A name that mentions a secret (``FORCE_CHANGE_PASSWORD``, ``challengePassword``, ``my-secret``)."""
+    if any(c.isdigit() for c in value):
+        return False  # summer-pass-2024 is a password
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
     low = value.lower()
     return all(_wordlike(p) for p in parts) and any(w in low for w in ("pass", "secret", "token", "key"))
@@ -604,6 +618,12 @@ def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
         return _token_shaped(value)
     if value.isdigit():  # a PIN or a numeric key; a bare ``key=`` is as often a count or an index
         return len(value) >= (4 if strength == STRONG else 6) and a.key.lower() != "key"
+    if _names_a_secret(value):
+        return False  # ``secret_key: secret_access_key``: a name, not the value
+    identifier = re.fullmatch(r"[A-Za-z_]\w*", value) is not None
+    if identifier and (a.key_quoted and a.op == ":" or a.followed_by in (",", ")")) and not a.env_style:
+        if strength != STRONG or not any(c.isdigit() for c in value):
+            return len(value) >= 16 and _token_shaped(value)  # ``"secret": client_secret,``, ``key=l1_key,``
     is_word = re.fullmatch(r"[A-Za-z_][A-Za-z_]*", value) is not None
     if is_word:
         if strength != STRONG:
@@ -781,7 +801,8 @@ _CONTEXT_RULES = (
     Rule("Kubernetes Secret data", ("kind:",), _k8s_secret_spans),
     Rule("keyword assignment", ("pass", "pwd", "pswd", "secret", "token", "key", "auth", "cred", "contrase", "motdepasse"), _keyword_and_xml_spans),
 )
-RULES = _LIBRARY_RULES + _FORMAT_RULES + _CONTEXT_RULES
+FORMAT_RULES = _LIBRARY_RULES + _FORMAT_RULES
+RULES = FORMAT_RULES + _CONTEXT_RULES
 
 
 @functools.cache
