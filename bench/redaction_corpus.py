@@ -73,11 +73,35 @@ def gen_password(rng: random.Random) -> tuple[str, tuple[str, ...]]:
     pw = password(rng)
     key = rng.choice(
         [
-            "DB_PASSWORD", "POSTGRES_PASSWORD", "MYSQL_ROOT_PASSWORD", "REDIS_PASSWORD", "PGPASSWORD", "PGPASSWD",
-            "SMTP_PASS", "ADMIN_PASSWORD", "RABBITMQ_DEFAULT_PASS", "APP_SECRET", "JWT_SECRET", "SESSION_SECRET",
-            "SECRET_KEY", "DJANGO_SECRET_KEY", "SECRET_KEY_BASE", "CLIENT_SECRET", "OAUTH_CLIENT_SECRET",
-            "WEBHOOK_SECRET", "ENCRYPTION_KEY", "API_KEY", "MAPS_API_KEY", "DATADOG_API_KEY", "SENTRY_AUTH_TOKEN",
-            "VAULT_TOKEN", "CI_DEPLOY_TOKEN", "ACCESS_TOKEN", "REFRESH_TOKEN", "KEYSTORE_PASSWORD", "LDAP_BIND_PASSWORD",
+            "DB_PASSWORD",
+            "POSTGRES_PASSWORD",
+            "MYSQL_ROOT_PASSWORD",
+            "REDIS_PASSWORD",
+            "PGPASSWORD",
+            "PGPASSWD",
+            "SMTP_PASS",
+            "ADMIN_PASSWORD",
+            "RABBITMQ_DEFAULT_PASS",
+            "APP_SECRET",
+            "JWT_SECRET",
+            "SESSION_SECRET",
+            "SECRET_KEY",
+            "DJANGO_SECRET_KEY",
+            "SECRET_KEY_BASE",
+            "CLIENT_SECRET",
+            "OAUTH_CLIENT_SECRET",
+            "WEBHOOK_SECRET",
+            "ENCRYPTION_KEY",
+            "API_KEY",
+            "MAPS_API_KEY",
+            "DATADOG_API_KEY",
+            "SENTRY_AUTH_TOKEN",
+            "VAULT_TOKEN",
+            "CI_DEPLOY_TOKEN",
+            "ACCESS_TOKEN",
+            "REFRESH_TOKEN",
+            "KEYSTORE_PASSWORD",
+            "LDAP_BIND_PASSWORD",
         ]
     )
     if "TOKEN" in key or "API_KEY" in key or key == "ENCRYPTION_KEY":
@@ -93,7 +117,7 @@ def gen_password(rng: random.Random) -> tuple[str, tuple[str, ...]]:
             f'{lower}: "{pw}"',
             f'{{"{lower}": "{pw}"}}',
             f'{lower} = "{pw}"',
-            f"{camel} := \"{pw}\"",
+            f'{camel} := "{pw}"',
             f"const {camel} = '{pw}';",
             f"  - {key}={pw}",
             f"{key.lower()}={pw}&{rand(rng, 'abcdefgh', 3)}",
@@ -108,12 +132,40 @@ def gen_password(rng: random.Random) -> tuple[str, tuple[str, ...]]:
 def gen_url_password(rng: random.Random) -> tuple[str, tuple[str, ...]]:
     pw = password(rng).replace("#", "x")
     scheme = rng.choice(
-        ["postgres", "postgresql", "mysql", "mongodb", "mongodb+srv", "redis", "rediss", "amqp", "amqps", "https",
-         "http", "ftp", "sftp", "smtp", "ldap", "mssql", "sqlserver", "clickhouse", "nats", "kafka"]
+        [
+            "postgres",
+            "postgresql",
+            "mysql",
+            "mongodb",
+            "mongodb+srv",
+            "redis",
+            "rediss",
+            "amqp",
+            "amqps",
+            "https",
+            "http",
+            "ftp",
+            "sftp",
+            "smtp",
+            "ldap",
+            "mssql",
+            "sqlserver",
+            "clickhouse",
+            "nats",
+            "kafka",
+        ]
     )
     host = rng.choice(
-        ["localhost", "127.0.0.1", f"10.0.{rng.randint(0, 255)}.{rng.randint(1, 254)}", "db.internal",
-         "cluster0.abcde.mongodb.net", "prod-db.example.com", "[::1]", "rabbit.svc.cluster.local"]
+        [
+            "localhost",
+            "127.0.0.1",
+            f"10.0.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+            "db.internal",
+            "cluster0.abcde.mongodb.net",
+            "prod-db.example.com",
+            "[::1]",
+            "rabbit.svc.cluster.local",
+        ]
     )
     port = rng.choice(["", ":5432", ":3306", ":6379", ":5672", ":27017"])
     user = rng.choice(["admin", "app", "deploy", "root", "svc_etl", ""])
@@ -209,7 +261,10 @@ def gen_github_token(rng: random.Random) -> tuple[str, tuple[str, ...]]:
     tok = rng.choice(
         [
             rng.choice(["ghp_", "gho_", "ghu_", "ghs_", "ghr_"]) + rand(rng, ALNUM, 36),
-            "github_pat_11" + rand(rng, string.ascii_uppercase + string.digits, 20) + "_" + rand(rng, ALNUM, 59),
+            "github_pat_11"
+            + rand(rng, string.ascii_uppercase + string.digits, 20)
+            + "_"
+            + rand(rng, ALNUM, 59),
         ]
     )
     return _labelled(rng, "GITHUB_TOKEN", tok), (tok,)
@@ -353,10 +408,16 @@ def gen_azure_key(rng: random.Random) -> tuple[str, tuple[str, ...]]:
 
 
 def gen_aws_key(rng: random.Random) -> tuple[str, tuple[str, ...]]:
-    key_id = rng.choice(["AKIA", "ABIA", "ACCA", "ASIA", "A3T" + rng.choice(UPPER_B32)]) + rand(rng, UPPER_B32, 16)
+    key_id = rng.choice(["AKIA", "ABIA", "ACCA", "ASIA", "A3T" + rng.choice(UPPER_B32)]) + rand(
+        rng, UPPER_B32, 16
+    )
     key_id = key_id[:20]
     secret = rand(rng, ALNUM + "/+", 40)
-    while not (any(c.isupper() for c in secret) and any(c.islower() for c in secret) and any(c.isdigit() for c in secret)):
+    while not (
+        any(c.isupper() for c in secret)
+        and any(c.islower() for c in secret)
+        and any(c.isdigit() for c in secret)
+    ):
         secret = rand(rng, ALNUM + "/+", 40)
     form = rng.choice(
         [
@@ -373,7 +434,9 @@ def gen_aws_key(rng: random.Random) -> tuple[str, tuple[str, ...]]:
 
 def gen_slack_token(rng: random.Random) -> tuple[str, tuple[str, ...]]:
     num = lambda n: rand(rng, string.digits, n)  # noqa: E731
-    cookie = "".join(rng.choice([c, "%2F", "%2B", "%3D"]) if rng.random() < 0.08 else c for c in rand(rng, ALNUM, 180))
+    cookie = "".join(
+        rng.choice([c, "%2F", "%2B", "%3D"]) if rng.random() < 0.08 else c for c in rand(rng, ALNUM, 180)
+    )
     tok = rng.choice(
         [
             f"xoxb-{num(12)}-{num(13)}-{rand(rng, ALNUM, 24)}",
@@ -392,28 +455,53 @@ def gen_slack_token(rng: random.Random) -> tuple[str, tuple[str, ...]]:
 
 
 def gen_jwt(rng: random.Random) -> tuple[str, tuple[str, ...]]:
-    claims = {"sub": rand(rng, string.digits, 8), "name": rng.choice(["svc", "jane", "etl"]), "iat": 1700000000 + rng.randint(0, 10**7)}
+    claims = {
+        "sub": rand(rng, string.digits, 8),
+        "name": rng.choice(["svc", "jane", "etl"]),
+        "iat": 1700000000 + rng.randint(0, 10**7),
+    }
     if rng.random() < 0.4:
         tok = b64url_json({"alg": "none", "typ": "JWT"}) + "." + b64url_json(claims) + "."
         value = tok.rstrip(".")
     else:
         sig = base64.urlsafe_b64encode(rng.randbytes(32)).decode().rstrip("=")
-        tok = b64url_json({"alg": rng.choice(["HS256", "RS256", "ES256"]), "typ": "JWT"}) + "." + b64url_json(claims) + "." + sig
+        tok = (
+            b64url_json({"alg": rng.choice(["HS256", "RS256", "ES256"]), "typ": "JWT"})
+            + "."
+            + b64url_json(claims)
+            + "."
+            + sig
+        )
         value = tok
     return _labelled(rng, "ID_TOKEN", tok), (value,)
 
 
 def gen_private_key(rng: random.Random) -> tuple[str, tuple[str, ...]]:
-    label = rng.choice(["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "DSA PRIVATE KEY", "PGP PRIVATE KEY BLOCK"])
+    label = rng.choice(
+        [
+            "RSA PRIVATE KEY",
+            "PRIVATE KEY",
+            "EC PRIVATE KEY",
+            "OPENSSH PRIVATE KEY",
+            "ENCRYPTED PRIVATE KEY",
+            "DSA PRIVATE KEY",
+            "PGP PRIVATE KEY BLOCK",
+        ]
+    )
     lines = _pem_body(rng, rng.choice([120, 400, 1200]))
     block = f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----"
     return block, (lines[0], lines[-1])
 
 
 def gen_email(rng: random.Random) -> tuple[str, tuple[str, ...]]:
-    first, last = rng.choice(["ana", "li", "omar", "jane", "k"]), rng.choice(["garcia", "wei", "smith", "o-neil"])
-    addr = rng.choice([f"{first}.{last}", f"{first}{last}{rng.randint(1, 99)}", f"{first}+slack"]) + "@" + rng.choice(
-        ["example.com", "acme.io", "mail.example.co.uk", "uni.example.edu"]
+    first, last = (
+        rng.choice(["ana", "li", "omar", "jane", "k"]),
+        rng.choice(["garcia", "wei", "smith", "o-neil"]),
+    )
+    addr = (
+        rng.choice([f"{first}.{last}", f"{first}{last}{rng.randint(1, 99)}", f"{first}+slack"])
+        + "@"
+        + rng.choice(["example.com", "acme.io", "mail.example.co.uk", "uni.example.edu"])
     )
     return rng.choice([f"mail me at {addr}", f"cc {addr}, thanks", f"<{addr}>", addr]), (addr,)
 
@@ -446,7 +534,9 @@ def phone_number(rng: random.Random) -> str:
 
 def gen_phone(rng: random.Random) -> tuple[str, tuple[str, ...]]:
     number = phone_number(rng)
-    return rng.choice([f"call me at {number}", f"my cell: {number}", f"{number} (on-call)", number]), (number,)
+    return rng.choice([f"call me at {number}", f"my cell: {number}", f"{number} (on-call)", number]), (
+        number,
+    )
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, tuple[str, ...]]]] = {
@@ -481,23 +571,41 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, tuple[str, ...]]]] = 
 def embed(rng: random.Random, snippet: str, setting: str) -> str:
     """Put a snippet where Slack text holds one: a sentence, a code block, a link, an alert, a thread reply."""
     if setting == "sentence":
-        return rng.choice(["hey, for the staging box: {s} — let me know", "fyi {s}", "{s}\nworks now", "ok so {s}, then restart"]).format(s=snippet)
+        return rng.choice(
+            [
+                "hey, for the staging box: {s} — let me know",
+                "fyi {s}",
+                "{s}\nworks now",
+                "ok so {s}, then restart",
+            ]
+        ).format(s=snippet)
     if setting == "code":
-        return rng.choice(["```\n{s}\n```", "try this:\n```\n# staging\n{s}\nmake deploy\n```", "`{s}`"]).format(s=snippet)
+        return rng.choice(
+            ["```\n{s}\n```", "try this:\n```\n# staging\n{s}\nmake deploy\n```", "`{s}`"]
+        ).format(s=snippet)
     if setting == "link":
         return rng.choice(
-            ["docs: https://wiki.example.com/ops/setup?tab=env#step-3 — {s}", "{s} (see https://github.com/acme/infra/pull/812)",
-             "runbook https://runbooks.example.com/db (mirror at http://10.0.3.7:8080/runbook)\n{s}"]
+            [
+                "docs: https://wiki.example.com/ops/setup?tab=env#step-3 — {s}",
+                "{s} (see https://github.com/acme/infra/pull/812)",
+                "runbook https://runbooks.example.com/db (mirror at http://10.0.3.7:8080/runbook)\n{s}",
+            ]
         ).format(s=snippet)
     if setting == "attachment":
         return rng.choice(
-            ["*Deploy failed* · prod-eu\nEnvironment: production\n{s}\nTriggered by Jenkins #4512",
-             "[alert] config drift detected\n> {s}\nSent from Grafana"]
+            [
+                "*Deploy failed* · prod-eu\nEnvironment: production\n{s}\nTriggered by Jenkins #4512",
+                "[alert] config drift detected\n> {s}\nSent from Grafana",
+            ]
         ).format(s=snippet)
-    return rng.choice(["> can you paste the config?\n{s}", "replying in thread: {s}", "@Jane Doe {s} is what I used"]).format(s=snippet)
+    return rng.choice(
+        ["> can you paste the config?\n{s}", "replying in thread: {s}", "@Jane Doe {s} is what I used"]
+    ).format(s=snippet)
 
 
-def secret_examples(seed: int = 0, per_kind: int = 40, kinds: tuple[str, ...] | None = None) -> Iterator[Example]:
+def secret_examples(
+    seed: int = 0, per_kind: int = 40, kinds: tuple[str, ...] | None = None
+) -> Iterator[Example]:
     """``per_kind`` examples of every kind, cycling through the five settings."""
     rng = random.Random(seed)
     for kind in kinds or tuple(GENERATORS):
@@ -519,17 +627,30 @@ def lookalike_examples(seed: int = 0, per_kind: int = 200) -> Iterator[Example]:
     rng = random.Random(seed)
     makers: dict[str, Callable[[], str]] = {
         "git_sha": lambda: rng.choice(
-            ["fixed in {h}", "cherry-pick {h} onto release", "`git revert {h}`", "commit {s} (short)", "see https://github.com/acme/api/commit/{h}"]
+            [
+                "fixed in {h}",
+                "cherry-pick {h} onto release",
+                "`git revert {h}`",
+                "commit {s} (short)",
+                "see https://github.com/acme/api/commit/{h}",
+            ]
         ).format(h=rand(rng, HEX, 40), s=rand(rng, HEX, rng.randint(7, 12))),
-        "uuid": lambda: rng.choice(["request id {u}", "tenant_id={u}", '{{"id": "{u}"}}', "trace {u} failed"]).format(
-            u="-".join(rand(rng, HEX, n) for n in (8, 4, 4, 4, 12))
-        ),
+        "uuid": lambda: rng.choice(
+            ["request id {u}", "tenant_id={u}", '{{"id": "{u}"}}', "trace {u} failed"]
+        ).format(u="-".join(rand(rng, HEX, n) for n in (8, 4, 4, 4, 12))),
         "hash": lambda: rng.choice(
-            ["sha256: {a}", "md5 {b}", "checksum={a}", "sha1sum: {c}  release.tar.gz", "digest sha256:{a}", "etag \"{b}\""]
+            [
+                "sha256: {a}",
+                "md5 {b}",
+                "checksum={a}",
+                "sha1sum: {c}  release.tar.gz",
+                "digest sha256:{a}",
+                'etag "{b}"',
+            ]
         ).format(a=rand(rng, HEX, 64), b=rand(rng, HEX, 32), c=rand(rng, HEX, 40)),
-        "base64": lambda: rng.choice(["payload: {x}", "```\n{x}\n```", "data:image/png;base64,{x}", "the blob is {x}"]).format(
-            x=b64(rng, rng.randint(18, 150))
-        ),
+        "base64": lambda: rng.choice(
+            ["payload: {x}", "```\n{x}\n```", "data:image/png;base64,{x}", "the blob is {x}"]
+        ).format(x=b64(rng, rng.randint(18, 150))),
         "url": lambda: rng.choice(
             [
                 "https://www.google.com/search?q={w}+{w2}&hl=en&start=10",
@@ -542,7 +663,13 @@ def lookalike_examples(seed: int = 0, per_kind: int = 200) -> Iterator[Example]:
                 "http://localhost:8080/api/v1/users?id={n}&fields=name,email_verified",
                 "https://s3.amazonaws.com/acme-public/reports/{n}.csv?versionId=null",
             ]
-        ).format(w=rng.choice(["python", "slack", "rust"]), w2=rng.choice(["regex", "export"]), n=rng.randint(1, 99999), h=rand(rng, HEX, 12), y=rand(rng, B64URL, 11)),
+        ).format(
+            w=rng.choice(["python", "slack", "rust"]),
+            w2=rng.choice(["regex", "export"]),
+            n=rng.randint(1, 99999),
+            h=rand(rng, HEX, 12),
+            y=rand(rng, B64URL, 11),
+        ),
         "chat": lambda: rng.choice(
             [
                 "deploy at 10:30 on 2024-03-02, v1.2.3 is out, ip 192.168.1.10 port 8080",

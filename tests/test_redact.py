@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from slackdist.slack.markup import MarkupContext, clean_text
 from bench.redaction_corpus import ALNUM, phone_number, rand
+from slackdist.slack.markup import MarkupContext, clean_text
 from slackdist.slack.redact import EMAIL, PHONE, SECRET, Redactor
 from slackdist.slack.secrets import is_placeholder
 

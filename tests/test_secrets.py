@@ -45,30 +45,90 @@ EXAMPLES = [
     ("amqp://user:Rabb1tPw@10.0.0.7:5672/", "url_password", "Rabb1tPw", "@10.0.0.7"),
     ("redis://:cachePw99@cache.internal:6379/0", "url_password", "cachePw99", "redis://:"),
     ("curl -u deploy:Dep10y-Pw https://ci.example.com", "basic_auth", "Dep10y-Pw", "curl -u deploy:"),
-    ("Authorization: Basic ZGVwbG95OnMzY3IzdA==", "basic_auth", "ZGVwbG95OnMzY3IzdA==", "Authorization: Basic "),
+    (
+        "Authorization: Basic ZGVwbG95OnMzY3IzdA==",
+        "basic_auth",
+        "ZGVwbG95OnMzY3IzdA==",
+        "Authorization: Basic ",
+    ),
     ("Authorization: Bearer abc123def456ghi789", "bearer", "abc123def456ghi789", "Authorization: Bearer "),
     ("Server=db;User Id=app;Password=Adm1n-Pw;", "password", "Adm1n-Pw", ";User Id=app;Password="),
-    ("https://us02web.zoom.us/j/81234567890?pwd=Ym9vbXNIZVpVN3d6QUxl", "meeting_passcode", "Ym9vbXNIZVpVN3d6QUxl", "?pwd="),
+    (
+        "https://us02web.zoom.us/j/81234567890?pwd=Ym9vbXNIZVpVN3d6QUxl",
+        "meeting_passcode",
+        "Ym9vbXNIZVpVN3d6QUxl",
+        "?pwd=",
+    ),
     ("Meeting ID: 812 3456 7890\nPasscode: 482913", "meeting_passcode", "482913", "Passcode: "),
     ("token glpat-" + "aB3dE5fG7hI9jK1lM2nO", "gitlab_token", "glpat-aB3dE5fG7hI9jK1lM2nO", "token "),
     (f"HF_TOKEN={HF}", "huggingface_token", HF, "HF_TOKEN="),
     (f"key {OPENAI}", "openai_key", OPENAI, "key "),
     (f"key {ANTHROPIC}", "anthropic_key", ANTHROPIC, "key "),
-    ("maps AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "gcp_key", "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "maps "),
+    (
+        "maps AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
+        "gcp_key",
+        "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
+        "maps ",
+    ),
     ("stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc", "stripe_key", "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "stripe "),
     ("sid AC" + "0123456789abcdef" * 2, "twilio_key", "AC" + "0123456789abcdef" * 2, "sid "),
-    ("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", "sendgrid_key", "SG.ngeVfQFYQlKU0ufo8x5d1A", ""),
-    ("//registry.npmjs.org/:_authToken=npm_" + "a1B2c3D4e5" * 3 + "F6g7H8", "npm_token", "npm_a1B2c3D4e5", "_authToken="),
-    ("TWINE_PASSWORD=pypi-AgEIcHlwaS5vcmc" + "Ab1_-" * 20, "pypi_token", "pypi-AgEIcHlwaS5vcmcAb1_-", "TWINE_PASSWORD="),
-    ("AccountKey=" + "Zm9vYmFy" * 11 + ";EndpointSuffix=core.windows.net", "azure_key", "Zm9vYmFy" * 11, ";EndpointSuffix"),
+    (
+        "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",
+        "sendgrid_key",
+        "SG.ngeVfQFYQlKU0ufo8x5d1A",
+        "",
+    ),
+    (
+        "//registry.npmjs.org/:_authToken=npm_" + "a1B2c3D4e5" * 3 + "F6g7H8",
+        "npm_token",
+        "npm_a1B2c3D4e5",
+        "_authToken=",
+    ),
+    (
+        "TWINE_PASSWORD=pypi-AgEIcHlwaS5vcmc" + "Ab1_-" * 20,
+        "pypi_token",
+        "pypi-AgEIcHlwaS5vcmcAb1_-",
+        "TWINE_PASSWORD=",
+    ),
+    (
+        "AccountKey=" + "Zm9vYmFy" * 11 + ";EndpointSuffix=core.windows.net",
+        "azure_key",
+        "Zm9vYmFy" * 11,
+        ";EndpointSuffix",
+    ),
     ("id ABIA" + "QWERTYUIOPASDFGH", "aws_key", "ABIAQWERTYUIOPASDFGH", "id "),
-    ("AKIA2E0A8F3B244C9986 / tG7kq9Zp+W2xLr8Nv5Bc1Hd4Jf6Ks3Mu0Py/QaRe", "aws_key", "tG7kq9Zp+W2xLr8Nv5Bc1Hd4Jf6Ks3Mu0Py/QaRe", " / "),
+    (
+        "AKIA2E0A8F3B244C9986 / tG7kq9Zp+W2xLr8Nv5Bc1Hd4Jf6Ks3Mu0Py/QaRe",
+        "aws_key",
+        "tG7kq9Zp+W2xLr8Nv5Bc1Hd4Jf6Ks3Mu0Py/QaRe",
+        " / ",
+    ),
     ("cookie xoxd-" + "aB3%2Fc" * 20, "slack_token", "xoxd-aB3%2Fc", "cookie "),
-    ("hook http://hooks.slack.com/services/T0000/B0000/XXXXabc123", "slack_token", "hooks.slack.com/services/T0000", "hook "),
-    ("hooks.slack.com/services/T0000/B0000/XXXXabc123 is the hook", "slack_token", "B0000/XXXXabc123", " is the hook"),
+    (
+        "hook http://hooks.slack.com/services/T0000/B0000/XXXXabc123",
+        "slack_token",
+        "hooks.slack.com/services/T0000",
+        "hook ",
+    ),
+    (
+        "hooks.slack.com/services/T0000/B0000/XXXXabc123 is the hook",
+        "slack_token",
+        "B0000/XXXXabc123",
+        " is the hook",
+    ),
     ("eyJhbGciOiJub25lIn0.eyJzdWIiOiIxMjM0In0. unsigned", "jwt", "eyJzdWIiOiIxMjM0In0", " unsigned"),
-    ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk\n-----END EC PRIVATE KEY-----", "private_key", "MHcCAQEEIBkg4LVWM9nuwNSk", ""),
-    ('"private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0B\\n-----END PRIVATE KEY-----\\n"', "private_key", "MIIEvQIBADANBgkqhkiG9w0B", '"private_key": "'),
+    (
+        "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk\n-----END EC PRIVATE KEY-----",
+        "private_key",
+        "MHcCAQEEIBkg4LVWM9nuwNSk",
+        "",
+    ),
+    (
+        '"private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0B\\n-----END PRIVATE KEY-----\\n"',
+        "private_key",
+        "MIIEvQIBADANBgkqhkiG9w0B",
+        '"private_key": "',
+    ),
     ("ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8", "github_token", "ghp_A1b2C3d4E5f6", ""),
 ]
 
@@ -134,9 +194,16 @@ _surrounding = st.text(alphabet=string.ascii_letters + string.digits + " .,:;!?(
 
 
 @PROPS
-@given(st.sampled_from(SECRET_CORPUS_KINDS), _seeds, _surrounding, _surrounding,
-       st.sampled_from(["sentence", "code", "link", "attachment", "reply", "fenced"]))
-def test_every_generated_secret_never_survives(kind: str, seed: int, left: str, right: str, setting: str) -> None:
+@given(
+    st.sampled_from(SECRET_CORPUS_KINDS),
+    _seeds,
+    _surrounding,
+    _surrounding,
+    st.sampled_from(["sentence", "code", "link", "attachment", "reply", "fenced"]),
+)
+def test_every_generated_secret_never_survives(
+    kind: str, seed: int, left: str, right: str, setting: str
+) -> None:
     rng = random.Random(seed)
     snippet, values = GENERATORS[kind](rng)
     body = f"```\n{snippet}\n```" if setting == "fenced" else embed(rng, snippet, setting)
@@ -182,7 +249,9 @@ def test_never_crashes_and_is_idempotent_on_any_text(text: str) -> None:
 @given(st.lists(st.sampled_from(SECRET_CORPUS_KINDS), min_size=1, max_size=4), _seeds)
 def test_redacting_secrets_is_idempotent(kinds: list[str], seed: int) -> None:
     rng = random.Random(seed)
-    text = "\n".join(embed(rng, GENERATORS[k](rng)[0], rng.choice(["sentence", "code", "reply"])) for k in kinds)
+    text = "\n".join(
+        embed(rng, GENERATORS[k](rng)[0], rng.choice(["sentence", "code", "reply"])) for k in kinds
+    )
     once, counts = Redactor().redact(text)
     assert sum(counts.values()) >= 1
     assert Redactor().redact(once) == (once, {})
@@ -223,7 +292,9 @@ def test_rules_have_lowercase_anchors_and_known_kinds() -> None:
 
 
 def test_overlapping_finds_merge_into_one_span_of_the_specific_kind() -> None:
-    out, counts = Redactor().redact("token=xoxb-1234567890-0987654321-AbCdEfGh and Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln")
+    out, counts = Redactor().redact(
+        "token=xoxb-1234567890-0987654321-AbCdEfGh and Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln"
+    )
     assert out == f"token={SECRET} and Authorization: Bearer {SECRET}"
     assert counts == {"slack_token": 1, "jwt": 1}
 

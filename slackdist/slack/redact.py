@@ -5,10 +5,10 @@ are is :mod:`slackdist.slack.secrets`' job (detect-secrets' formats, current for
 rules); each becomes ``[REDACTED_SECRET]``, counted under its kind (``SECRET_KINDS``).
 
 Emails and phone numbers become ``[EMAIL]`` / ``[PHONE]`` unless the user keeps them. Phone numbers are found by
-Google's libphonenumber (the ``phonenumbers`` port): a number is kept as a phone when it is a valid number for
-its region, or written in a phone layout (``+44 20 7946 0958``, ``(555) 123-4567``, ``555-123-4567``) with a
-possible length. Timestamps, versions, IPs, dates, port lists and ids pass: the matcher rejects most, and a
-digit run glued to ``.digits`` or ``:`` is not a phone.
+Google's libphonenumber (the ``phonenumbers`` port), run only on phone-shaped windows of the text: a number is a
+phone when it is valid for its region (``+country`` or the region's national plan, so a plain ``2025550143``
+counts), or written in a phone layout (``+44 20 7946 0958``, ``(555) 123-4567``, ``555-123-4567``) with a possible
+length. Timestamps, versions, IPs, dates, port lists, hashes and numbers in code pass (see ``is_phone``).
 """
 
 from __future__ import annotations
@@ -124,11 +124,15 @@ class Redactor:
                 continue
             if "+" not in window and digits not in self._national_lengths:
                 continue  # without +country a number is read in the region's plan (US: 10 digits, 11 with the 1)
-            if ("." in window or "/" in window) and window[0] != "+" and not _DOTTED_PHONE_RE.fullmatch(window):
+            if (
+                ("." in window or "/" in window)
+                and window[0] != "+"
+                and not _DOTTED_PHONE_RE.fullmatch(window)
+            ):
                 continue  # decimals, times (09.36.49), dates (01/11/2016), coordinates
             for m in PhoneNumberMatcher(window, self.phone_region, leniency=Leniency.POSSIBLE):
                 start, end = c.start() + m.start, c.start() + m.end
-                if is_phone(text, start, end, m.number):
+                if is_phone(text, start, end, m.number, self._national_lengths):
                     spans.append((start, end))
         return spans
 
@@ -164,11 +168,19 @@ def _in_number_list(text: str, start: int, end: int) -> bool:
     )
 
 
-def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) -> bool:
+def is_phone(
+    text: str,
+    start: int,
+    end: int,
+    number: phonenumbers.PhoneNumber,
+    lengths: frozenset[int] = frozenset({10, 11}),
+) -> bool:
     """Whether the matcher's candidate ``text[start:end]`` is a phone number and not a lookalike.
 
-    Valid numbers are phones; merely possible ones only in a phone layout. Either way a run glued to
-    ``.digit``, ``:digit`` or another digit run (a Unix timestamp with fraction, a time, a version) is not.
+    Valid numbers are phones; merely possible ones only in a phone layout. A run glued to letters, ``.digit``,
+    ``:digit`` or another number (a hash, a Unix timestamp with fraction, a time, a version), a decimal, and a
+    bare digit run of another length than ``lengths`` (the region's national lengths) or among code punctuation
+    are not.
     """
     raw = text[start:end]
     if any(c.isalpha() or c == "/" for c in raw):
@@ -176,7 +188,9 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
     if sum(c.isdigit() for c in raw) - len(number.extension or "") < 7:
         return False
     before, after = text[max(0, start - 2) : start], text[end : end + 2]
-    if (before and (before[-1].isalnum() or before[-1] == "_")) or (after and (after[0].isalnum() or after[0] == "_")):
+    if (before and (before[-1].isalnum() or before[-1] == "_")) or (
+        after and (after[0].isalnum() or after[0] == "_")
+    ):
         return False  # part of a hash, a UUID or an identifier
     if re.fullmatch(r"\d[.:,]", before) or re.fullmatch(r"[.:,/]\d", after):
         return False
@@ -185,7 +199,7 @@ def is_phone(text: str, start: int, end: int, number: phonenumbers.PhoneNumber) 
     if raw.count(".") == 1 or raw.lstrip("(").lstrip("+") in _INT_LIMITS:
         return False  # a decimal (+9.869604), or a 32-bit limit written in code
     bare = raw.lstrip("(")
-    if bare.isdigit() and (len(bare) not in (10, 11) or _in_number_list(text, end - len(bare), end)):
+    if bare.isdigit() and (len(bare) not in lengths or _in_number_list(text, end - len(bare), end)):
         return False  # a bare run is a phone only at a national length, and not as a constant in code
     if phonenumbers.is_valid_number(number):
         return True

@@ -10,16 +10,16 @@ Layers, in order of priority (where spans overlap, the first layer's kind wins):
    Stripe, npm, JWTs (signed or not), private key blocks and about fifty other services' prefixed tokens.
 3. Context rules no format covers: keyword assignments with any prefix or suffix (``DB_PASSWORD=``,
    ``*_API_KEY:``, ``.env`` lines, YAML/JSON keys, XML elements, ``--password x``), URL userinfo for every scheme,
-   ``Authorization`` headers and bare ``Bearer``/``Basic`` credentials, ``curl -u``, meeting passcodes, and an
-   unlabelled AWS secret key next to an AWS key id.
+   ``Authorization`` headers and bare ``Bearer``/``Basic`` credentials, ``curl -u``, meeting passcodes, Kubernetes
+   ``Secret`` data, and an unlabelled AWS secret key next to an AWS key id.
 
 Only the value is marked, and only a literal one: a quoted string or a token-shaped run, never a code expression
-(``password = getpass.getpass()``, ``token = os.environ["X"]``, ``api_key=None``, ``token=token``).
+(``password = getpass.getpass()``, ``token = os.environ["X"]``, ``api_key=None``, ``token=token``). A value found
+once is marked wherever else it occurs in the text.
 
-Speed: ``find_secrets`` runs on every message of an export. Each rule names lowercase anchors (substrings one of
-which every match contains); a rule runs only when an anchor is in the lowered text, and token-format rules run
-only when the text holds a run of 16+ token characters at all. Ordinary chat costs a ``lower()``, a dozen ``in``
-tests and one short regex scan.
+Speed: ``SecretFinder.find`` runs on every message of an export. Each rule names lowercase anchors (substrings one
+of which every match contains); one Aho-Corasick pass over the lowered text (``ahocorasick-rs``) tells which rules
+can match, and only those run. Ordinary chat costs a ``lower()``, that pass and two ``in`` tests.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import binascii
 import functools
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ahocorasick_rs
 from detect_secrets.plugins.aws import AWSKeyDetector
@@ -179,13 +179,33 @@ def _basic_credentials(value: str) -> bool:
 # ---------------------------------------------------------------- layer 1: detect-secrets plugins
 
 _LIBRARY_RULES = (
-    Rule("AWS key id", ("akia", "asia", "abia", "acca", "a3t"), _library("aws_key", AWSKeyDetector, only=(0,), bounded=True)),
+    Rule(
+        "AWS key id",
+        ("akia", "asia", "abia", "acca", "a3t"),
+        _library("aws_key", AWSKeyDetector, only=(0,), bounded=True),
+    ),
     Rule("quoted AWS secret key", ("aws",), _library("aws_key", AWSKeyDetector, group=1, only=(1,))),
     Rule("Azure storage key", ("accountkey=",), _library("azure_key", AzureStorageKeyDetector)),
-    Rule("GitHub token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), _library("github_token", GitHubTokenDetector)),
+    Rule(
+        "GitHub token",
+        ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+        _library("github_token", GitHubTokenDetector),
+    ),
     Rule(
         "GitLab token",
-        ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "gr1348941", "glcbt-", "glimt-", "glptt-", "glagent-", "gloas-"),
+        (
+            "glpat-",
+            "gldt-",
+            "glft-",
+            "glsoat-",
+            "glrt-",
+            "gr1348941",
+            "glcbt-",
+            "glimt-",
+            "glptt-",
+            "glagent-",
+            "gloas-",
+        ),
         _library("gitlab_token", GitLabTokenDetector),
     ),
     Rule("npm token in .npmrc", ("_authtoken",), _library("npm_token", NpmDetector, group=1)),
@@ -195,14 +215,23 @@ _LIBRARY_RULES = (
     Rule("Slack token or webhook", ("xox", "hooks.slack.com"), _library("slack_token", SlackDetector)),
     Rule("Stripe live key", ("k_live_",), _library("stripe_key", StripeDetector)),
     # No lowercase literal is common to these; their gates are case-sensitive substring tests.
-    Rule("Twilio SID", (), _library("twilio_key", TwilioKeyDetector, bounded=True), lambda t: "AC" in t or "SK" in t),
+    Rule(
+        "Twilio SID",
+        (),
+        _library("twilio_key", TwilioKeyDetector, bounded=True),
+        lambda t: "AC" in t or "SK" in t,
+    ),
     Rule(
         "Discord bot token",
         (),
         _library("other_token", DiscordBotTokenDetector, bounded=True),
         lambda t: len(t) >= 59 and ("M" in t or "N" in t or "O" in t) and t.count(".") >= 2,
     ),
-    Rule("Mailchimp key", tuple(f"-us{d}" for d in range(10)), _library("other_token", MailchimpDetector, bounded=True)),
+    Rule(
+        "Mailchimp key",
+        tuple(f"-us{d}" for d in range(10)),
+        _library("other_token", MailchimpDetector, bounded=True),
+    ),
     Rule("Square OAuth secret", ("sq0csp-",), _library("other_token", SquareOAuthDetector)),
     Rule("Telegram bot token", (":a",), _library("other_token", TelegramBotTokenDetector, bounded=True)),
 )
@@ -223,31 +252,80 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         # unterminated: only when a body follows (a quoted header alone is a mention, not a key)
         r"|(?=(?:\s|\\n|[\w-]+: [^\n]*\n)*[A-Za-z0-9+/=]{16})(?:(?!```).)*)",
     ),
-    ("private_key", ("putty-user-key-file",), r"PuTTY-User-Key-File-\d:(?:.*?Private-MAC: *[0-9a-fA-F]+|(?:(?!```).)*)"),
+    (
+        "private_key",
+        ("putty-user-key-file",),
+        r"PuTTY-User-Key-File-\d:(?:.*?Private-MAC: *[0-9a-fA-F]+|(?:(?!```).)*)",
+    ),
     # Slack: every xox?- type (xoxc- client tokens, xoxd- cookies with %-escapes, xoxe.xoxp- config tokens),
     # app-level tokens, and webhooks with http://, https:// or no scheme.
     ("slack_token", ("xox",), r"\bxox[a-z](?:\.xox[a-z])?-(?=[A-Za-z0-9%-]*\d)[A-Za-z0-9%-]{3,}"),
     ("slack_token", ("xapp-",), r"\bxapp-\d-[A-Za-z0-9-]{10,}"),
-    ("slack_token", ("hooks.slack.com",), r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/\w+/[\w/+-]+"),
-    ("github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"), rf"\bgh[pousr]_[A-Za-z0-9]{{20,255}}{_END}|\bgithub_pat_\w{{20,255}}"),
+    (
+        "slack_token",
+        ("hooks.slack.com",),
+        r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/\w+/[\w/+-]+",
+    ),
+    (
+        "github_token",
+        ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+        rf"\bgh[pousr]_[A-Za-z0-9]{{20,255}}{_END}|\bgithub_pat_\w{{20,255}}",
+    ),
     (
         "gitlab_token",
-        ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "glcbt-", "glimt-", "glptt-", "glagent-", "gloas-", "glffct-", "gr1348941"),
+        (
+            "glpat-",
+            "gldt-",
+            "glft-",
+            "glsoat-",
+            "glrt-",
+            "glcbt-",
+            "glimt-",
+            "glptt-",
+            "glagent-",
+            "gloas-",
+            "glffct-",
+            "gr1348941",
+        ),
         r"\b(?:glpat|gldt|glft|glsoat|glrt|glcbt|glimt|glptt|glagent|gloas|glffct)-[\w.-]{20,}|\bGR1348941[\w-]{20,}",
     ),
     # AWS ids the library does not list (IAM user/role/group/policy ids leak account structure).
-    ("aws_key", ("agpa", "aida", "aroa", "anpa", "anva", "aipa"), r"\b(?:AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b"),
+    (
+        "aws_key",
+        ("agpa", "aida", "aroa", "anpa", "anva", "aipa"),
+        r"\b(?:AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b",
+    ),
     ("anthropic_key", ("sk-ant-",), rf"\bsk-ant-[a-z]{{2,8}}\d\d-[\w-]{{20,}}{_END}"),
     # OpenAI project/service-account/admin keys, and the plain sk- + 32..200 forms (OpenAI-compatible APIs).
-    ("openai_key", ("sk-",), rf"\bsk-(?:(?:proj|svcacct|admin|None)-[\w-]{{20,}}|[A-Za-z0-9]{{32,200}}){_END}"),
+    (
+        "openai_key",
+        ("sk-",),
+        rf"\bsk-(?:(?:proj|svcacct|admin|None)-[\w-]{{20,}}|[A-Za-z0-9]{{32,200}}){_END}",
+    ),
     ("huggingface_token", ("hf_", "api_org_"), rf"\b(?:hf|api_org)_[A-Za-z0-9]{{30,}}{_END}"),
     ("gcp_key", ("aiza",), rf"\bAIza[\w-]{{35}}{_END}"),
-    ("gcp_key", ("gocspx-",), rf"\bGOCSPX-[\w-]{{24,}}{_END}"),  # OAuth client secret (Google's documented prefix)
-    ("gcp_key", ("ya29.",), rf"\bya29\.[\w-]{{20,}}{_END}"),  # OAuth access token (Google's documented prefix)
-    ("azure_key", ("accountkey=", "sharedaccesskey=", "sharedaccesssignature="), r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=([A-Za-z0-9+/=%]{20,})"),
+    (
+        "gcp_key",
+        ("gocspx-",),
+        rf"\bGOCSPX-[\w-]{{24,}}{_END}",
+    ),  # OAuth client secret (Google's documented prefix)
+    (
+        "gcp_key",
+        ("ya29.",),
+        rf"\bya29\.[\w-]{{20,}}{_END}",
+    ),  # OAuth access token (Google's documented prefix)
+    (
+        "azure_key",
+        ("accountkey=", "sharedaccesskey=", "sharedaccesssignature="),
+        r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=([A-Za-z0-9+/=%]{20,})",
+    ),
     ("azure_key", ("sig=",), r"[?&;]sig=([A-Za-z0-9%+/=]{20,})"),  # a SAS token's signature
     ("azure_key", ("q~",), r"(?<![\w~.-])[\w~.]{3}\dQ~[\w~.-]{31,34}(?![\w~.-])"),  # Entra ID client secret
-    ("stripe_key", ("k_live_", "k_test_", "k_prod_"), rf"\b[rs]k_(?:live|test|prod)_[A-Za-z0-9]{{10,247}}{_END}"),
+    (
+        "stripe_key",
+        ("k_live_", "k_test_", "k_prod_"),
+        rf"\b[rs]k_(?:live|test|prod)_[A-Za-z0-9]{{10,247}}{_END}",
+    ),
     ("stripe_key", ("whsec_",), rf"\bwhsec_[A-Za-z0-9+/=]{{24,}}{_END}"),
     ("sendgrid_key", ("sg.",), rf"\bSG\.[\w-]{{16,32}}\.[\w-]{{16,64}}{_END}"),
     ("npm_token", ("npm_",), rf"\bnpm_[A-Za-z0-9]{{36}}{_END}"),
@@ -258,13 +336,74 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     (
         "other_token",
         (
-            "ops_eyj", "age-secret-key-1", "p8e-", "ltai", "akcp", "cmvmd", "absk", "4b1d", "clojars_", "v1.0-",
-            "dapi", "_v1_", "dp.", "duffel_", "dt0c01.", "ezak", "eztk", "eaa", "flwseck", "flwpubk", "fo1_", "fm1",
-            "fm2_", "fio-u-", "glc_", "glsa_", "eyjrijoi", "atlasv1", "hrku-", "ico-", "s-s4t2", "lin_api_", "_mmk",
-            "ntn_", "api-", "sha256~", "pplx-", "pscale_", "pmak-", "pnu_", "pul-", "rdme_", "rubygems_", "tk-us-",
-            "xkeysib-", "sntry", "sm_", "shippo_", "shp", "sq0atp-", "hvs.", "hvb.", "sgp_", "squ_", "sqp_", "sqa_",
-            "nrak-", "nrii-", "nrjs-", "atatt3", "dnkey-", "_gitlab_session=", "aaaaaaaaaaaaaaaaaaaaa", "doo_",
-            "atbb", "lsv2_", "pat.", "sat.",
+            "ops_eyj",
+            "age-secret-key-1",
+            "p8e-",
+            "ltai",
+            "akcp",
+            "cmvmd",
+            "absk",
+            "4b1d",
+            "clojars_",
+            "v1.0-",
+            "dapi",
+            "_v1_",
+            "dp.",
+            "duffel_",
+            "dt0c01.",
+            "ezak",
+            "eztk",
+            "eaa",
+            "flwseck",
+            "flwpubk",
+            "fo1_",
+            "fm1",
+            "fm2_",
+            "fio-u-",
+            "glc_",
+            "glsa_",
+            "eyjrijoi",
+            "atlasv1",
+            "hrku-",
+            "ico-",
+            "s-s4t2",
+            "lin_api_",
+            "_mmk",
+            "ntn_",
+            "api-",
+            "sha256~",
+            "pplx-",
+            "pscale_",
+            "pmak-",
+            "pnu_",
+            "pul-",
+            "rdme_",
+            "rubygems_",
+            "tk-us-",
+            "xkeysib-",
+            "sntry",
+            "sm_",
+            "shippo_",
+            "shp",
+            "sq0atp-",
+            "hvs.",
+            "hvb.",
+            "sgp_",
+            "squ_",
+            "sqp_",
+            "sqa_",
+            "nrak-",
+            "nrii-",
+            "nrjs-",
+            "atatt3",
+            "dnkey-",
+            "_gitlab_session=",
+            "aaaaaaaaaaaaaaaaaaaaa",
+            "doo_",
+            "atbb",
+            "lsv2_",
+            "pat.",
+            "sat.",
         ),
         r"\bops_eyJ[\w+/]{250,}={0,3}|\bAGE-SECRET-KEY-1[0-9A-Z]{58}|\bp8e-[A-Za-z0-9]{32}"
         r"|\bLTAI[A-Za-z0-9]{20}\b|\bAKCp[A-Za-z0-9]{69}\b|\bcmVmd[A-Za-z0-9]{59}\b|\bABSK[A-Za-z0-9+/]{109,269}={0,2}"
@@ -288,7 +427,11 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ),
     # Webhook URLs that are their own credential (Microsoft Teams, Discord); Slack's are above.
     ("other_token", ("webhook.office.com",), r"https://[\w.-]+\.webhook\.office\.com/webhookb2/[^\s\"'<>]+"),
-    ("other_token", ("/api/webhooks/",), r"(?:https?://)?(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d+/[\w-]+"),
+    (
+        "other_token",
+        ("/api/webhooks/",),
+        r"(?:https?://)?(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d+/[\w-]+",
+    ),
 )
 
 
@@ -345,7 +488,9 @@ _STOP_VALUES = frozenset(
     "sample foo bar baz test testing your_password yourpassword your_token your_api_key mypassword mysecret "
     "env auto prompt ask stdin pwd user username admin".split()
 )
-_TEMPLATE_RE = re.compile(r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$[A-Za-z_{(]|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE)
+_TEMPLATE_RE = re.compile(
+    r"\$\{|\{\{|\{[\w.]*\}|<[^>]*>|%\(|%[sd]\b|^\$[A-Za-z_{(]|^%\w+%$|^\*+$|^\.\.\.|^x{3,}$", re.IGNORECASE
+)
 
 
 def _key_words(key: str) -> list[str]:
@@ -363,12 +508,22 @@ def key_strength(key: str) -> int:
     if not words:
         return 0
     tail = words[-1]
-    if tail in _NOT_VALUE_TAILS or (len(words) > 1 and words[-2] in ("key", "token") and tail in ("name", "id")):
+    if tail in _NOT_VALUE_TAILS or (
+        len(words) > 1 and words[-2] in ("key", "token") and tail in ("name", "id")
+    ):
         return 0
     low = key.lower()
     if tail in _STRONG_WORDS or "passw" in tail or tail.endswith(("secret", "passwd", "pwd")):
         return STRONG
-    if any(w in _STRONG_WORDS for w in words[-3:]) and tail in ("value", "data", "str", "text", "b64", "base", "plain"):
+    if any(w in _STRONG_WORDS for w in words[-3:]) and tail in (
+        "value",
+        "data",
+        "str",
+        "text",
+        "b64",
+        "base",
+        "plain",
+    ):
         return STRONG
     if tail == "key":
         if any(w in _STRONG_WORDS for w in words[:-1]):
@@ -404,7 +559,11 @@ def _wordlike(part: str) -> bool:
     for i, seg in enumerate(segments):
         low = seg.lower()
         if seg.isdigit():
-            glued = i > 0 and len(segments[i - 1]) >= 2 and (i + 1 == len(segments) or segments[i + 1][0].isupper())
+            glued = (
+                i > 0
+                and len(segments[i - 1]) >= 2
+                and (i + 1 == len(segments) or segments[i + 1][0].isupper())
+            )
             if not glued:
                 return False  # Ec2Subnet, PKCS7Private, ed25519 are names; T0ken is a password
             continue
@@ -415,7 +574,9 @@ def _wordlike(part: str) -> bool:
             continue
         if len(seg) < 2 or _CONSONANT_RUN_RE.search(low):
             return False
-        if not vowel and not ((i == 0 and seg.islower() and len(seg) <= 5) or (seg[0].isupper() and len(seg) == 3)):
+        if not vowel and not (
+            (i == 0 and seg.islower() and len(seg) <= 5) or (seg[0].isupper() and len(seg) == 3)
+        ):
             return False
     return True
 
@@ -584,14 +745,16 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
 def _looks_like_type(value: str) -> bool:
     """``str``, ``RSAKey``, ``typing.Optional``: a name a value is annotated with."""
     return value.lower() in _STOP_VALUES or (
-        value[0].isupper() and re.fullmatch(r"[A-Za-z_][\w.]*", value) is not None and not _token_shaped(value)
+        value[0].isupper()
+        and re.fullmatch(r"[A-Za-z_][\w.]*", value) is not None
+        and not _token_shaped(value)
     )
 
 
 def _rest_of_line(text: str, end: int) -> bool:
     nl = text.find("\n", end)
     tail = text[end : len(text) if nl < 0 else nl].strip()
-    return tail in ("", ";", ",", "\\", "\"", "'") or tail.startswith(("#", "//"))
+    return tail in ("", ";", ",", "\\", '"', "'") or tail.startswith(("#", "//"))
 
 
 def _names_a_secret(value: str) -> bool:
@@ -635,7 +798,9 @@ def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
         return False
     if strength == STRONG:
         return True
-    return _token_shaped(value.split("&", 1)[0])  # ``key=tok&more``: the whole value goes if its head is a token
+    return _token_shaped(
+        value.split("&", 1)[0]
+    )  # ``key=tok&more``: the whole value goes if its head is a token
 
 
 _PROVIDER_KINDS = (
@@ -696,7 +861,9 @@ _AUTH_HEADER_RE = re.compile(
 _BEARER_RE = re.compile(
     r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z0-9._~+/-]*(?:[0-9]|[._~+/-][A-Za-z0-9]))[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})"
 )
-_AUTH_SCHEMES = frozenset("bearer basic token bot digest apikey api-key api-token sso-key splunk dsn key ssws".split())
+_AUTH_SCHEMES = frozenset(
+    "bearer basic token bot digest apikey api-key api-token sso-key splunk dsn key ssws".split()
+)
 _BASIC_RE = re.compile(r"(?i)\bbasic\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})")
 
 
@@ -729,9 +896,13 @@ _CLI_PASSWORD_RE = re.compile(
 def _cli_spans(text: str) -> Iterator[tuple[int, int, str]]:
     for m in _CLI_USER_RE.finditer(text):
         if m.group("v"):
-            if not is_placeholder(m.group("v")) and not m.group("v").isdigit():  # docker -u 1000:1000 is uid:gid
+            if (
+                not is_placeholder(m.group("v")) and not m.group("v").isdigit()
+            ):  # docker -u 1000:1000 is uid:gid
                 yield *m.span("v"), "basic_auth"
-        elif len(m.group("u")) >= 8 and not is_placeholder(m.group("u")):  # curl -u "sk_test_…:": the key is the user
+        elif len(m.group("u")) >= 8 and not is_placeholder(
+            m.group("u")
+        ):  # curl -u "sk_test_…:": the key is the user
             yield *m.span("u"), "basic_auth"
     for m in _CLI_PASSWORD_RE.finditer(text):
         group = "v" if m.group("v") is not None else "w"
@@ -741,7 +912,9 @@ def _cli_spans(text: str) -> Iterator[tuple[int, int, str]]:
 
 # ``scheme://user:password@host`` for every scheme (postgres, mongodb+srv, redis, amqp, https, ftp, …).
 # A password may hold an unescaped ``#`` (pasted by hand); the ``@`` and a host after it make it userinfo.
-_URL_USERINFO_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,30}://[^\s:/?#@\"'<>]*:(?P<v>[^\s/?@\"'<>]+)@(?=[\w\[])")
+_URL_USERINFO_RE = re.compile(
+    r"\b[A-Za-z][A-Za-z0-9+.-]{1,30}://[^\s:/?#@\"'<>]*:(?P<v>[^\s/?@\"'<>]+)@(?=[\w\[])"
+)
 
 
 def _url_spans(text: str) -> Iterator[tuple[int, int, str]]:
@@ -792,21 +965,31 @@ _CONTEXT_RULES = (
         + tuple(f"{m} {w}" for m in _MEETING_WORDS for w in ("password", "pwd", "pin", "key", "code")),
         lambda text: list(_meeting_spans(text)),
     ),
-    Rule("Authorization header, Bearer, Basic", ("bearer", "basic", "authorization"), lambda text: list(_auth_spans(text))),
+    Rule(
+        "Authorization header, Bearer, Basic",
+        ("bearer", "basic", "authorization"),
+        lambda text: list(_auth_spans(text)),
+    ),
     Rule(
         "curl -u, mysql -p, docker login -p",
         (" -u", "--user", "--proxy-user", "mysql", "mariadb", " login"),
         lambda text: list(_cli_spans(text)),
     ),
     Rule("Kubernetes Secret data", ("kind:",), _k8s_secret_spans),
-    Rule("keyword assignment", ("pass", "pwd", "pswd", "secret", "token", "key", "auth", "cred", "contrase", "motdepasse"), _keyword_and_xml_spans),
+    Rule(
+        "keyword assignment",
+        ("pass", "pwd", "pswd", "secret", "token", "key", "auth", "cred", "contrase", "motdepasse"),
+        _keyword_and_xml_spans,
+    ),
 )
 FORMAT_RULES = _LIBRARY_RULES + _FORMAT_RULES
 RULES = FORMAT_RULES + _CONTEXT_RULES
 
 
 @functools.cache
-def _dispatch(rules: tuple[Rule, ...]) -> tuple[ahocorasick_rs.AhoCorasick, tuple[tuple[int, ...], ...], tuple[int, ...]]:
+def _dispatch(
+    rules: tuple[Rule, ...],
+) -> tuple[ahocorasick_rs.AhoCorasick, tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """An Aho-Corasick automaton over every anchor, the rules each anchor wakes, and the rules that always run.
 
     One pass of the automaton over the lowered text tells which of ~150 anchors occur: cheaper than one ``in``
