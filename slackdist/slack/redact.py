@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import phonenumbers
 from phonenumbers import Leniency, PhoneNumberMatcher
 
-from slackdist.slack.secrets import PLACEHOLDER, SECRET_KINDS, SecretFinder
+from slackdist.slack.secrets import PLACEHOLDER, SECRET_KINDS, SecretFinder, ascii_lower_bytes
 
 SECRET = PLACEHOLDER
 EMAIL = "[EMAIL]"
@@ -31,7 +31,7 @@ KINDS = SECRET_KINDS + ("email", "phone")
 _EMAIL_RE = re.compile(
     r"(?<![\w.+%-])(?!git@)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 )
-_TWO_DIGITS_RE = re.compile(r"\d\d")
+_TWO_DIGITS_RE = re.compile(rb"[0-9][0-9]")  # on the text's ASCII bytes
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
 # Where a phone number can be: an optional ``+`` or ``(``, then digits and separators, ending on a digit that no
 # word character follows. Only these windows go to the matcher (it costs ~0.1 ms a call).
@@ -82,7 +82,8 @@ class Redactor:
         """
         if not text:
             return text
-        spans = self.finder.find(text)
+        haystack = ascii_lower_bytes(text)  # what the cheap tests look at
+        spans = self.finder.find(text, haystack)
         if spans:
             parts = []
             pos = 0
@@ -97,7 +98,9 @@ class Redactor:
             text, n = _EMAIL_RE.subn(EMAIL, text)
             if n:
                 counts["email"] += n
-        if not self.keep_phones and _TWO_DIGITS_RE.search(text):  # every phone layout has two digits in a row
+        if not self.keep_phones and _TWO_DIGITS_RE.search(
+            haystack
+        ):  # every phone layout has two digits in a row
             text = self._phones(text, counts)
         return text
 

@@ -18,7 +18,7 @@ Only the value is marked, and only a literal one: a quoted string or a token-sha
 once is marked wherever else it occurs in the text.
 
 Speed: ``SecretFinder.find`` runs on every message of an export. Each rule names lowercase anchors (substrings one
-of which every match contains); one Aho-Corasick pass over the lowered text (``ahocorasick-rs``) tells which rules
+of which every match contains); one Aho-Corasick pass over the text's lowered ASCII bytes (``ahocorasick-rs``) tells which rules
 can match, and only those run. Ordinary chat costs a ``lower()``, that pass and two ``in`` tests.
 """
 
@@ -989,7 +989,7 @@ RULES = FORMAT_RULES + _CONTEXT_RULES
 @functools.cache
 def _dispatch(
     rules: tuple[Rule, ...],
-) -> tuple[ahocorasick_rs.AhoCorasick, tuple[tuple[int, ...], ...], tuple[int, ...]]:
+) -> tuple[ahocorasick_rs.BytesAhoCorasick, tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """An Aho-Corasick automaton over every anchor, the rules each anchor wakes, and the rules that always run.
 
     One pass of the automaton over the lowered text tells which of ~150 anchors occur: cheaper than one ``in``
@@ -1002,13 +1002,22 @@ def _dispatch(
     wakes: dict[str, list[int]] = {}
     for i, rule in enumerate(rules):
         for anchor in rule.anchors:
-            if anchor != anchor.lower():
-                raise ValueError(f"anchor {anchor!r} of rule {rule.name!r} is not lowercase")
+            if anchor != anchor.lower() or not anchor.isascii():
+                raise ValueError(f"anchor {anchor!r} of rule {rule.name!r} is not lowercase ASCII")
             wakes.setdefault(anchor, []).append(i)
     anchors = list(wakes)
-    automaton = ahocorasick_rs.AhoCorasick(anchors)
+    automaton = ahocorasick_rs.BytesAhoCorasick([a.encode("ascii") for a in anchors])
     always = tuple(i for i, rule in enumerate(rules) if not rule.anchors)
     return automaton, tuple(tuple(wakes[a]) for a in anchors), always
+
+
+def ascii_lower_bytes(text: str) -> bytes:
+    """The text's ASCII characters, lowercased, as bytes: what the anchors are looked for in.
+
+    Anchors are ASCII, so dropping the rest loses none (it may join two neighbours into a false anchor, which only
+    wakes a rule for nothing); bytes keep the automaton off UTF-8 re-encoding, 2-3x cheaper on non-English chat.
+    """
+    return text.encode("ascii", "ignore").lower()
 
 
 class SecretFinder:
@@ -1022,14 +1031,19 @@ class SecretFinder:
         self.rules = rules
         self._automaton, self._wakes, self._always = _dispatch(rules)
 
-    def find(self, text: str) -> list[Span]:
+    def find(self, text: str, ascii_lower: bytes | None = None) -> list[Span]:
         """The secrets in ``text``, as non-overlapping spans sorted by start.
 
         Where spans of two rules overlap they merge into one, with the kind of the rule listed first (a
         specific format beats a keyword rule: ``token=xoxb-…`` is a ``slack_token``).
+
+        Args:
+            text: the text to search.
+            ascii_lower: ``ascii_lower(text)`` when the caller has it already.
         """
         woken: set[int] = set()
-        for anchor, _, _ in self._automaton.find_matches_as_indexes(text.lower(), overlapping=True):
+        haystack = ascii_lower if ascii_lower is not None else ascii_lower_bytes(text)
+        for anchor, _, _ in self._automaton.find_matches_as_indexes(haystack, overlapping=True):
             woken.update(self._wakes[anchor])
         for i in self._always:
             gate = self.rules[i].gate
