@@ -457,6 +457,29 @@ def trufflehog_cases(root: Path) -> Iterator[tuple[str, str, str]]:
                     yield test_file.parent.name, text, value
 
 
+def noseyparker_cases(root: Path) -> Iterator[tuple[str, str, str]]:
+    """(rule id, example, secret) for every positive example of every Nosey Parker rule (``rules/*.yml``).
+
+    The secret is the rule's first capture group; where a rule captures a user or a host first (connection
+    strings), that is what is checked, so the figure is a lower bound.
+    """
+    import yaml
+
+    for rules_file in sorted(root.rglob("rules/*.yml")):
+        for rule in (yaml.safe_load(rules_file.read_text()) or {}).get("rules", []):
+            try:
+                regex = re.compile(rule["pattern"])
+            except (re.error, KeyError):
+                continue
+            for example in rule.get("examples", []):
+                m = regex.search(example)
+                if m is None:
+                    continue
+                secret = next((g for g in m.groups() if g), m.group(0))
+                if len(secret) >= 8:
+                    yield rule.get("id", rules_file.stem), example, secret
+
+
 def scanner_section(cases: Iterator[tuple[str, str, str]]) -> dict:
     """Recall on a scanner's own test cases: the wanted secret must not survive."""
     redactor = Redactor(keep_emails=True, keep_phones=True)
@@ -515,7 +538,7 @@ def print_tables(result: dict) -> None:
                 f"+{tp['added_us_per_message']:.1f} us a message"
             )
         print(line)
-    for name in ("gitleaks", "trufflehog"):
+    for name in ("gitleaks", "noseyparker", "trufflehog"):
         sc = result.get(name)
         if sc:
             print(
@@ -560,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gitleaks:
         print("gitleaks cases ...", file=sys.stderr)
         result["gitleaks"] = scanner_section(gitleaks_cases(args.gitleaks))
+    if args.noseyparker:
+        print("noseyparker cases ...", file=sys.stderr)
+        result["noseyparker"] = scanner_section(noseyparker_cases(args.noseyparker))
     if args.trufflehog:
         print("trufflehog cases ...", file=sys.stderr)
         result["trufflehog"] = scanner_section(trufflehog_cases(args.trufflehog))

@@ -404,11 +404,19 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
             "lsv2_",
             "pat.",
             "sat.",
+            "cio",
+            "odt_",
+            "tvly-",
+            "nraa-",
+            "nriq-",
+            "nral",
+            "key-",
+            "k.eyj",
         ),
         r"\bops_eyJ[\w+/]{250,}={0,3}|\bAGE-SECRET-KEY-1[0-9A-Z]{58}|\bp8e-[A-Za-z0-9]{32}"
         r"|\bLTAI[A-Za-z0-9]{20}\b|\bAKCp[A-Za-z0-9]{69}\b|\bcmVmd[A-Za-z0-9]{59}\b|\bABSK[A-Za-z0-9+/]{109,269}={0,2}"
         r"|\b4b1d[A-Za-z0-9]{38}\b|\bCLOJARS_[A-Za-z0-9]{60}|\bv1\.0-[a-f0-9]{24}-[a-f0-9]{146}|\bdapi[a-f0-9]{32}(?:-\d)?\b"
-        r"|\bdo[opr]_v1_[a-f0-9]{64}|\bdp\.(?:pt|st|ct|sa|scim|audit)\.[A-Za-z0-9]{40,44}|\bduffel_(?:test|live)_[\w=-]{43}"
+        r"|\bdo[opr]_v1_[a-f0-9]{64}|\bdp\.(?:pt|st|ct|sa|scim|audit)\.(?:[\w-]{1,40}\.)?[A-Za-z0-9]{40,44}|\bduffel_(?:test|live)_[\w=-]{43}"
         r"|\bdt0c01\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{64}|\bEZ[AT]K[A-Za-z0-9]{54}\b|\bEAA[MC][A-Za-z0-9]{100,}"
         r"|\bFLW(?:SECK|PUBK)_TEST-[a-hA-H0-9]{12,32}(?:-X)?|\bfo1_[\w-]{43}|\bfm1[ar]_[\w+/]{100,}={0,3}"
         r"|\bfm2_[\w+/]{100,}={0,3}|\bfio-u-[\w=-]{64}|\bglc_[A-Za-z0-9+/]{32,400}={0,3}|\bglsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}"
@@ -420,13 +428,27 @@ _FORMATS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         r"|\bxkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}|\bsntrys_eyJ[A-Za-z0-9+/=_]{50,}|\bsntryu_[a-f0-9]{64}"
         r"|\bsm_(?:aat|pat|sat)_[A-Za-z0-9]{16}|\bshippo_(?:live|test)_[a-fA-F0-9]{40}|\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"
         r"|\b(?:EAAA|sq0atp-)[\w-]{22,60}|\bhv[sb]\.[\w-]{90,300}|\bsgp_(?:[a-fA-F0-9]{16}_|local_)?[a-fA-F0-9]{40}"
-        r"|\bsq[upa]_[a-f0-9]{40}|\bNR(?:AK|II|JS)-[A-Za-z0-9-]{19,32}|\bATATT3[\w=-]{150,}|\bdnkey-[\w=-]{26}-[\w=-]{52}"
+        r"|\bsq[upa]_[a-f0-9]{40}|\bNR(?:AK|II|JS|AA|IQ)-[A-Za-z0-9_-]{19,32}|\b[a-f0-9]{36}NRAL\b|\bATATT3[\w=-]{150,}|\bdnkey-[\w=-]{26}-[\w=-]{52}"
         r"|_gitlab_session=[0-9a-z]{32}|\bA{22}[A-Za-z0-9%]{80,120}"
         r"|\b(?:pat|sat)\.[\w-]{22}\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{20}"
-        r"|\bATBB[A-Za-z0-9_=.-]{24,}|\blsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}",  # (trufflehog: Bitbucket, LangSmith)
+        r"|\bATBB[A-Za-z0-9_=.-]{24,}|\blsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}"  # (trufflehog: Bitbucket, LangSmith)
+        # (Nosey Parker: crates.io, Dependency-Track, Tavily, Mailgun, Mapbox secret and public tokens)
+        r"|\bcio[A-Za-z0-9]{32}\b|\bodt_[A-Za-z0-9]{32}\b|\btvly-[A-Za-z0-9]{32}\b|\bkey-[0-9a-f]{32}\b"
+        r"|\b[ps]k\.eyJ[\w-]{20,}\.[\w-]{20,}",
     ),
     # Webhook URLs that are their own credential (Microsoft Teams, Discord); Slack's are above.
     ("other_token", ("webhook.office.com",), r"https://[\w.-]+\.webhook\.office\.com/webhookb2/[^\s\"'<>]+"),
+    ("other_token", ("outlook.office",), r"https://outlook\.office(?:365)?\.com/webhook/[^\s\"'<>]+"),
+    # Telegram bot tokens with a 34-character tail, which detect-secrets' regex (35) misses.
+    ("other_token", (":a",), r"\b\d{5,16}:A[\w-]{33,34}(?![\w-])"),
+    # Password hashes (crypt, bcrypt, sha-crypt, yescrypt, argon2) and Kerberos AS-REP/TGS hashes: crackable offline.
+    (
+        "other_token",
+        ("$1$", "$2a$", "$2b$", "$2y$", "$5$", "$6$", "$7$", "$8$", "$y$", "$argon2", "$krb5"),
+        r"\$(?:1|2[aby]|5|6|7|8|y|argon2(?:id|i|d)|krb5asrep|krb5tgs)\$[^\s'\"`]{16,}",
+    ),
+    # A base64-encoded PEM private key (``LS0tLS1CRUdJTi`` is ``-----BEGIN``).
+    ("private_key", ("ls0tls1crudjti",), r"\bLS0tLS1CRUdJTi[A-Za-z0-9+/=]{20,}"),
     (
         "other_token",
         ("/api/webhooks/",),
@@ -449,7 +471,7 @@ STRONG, TOKENISH = 2, 1
 _STRONG_WORDS = frozenset(
     "password passwd passwort passphrase passcode pass pwd pswd secret contrasena contraseña motdepasse".split()
 )
-_TOKEN_WORDS = frozenset("token apikey credential credentials creds key auth".split())
+_TOKEN_WORDS = frozenset("token apikey credential credentials creds key auth pat".split())
 # A key ending in one of these names something about a secret, not the secret (``token_type``, ``password_hash``).
 _NOT_VALUE_TAILS = frozenset(
     "id ids name names type types len length size count file files path dir url uri endpoint field fields header "
@@ -465,7 +487,8 @@ _KEY_FALSE = frozenset(
     "primary foreign sort cache partition hash dict lookup map group join unique composite natural row api_version "
     "shortcut hot keyboard press release default public pub secondary index range".split()
 )
-_CAMEL_SPLIT_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+# A name's pieces: acronyms, (Capitalised) lowercase words, digit runs (``DB_PASSWORD``, ``apiKey``, ``Ec2Subnet``).
+_SEGMENT_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 _KEYWORD_RE = re.compile(r"pass|pwd|pswd|secret|token|key|auth|cred|contrase|motdepasse", re.IGNORECASE)
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.$")
 # After a key: an optional closing quote/bracket, an optional type word (``var apiToken string = "…"``), an
@@ -494,7 +517,7 @@ _TEMPLATE_RE = re.compile(
 
 
 def _key_words(key: str) -> list[str]:
-    return [w.lower() for w in _CAMEL_SPLIT_RE.findall(key)]
+    return [w.lower() for w in _SEGMENT_RE.findall(key)]
 
 
 def key_strength(key: str) -> int:
@@ -538,7 +561,6 @@ def key_strength(key: str) -> int:
     return 0
 
 
-_SEGMENT_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 _CONSONANT_RUN_RE = re.compile(r"[bcdfghjklmnpqrstvwxz]{5}")
 
 
@@ -556,6 +578,8 @@ def _wordlike(part: str) -> bool:
         segments = segments[:-1]
     if sum(seg.isdigit() for seg in segments) > 1:
         return False
+    if sum(len(seg) <= 2 and not seg.isdigit() for seg in segments) > 2:
+        return False  # QhcKkawFI3UIj0: names have few one- and two-letter pieces
     for i, seg in enumerate(segments):
         low = seg.lower()
         if seg.isdigit():
@@ -646,7 +670,7 @@ def _keyword_spans(text: str) -> Iterator[tuple[int, int, str]]:
             ke += 1
         last_end = ke
         key = text[ks:ke].strip(".-$")
-        if not key or text.startswith(PLACEHOLDER, ks - 1) or text[ks - 1 : ks] == ":":
+        if not key or text.startswith(PLACEHOLDER, ks - 1) or re.match(r"[\w:]:", text[max(0, ks - 2) : ks]):
             continue  # our own placeholder, or a namespaced name (``AWS::ApiGateway::ApiKey``, ``arn:…:secret``)
         strength = key_strength(key)
         if not strength:
@@ -762,6 +786,8 @@ def _names_a_secret(value: str) -> bool:
     if any(c.isdigit() for c in value):
         return False  # summer-pass-2024 is a password
     parts = [p for p in re.split(r"[-_.:/]+", value) if p]
+    if len(parts) < 2 and len(_SEGMENT_RE.findall(value)) < 2:
+        return False  # one lowercase run (thisismypassword) is a value, not a name
     low = value.lower()
     return all(_wordlike(p) for p in parts) and any(w in low for w in ("pass", "secret", "token", "key"))
 
@@ -781,8 +807,8 @@ def _literal_secret(value: str, a: _Assignment, strength: int) -> bool:
         return _token_shaped(value)
     if value.isdigit():  # a PIN or a numeric key; a bare ``key=`` is as often a count or an index
         return len(value) >= (4 if strength == STRONG else 6) and a.key.lower() != "key"
-    if _names_a_secret(value):
-        return False  # ``secret_key: secret_access_key``: a name, not the value
+    if not a.env_style and _names_a_secret(value):
+        return False  # ``secret_key: secret_access_key``: a name, not the value (on a .env line, a value)
     identifier = re.fullmatch(r"[A-Za-z_]\w*", value) is not None
     if identifier and (a.key_quoted and a.op == ":" or a.followed_by in (",", ")")) and not a.env_style:
         if strength != STRONG or not any(c.isdigit() for c in value):
@@ -859,7 +885,7 @@ _AUTH_HEADER_RE = re.compile(
 )
 # The token must look like one (a digit or token punctuation, or long): "Bearer authentication" stays.
 _BEARER_RE = re.compile(
-    r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z0-9._~+/-]*(?:[0-9]|[._~+/-][A-Za-z0-9]))[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})"
+    r"(?i)\bbearer(?:\s+|:\s*)(?P<v>(?=[A-Za-z0-9._~+/-]*(?:[0-9]|[._~+/-][A-Za-z0-9]))[A-Za-z0-9._~+/-]{8,}=*|[A-Za-z]{24,})"
 )
 _AUTH_SCHEMES = frozenset(
     "bearer basic token bot digest apikey api-key api-token sso-key splunk dsn key ssws".split()
