@@ -2,7 +2,7 @@
 
     python bench/redaction_bench.py                                  # everything, JSON to bench/results/
     python bench/redaction_bench.py --per-kind 40 --out /tmp/r.json --max-library-lines 200000
-    python bench/redaction_bench.py --gitleaks /path/to/gitleaks     # + gitleaks' own rule test cases
+    python bench/redaction_bench.py --gitleaks DIR --trufflehog DIR --noseyparker DIR   # + scanners' own test cases
 
 Sections (each a table; all of it in the JSON):
 
@@ -16,12 +16,14 @@ Sections (each a table; all of it in the JSON):
 3. Every ``.py``/``.js`` line of the installed site-packages (real code no one here wrote): changed lines per
    10,000. Lines whose change is a real-format token (a format rule fired) or a documented example key are
    listed apart: redacting them is right. The rest are false positives (target <= 1 per 10,000).
-4. Throughput on chat text (the shared real exports when found, else prepare_bench's synthetic messages),
-   cleaned as ``prepare`` cleans them: messages/s of this redactor and the baseline, timed alternately in the
-   same run (the machine is shared: compare the two columns, not seconds across runs).
-5. With ``--gitleaks DIR`` (a gitleaks checkout): every true-positive sample in its rule definitions
-   (``cmd/generate/config/rules/*.go``), the secret cut out by the rule's own regex; recall overall and the
-   misses per rule. Nothing of it is stored in this repository.
+4. Throughput on chat text (the shared real exports' messages and prepare_bench's synthetic ones), cleaned as
+   ``prepare`` cleans them: µs a message of this redactor and the baseline, timed alternately in the same run
+   (the machine is shared: compare the two columns, not seconds across runs).
+5. Scanners' own test cases, read from local checkouts (nothing of them is stored in this repository):
+   ``--gitleaks DIR`` every true-positive sample of its rule definitions (``cmd/generate/config/rules/*.go``), the
+   secret cut out by the rule's regex; ``--trufflehog DIR`` every detector pattern test whose wanted value occurs in
+   its input; ``--noseyparker DIR`` every rule example, the secret being the rule's first capture group. Recall
+   overall and the misses per rule.
 """
 
 from __future__ import annotations
@@ -562,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-messages", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gitleaks", type=Path, help="a gitleaks checkout: also run its rules' test cases")
+    parser.add_argument("--noseyparker", type=Path, help="a Nosey Parker checkout: also run its rules' examples")
     parser.add_argument(
         "--trufflehog", type=Path, help="a trufflehog checkout: also run its detectors' pattern tests"
     )

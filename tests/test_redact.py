@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import string
 from collections import Counter
 
@@ -179,7 +180,12 @@ secrets = st.one_of(
         lambda k, s: f"{k}={s}",
         st.sampled_from(["password", "passwd", "secret"]),
         # a leading $ makes it a variable reference ($DB_PASSWORD), which stays
-        _varied(_alnum + "!#$%*-_.", 6, 24).filter(lambda s: s[0] != "$" and not is_placeholder(s)),
+        _varied(_alnum + "!#$%*-_.", 6, 24).filter(
+            # B_PASS, MY_SECRET: a name of a secret (a variable), not one
+            lambda s: (
+                s[0] != "$" and not is_placeholder(s) and not re.search("pass|secret|pwd", s, re.IGNORECASE)
+            )
+        ),
     ),
     # API keys and tokens are generated credentials: long enough to tell from counts and names.
     st.builds(

@@ -670,7 +670,10 @@ def _keyword_spans(text: str) -> Iterator[tuple[int, int, str]]:
             ke += 1
         last_end = ke
         key = text[ks:ke].strip(".-$")
-        if not key or text.startswith(PLACEHOLDER, ks - 1) or re.match(r"[\w:]:", text[max(0, ks - 2) : ks]):
+        namespaced = (
+            ks >= 2 and text[ks - 1] == ":" and not text[ks - 2].isspace() and text[ks - 2] not in "({[,"
+        )
+        if not key or text.startswith(PLACEHOLDER, ks - 1) or namespaced:
             continue  # our own placeholder, or a namespaced name (``AWS::ApiGateway::ApiKey``, ``arn:…:secret``)
         strength = key_strength(key)
         if not strength:
@@ -744,7 +747,7 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         end -= 1
     if start == end:
         return None
-    env_style = env_style and text[end : end + 1] not in (",", ")")
+    env_style = env_style and _rest_of_line(text, end)  # a .env line ends after its value
     found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end), key_quoted)
     found.followed_by = text[end:].lstrip(" \t")[:1]
     value = text[start:end]
