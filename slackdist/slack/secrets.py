@@ -747,7 +747,8 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
         end -= 1
     if start == end:
         return None
-    env_style = env_style and _rest_of_line(text, end)  # a .env line ends after its value
+    # ``name=value,`` is a keyword argument, ``name=value or other`` an expression
+    env_style = env_style and text[end : end + 1] not in (",", ")") and not _PY_OPERATOR_RE.match(text, end)
     found = _Assignment(key, start, end, False, op, env_style, _rest_of_line(text, end), key_quoted)
     found.followed_by = text[end:].lstrip(" \t")[:1]
     value = text[start:end]
@@ -776,6 +777,9 @@ def _looks_like_type(value: str) -> bool:
         and re.fullmatch(r"[A-Za-z_][\w.]*", value) is not None
         and not _token_shaped(value)
     )
+
+
+_PY_OPERATOR_RE = re.compile(r"[ \t]+(?:or|and|if|else|is|in|not)[ \t]")
 
 
 def _rest_of_line(text: str, end: int) -> bool:
