@@ -31,7 +31,9 @@ KINDS = SECRET_KINDS + ("email", "phone")
 _EMAIL_RE = re.compile(
     r"(?<![\w.+%-])(?!git@)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 )
-_TWO_DIGITS_RE = re.compile(rb"[0-9][0-9]")  # on the text's ASCII bytes
+# On the text's ASCII bytes: seven digits with at most three separators between each, which every phone window
+# holds (dropping non-ASCII characters only joins runs, so no window is lost).
+_SEVEN_DIGITS_RE = re.compile(rb"[0-9](?:[ ().+/-]{0,3}[0-9]){6}")
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
 # Where a phone number can be: an optional ``+`` or ``(``, then digits and separators, ending on a digit that no
 # word character follows. Only these windows go to the matcher (it costs ~0.1 ms a call).
@@ -98,9 +100,7 @@ class Redactor:
             text, n = _EMAIL_RE.subn(EMAIL, text)
             if n:
                 counts["email"] += n
-        if not self.keep_phones and _TWO_DIGITS_RE.search(
-            haystack
-        ):  # every phone layout has two digits in a row
+        if not self.keep_phones and _SEVEN_DIGITS_RE.search(haystack):
             text = self._phones(text, counts)
         return text
 

@@ -951,9 +951,10 @@ _URL_USERINFO_RE = re.compile(
 
 
 def _url_spans(text: str) -> Iterator[tuple[int, int, str]]:
-    if "@" not in text:
-        return
-    for m in _URL_USERINFO_RE.finditer(text):
+    scheme = text.find("://")
+    if scheme < 0 or text.find("@", scheme) < 0:
+        return  # userinfo needs an @ after the scheme (a mention before it is not one)
+    for m in _URL_USERINFO_RE.finditer(text, max(0, scheme - 32)):
         if not is_placeholder(m.group("v")):
             yield *m.span("v"), "url_password"
 
@@ -1062,7 +1063,8 @@ class SecretFinder:
 
     def __init__(self, rules: tuple[Rule, ...] = RULES) -> None:
         self.rules = rules
-        self._automaton, self._wakes, self._always = _dispatch(rules)
+        self._automaton, self._wakes, always = _dispatch(rules)
+        self._gated = tuple((i, rules[i].gate) for i in always)
 
     def find(self, text: str, ascii_lower: bytes | None = None) -> list[Span]:
         """The secrets in ``text``, as non-overlapping spans sorted by start.
@@ -1074,14 +1076,10 @@ class SecretFinder:
             text: the text to search.
             ascii_lower: ``ascii_lower(text)`` when the caller has it already.
         """
-        woken: set[int] = set()
         haystack = ascii_lower if ascii_lower is not None else ascii_lower_bytes(text)
+        woken = {i for i, gate in self._gated if gate is None or gate(text)}
         for anchor, _, _ in self._automaton.find_matches_as_indexes(haystack, overlapping=True):
             woken.update(self._wakes[anchor])
-        for i in self._always:
-            gate = self.rules[i].gate
-            if gate is None or gate(text):
-                woken.add(i)
         if not woken:
             return []
         found: list[tuple[int, int, int, str]] = []  # (start, end, priority, kind)
