@@ -640,7 +640,7 @@ def is_placeholder(value: str) -> bool:
     low = v.lower()
     if low in _STOP_VALUES or low.rstrip("0123456789!") in _STOP_VALUES or len(set(v)) <= 2:
         return True  # password1, secret123, changeme!
-    return "%20" in v or _TEMPLATE_RE.search(v) is not None
+    return _TEMPLATE_RE.search(v) is not None
 
 
 @dataclass
