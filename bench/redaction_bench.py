@@ -564,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-messages", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gitleaks", type=Path, help="a gitleaks checkout: also run its rules' test cases")
-    parser.add_argument("--noseyparker", type=Path, help="a Nosey Parker checkout: also run its rules' examples")
+    parser.add_argument(
+        "--noseyparker", type=Path, help="a Nosey Parker checkout: also run its rules' examples"
+    )
     parser.add_argument(
         "--trufflehog", type=Path, help="a trufflehog checkout: also run its detectors' pattern tests"
     )
