@@ -38,6 +38,11 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "merge": ("slackdist.train.merge", (), "Merge an adapter into its 16-bit base; sharded safetensors"),
     "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
     "eval": ("slackdist.eval", ("chat",), "Held-out loss/perplexity and sample replies, base vs tuned"),
+    "audit": (
+        "slackdist.audit",
+        ("chat",),
+        "Memorisation audit: exposure and greedy extraction of the canaries `prepare --canaries` planted",
+    ),
     "serve": ("slackdist.serve", ("chat", "serve"), "OpenAI-compatible /v1/chat/completions server"),
     "export": (
         "slackdist.export_gguf",
@@ -82,6 +87,18 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--num-samples", type=int, default=5, help="Sample generations to write")
         p.add_argument("--out", default=None, help="Where eval.json / eval.md go (default: MODEL_DIR)")
         p.add_argument("--max-batches", type=int, default=0, help="Cap on loss batches (0: all)")
+    elif name == "audit":
+        p.add_argument(
+            "--data", default=None, help="Prepared data with canaries.json (default: from training)"
+        )
+        p.add_argument(
+            "--candidates", type=int, default=1000, help="R: the secret + R-1 random ones (default: 1000)"
+        )
+        p.add_argument(
+            "--candidate-seed", type=int, default=0, help="Seed of the random candidates (default: 0)"
+        )
+        p.add_argument("--batch-size", type=int, default=32, help="Candidates per forward pass (default: 32)")
+        p.add_argument("--out", default=None, help="Where audit.json goes (default: MODEL_DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:

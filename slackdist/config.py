@@ -105,6 +105,19 @@ class DataConfig:
     workers: int = opt(
         0, "Processes that read and clean channels in parallel (0: one per CPU core, 1: serial)."
     )
+    canaries: int = opt(
+        0,
+        "Plant N random canaries (secret- and sentence-shaped) after redaction, each in a copy of a training "
+        "conversation, for `slackdist audit`; DIR/canaries.json lists them (keep it apart from the data).",
+    )
+    canaries_redacted: int = opt(
+        0,
+        "Plant N real-format secrets before redaction, each in a copy of a training conversation: the "
+        "redactor removes them, and `slackdist audit` checks the model did not learn them anyway.",
+    )
+    canary_turns: Literal["assistant", "user", "both"] = opt(
+        "assistant", "Which turns hold the canaries (user turns carry no loss with train_on=assistant)."
+    )
 
 
 @dataclass
@@ -334,6 +347,9 @@ class Config:
         for key in ("max_tokens",):
             if getattr(d, key) <= 0:
                 problems.append(f"data.{key}: must be > 0")
+        for key in ("canaries", "canaries_redacted"):
+            if getattr(d, key) < 0:
+                problems.append(f"data.{key}={getattr(d, key)}: must be >= 0")
         for key in ("max_seq_len", "micro_batch_size", "gradient_accumulation_steps", "num_epochs"):
             if getattr(t, key) <= 0:
                 problems.append(f"train.{key}={getattr(t, key)}: must be > 0")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slackdist.config import Config, DataConfig
+from slackdist.data.canaries import CANARIES_FILE, plant_canaries
 from slackdist.data.channel import FEED_NOTE, Job
 from slackdist.data.interrupts import forget_interrupt_in_exec
 from slackdist.data.output import SplitCounts, Staging
@@ -134,6 +135,8 @@ def prepare(
             # Save: the splits, the report and the plots, moved into DIR together.
             if staging.folder is not None:
                 staging.write_splits(len(channels), assign)
+                if cfg.canaries or cfg.canaries_redacted:  # copies into train.jsonl; the key beside it
+                    data["canaries"] = plant_canaries(staging.folder, cfg, builder.counter)
                 staging.write("report.json", report_json(data))
                 staging.write("report.md", render_markdown(data))
                 write_plots(report.turn_counts, report.token_counts, staging.folder)
@@ -261,6 +264,17 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(f"{report.data['warnings']['count']} warnings (see the report)")
     if report.out_dir is not None:
         lines.append(f"wrote {', '.join(OUTPUT_FILES)} and plots to {report.out_dir}")
+    canaries = report.data.get("canaries")
+    if canaries and report.out_dir is not None:
+        lines.append(
+            f"planted {canaries['planted']} canaries and {canaries['redacted']} redacted secrets in copies of "
+            f"training conversations; the answer key is {report.out_dir / CANARIES_FILE}: keep it apart from "
+            "the data (slackdist audit reads it)"
+        )
+        if canaries["redacted_left_in_data"]:
+            lines.append(
+                f"warning: the redactor left {canaries['redacted_left_in_data']} planted secrets in train.jsonl"
+            )
     return lines
 
 
