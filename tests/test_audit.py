@@ -152,36 +152,38 @@ def test_an_untrained_model_is_at_chance(tiny_model_dir: Path, prepared: Path, t
     assert all(r["candidates"] == 64 and r["in_training"] for r in result["canaries"])
 
 
-def test_cached_batched_scores_equal_full_forward_log_likelihoods(
-    tiny_model_dir: Path, prepared: Path
-) -> None:
+def _record(data: Path, record_id: str) -> dict:
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    return next(r for r in map(json.loads, lines) if r["meta"]["conversation_id"] == record_id)
+
+
+def _check_scores_against_full_forwards(model_dir: Path, data: Path, fmt: str, n: int) -> None:
     """What score_candidates sums, from one cached prefix and right-padded batches, is each candidate's
     log-likelihood of the whole record up to the end of its secret, less the same constant for all."""
-    im = load_for_inference(str(tiny_model_dir))
-    canary = next(c for c in read_canaries(prepared) if c.format == "github_token")
-    record = next(
-        json.loads(line)
-        for line in (prepared / "train.jsonl").read_text(encoding="utf-8").splitlines()
-        if json.loads(line)["meta"]["conversation_id"] == canary.record_id
-    )
-    probe = Probe(record["messages"], canary.message_index, canary.prompt_text)
-    pool = draw_candidates(canary, 7, seed=3)
-    assert pool[0] == canary.secret and len(set(pool)) == 7
+    im = load_for_inference(str(model_dir))
+    canary = next(c for c in read_canaries(data) if c.format == fmt)
+    probe = Probe(_record(data, canary.record_id)["messages"], canary.message_index, canary.prompt_text)
+    pool = draw_candidates(canary, n, seed=3)
+    assert pool[0] == canary.secret and len(set(pool)) == n
     scored = score_candidates(im.model, im.tokenizer, probe, pool, batch_size=3)
     start = len(scored.prefix)
     full = []
     with torch.inference_mode():
         for candidate in pool:
             ids = probe.ids(im.tokenizer, candidate)
-            text = im.tokenizer.decode(ids)
+            assert im.tokenizer.decode(ids).count(candidate) == 1
             end = next(
-                n for n in range(start, len(ids) + 1) if im.tokenizer.decode(ids[:n]).endswith(candidate)
+                k for k in range(start, len(ids) + 1) if im.tokenizer.decode(ids[:k]).endswith(candidate)
             )
-            assert text.count(candidate) == 1
-            logits = im.model(input_ids=torch.tensor([ids[:end]])).logits[0].float()
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(im.model(input_ids=torch.tensor([ids[:end]])).logits[0].float(), dim=-1)
             full.append(sum(float(logp[t - 1, ids[t]]) for t in range(start, end)))
     assert scored.scores == pytest.approx(full, abs=1e-3)
+
+
+def test_cached_batched_scores_equal_full_forward_log_likelihoods(
+    tiny_model_dir: Path, prepared: Path
+) -> None:
+    _check_scores_against_full_forwards(tiny_model_dir, prepared, "github_token", 7)
 
 
 def test_bad_input_is_a_one_line_error(tiny_model_dir: Path, prepared: Path, tmp_path: Path, capsys) -> None:
@@ -199,3 +201,21 @@ def test_bad_input_is_a_one_line_error(tiny_model_dir: Path, prepared: Path, tmp
     err = capsys.readouterr().err
     assert "the data changed since the canaries were planted: prepare it again with --canaries" in err
     assert not (tiny_model_dir / "audit.json").exists()
+
+
+@pytest.mark.slow
+def test_the_real_model_untrained_is_at_chance(sample_export_dir: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (ChatML, its real byte-level BPE tokenizer), never trained on the canaries:
+    nothing extracted, exposure at chance, and the cached scores equal plain forwards on it too."""
+    from slackdist.errors import SlackdistError
+    from slackdist.model.real import write_real_model
+
+    try:
+        model = write_real_model(tmp_path / "smollm2")
+    except SlackdistError as e:
+        pytest.skip(str(e))
+    data = _prepare(sample_export_dir, tmp_path / "data", model)
+    result = _audit(model, data, "--candidates", "16", "--out", str(tmp_path))
+    assert len(result["canaries"]) == 6 and not any(r["extracted"] for r in result["canaries"])
+    assert all(g["status"] == "chance" for g in result["groups"]), result["groups"]
+    _check_scores_against_full_forwards(model, data, "locker_code", 4)
