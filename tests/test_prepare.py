@@ -403,7 +403,7 @@ def test_workers_do_not_change_the_output(tmp_path, split_by):
 
 
 def test_results_are_merged_in_channel_order_whatever_order_they_finish_in():
-    from slackdist.data.prepare import _in_channel_order
+    from slackdist.data.workers import in_channel_order
 
     class Bar:
         n = 0
@@ -414,7 +414,7 @@ def test_results_are_merged_in_channel_order_whatever_order_they_finish_in():
     finished = [SimpleNamespace(index=i, report=SimpleNamespace(day_files=1)) for i in (2, 0, 3, 1)]
     bar = Bar()
     merged = []
-    for result in _in_channel_order(iter(finished), bar):
+    for result in in_channel_order(iter(finished), bar):
         merged.append(result.index)
         assert bar.n >= len(merged)  # the bar counts each channel as it finishes, before it is merged
     assert merged == [0, 1, 2, 3] and bar.n == 4
@@ -724,10 +724,10 @@ def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
     # A Ctrl-C that lands while code from a string runs (a dataclass or namedtuple being defined by a lazy
     # import) made `python -m` end by SIGINT (-2) after our handler had run; it must still exit 130.
     (tmp_path / "interrupted_in_exec.py").write_text(
-        "import sys\nimport slackdist.data.prepare as p\n\n"
+        "import sys\nimport slackdist.data.workers as w\n\n"
         "def run_channel(job, src, index):\n"
         "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')\n\n"
-        "p.run_channel = run_channel\nfrom slackdist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        "w.run_channel = run_channel\nfrom slackdist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "out"
     proc = subprocess.run(

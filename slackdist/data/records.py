@@ -7,14 +7,13 @@ then user / assistant alternating, user first, assistant last.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
-from slackdist.data.conversations import Conversation, Turn, WindowPlan, split_windows
+from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig, split_fractions
+from slackdist.data.conversations import Conversation, Turn, WindowPlan, split_group, split_windows
 from slackdist.errors import SlackdistError, first_line
 from slackdist.model.chat_formats import LLAMA3
 
@@ -408,24 +407,6 @@ class RecordBuilder:
         return plan, built
 
 
-def to_record(
-    conversation: Conversation,
-    cfg: DataConfig,
-    *,
-    workspace: str = "",
-    counter: TokenCounter | None = None,
-    persona: PersonaMatcher | None = None,
-) -> dict[str, Any] | None:
-    """The chat record of one conversation window, or None when it gives none.
-
-    Raises:
-        SlackdistError: persona roles without a persona name.
-    """
-    return (
-        RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona).build(conversation).record
-    )
-
-
 def validate_record(record: Any) -> list[str]:
     """Problems with one record's shape (empty when it is valid)."""
     problems = []
@@ -455,65 +436,62 @@ _META_KEYS = frozenset({"conversation_id", "channel", "thread_ts", "start", "end
 
 def group_of(record: dict[str, Any]) -> str:
     """The key every window of one conversation shares (the split keeps them together)."""
-    return record["meta"]["conversation_id"].rsplit("-", 1)[0]
+    return split_group(record["meta"]["conversation_id"])
 
 
-def hash_split(group: str, fractions: Sequence[float], seed: int) -> int:
-    """Index of the split (0 train, 1 validation, 2 test) of a conversation, stable across runs."""
-    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-    x = int.from_bytes(digest[:8], "big") / 2**64
-    acc = 0.0
-    for i, frac in enumerate(fractions):
-        acc += frac
-        if x < acc:
-            return i
-    return len(fractions) - 1 if fractions[-1] > 0 else 0
+@dataclass(frozen=True)
+class Split:
+    """Which split (0 train, 1 validation, 2 test) each conversation goes to; decided here and only here.
 
+    By ``hash``: a stable hash of the conversation's group (:func:`group_of`) with ``seed``, known as
+    soon as its first record is (:meth:`now`), so records go straight into their split's file. By
+    ``time``: the newest conversations go to test, the next newest to validation, known once every
+    conversation's start is (:meth:`assign`). Every window and part of a conversation shares its
+    group, so no conversation appears in two splits.
 
-def time_split(group_starts: dict[str, float], fractions: Sequence[float]) -> dict[str, int]:
-    """Split by time: the newest conversations go to test, the next newest to validation.
-
-    Args:
-        group_starts: conversation group -> its start time.
-        fractions: (train, validation, test) fractions summing to 1.
-    """
-    order = sorted(group_starts, key=lambda g: (group_starts[g], g))
-    n = len(order)
-    n_test = round(n * fractions[2])
-    n_val = round(n * fractions[1])
-    n_train = max(0, n - n_test - n_val)
-    out = {}
-    for i, g in enumerate(order):
-        out[g] = 0 if i < n_train else (1 if i < n_train + n_val else 2)
-    return out
-
-
-def split_records(
-    records: Iterable[dict[str, Any]], fractions: Sequence[float], by: str = "hash", seed: int = 0
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split records into (train, validation, test) by conversation; windows of one stay together.
-
-    Args:
-        records: chat records.
+    Attributes:
         fractions: (train, validation, test), summing to 1.
-        by: ``hash`` (stable hash of the conversation id, with ``seed``) or ``time`` (newest last).
+        by: ``hash`` or ``time``.
         seed: seed of the hash split.
-
-    Raises:
-        ValueError: an unknown ``by``.
     """
-    records = list(records)
-    if by == "hash":
-        assign = {g: hash_split(g, fractions, seed) for g in {group_of(r) for r in records}}
-    elif by == "time":
-        starts: dict[str, float] = {}
-        for r in records:
-            g = group_of(r)
-            starts[g] = min(starts.get(g, math.inf), r["meta"]["start"])
-        assign = time_split(starts, fractions)
-    else:
-        raise ValueError(f"split by {by!r}: expected 'hash' or 'time'")
-    out: tuple[list, list, list] = ([], [], [])
-    for r in records:
-        out[assign[group_of(r)]].append(r)
-    return out
+
+    fractions: tuple[float, float, float]
+    by: Literal["hash", "time"] = "hash"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> Split:
+        """The split that ``--split``, ``--split-by`` and ``--seed`` ask for."""
+        return cls(split_fractions(cfg.split), cfg.split_by, cfg.seed)
+
+    def now(self, group: str) -> int | None:
+        """The split of a conversation group when the group alone decides it (by hash), else None."""
+        return self._by_hash(group) if self.by == "hash" else None
+
+    def assign(self, starts: Mapping[str, float]) -> dict[str, int]:
+        """The split of every conversation group.
+
+        Args:
+            starts: conversation group -> its start time (the earliest ``meta.start`` of its records).
+        """
+        if self.by == "hash":
+            return {group: self._by_hash(group) for group in starts}
+        order = sorted(starts, key=lambda g: (starts[g], g))
+        n = len(order)
+        n_test = round(n * self.fractions[2])
+        n_val = round(n * self.fractions[1])
+        n_train = max(0, n - n_test - n_val)
+        out = {}
+        for i, g in enumerate(order):
+            out[g] = 0 if i < n_train else (1 if i < n_train + n_val else 2)
+        return out
+
+    def _by_hash(self, group: str) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{group}".encode()).digest()
+        x = int.from_bytes(digest[:8], "big") / 2**64
+        acc = 0.0
+        for i, frac in enumerate(self.fractions):
+            acc += frac
+            if x < acc:
+                return i
+        return len(self.fractions) - 1 if self.fractions[-1] > 0 else 0
