@@ -27,7 +27,7 @@ def _worker_main(job: Job, conn: Connection) -> None:
     # Ctrl-C reaches every process of the terminal's process group; only the parent handles it (it stops
     # the workers), so no worker prints a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGTERM ends it, not the clean-up handler it was forked with
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ends it; not the clean-up handler it was forked with
     with ExitStack() as stack:
         try:  # each worker opens the export itself: a zip's file handle must not be shared by processes
             src, failure = stack.enter_context(open_export(job.export)), None
