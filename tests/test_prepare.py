@@ -706,18 +706,48 @@ def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path,
     assert err.splitlines() == [f"slackdist prepare: interrupted, nothing written; {out} is as it was"]
     assert snapshot(out) == before
     assert leftovers(tmp_path, "out") == [out]
+    wait_group_gone(proc.pid)
 
-    def group_gone() -> bool:
+
+def wait_group_gone(pgid: int) -> None:
+    """No process of the group outlives prepare (its workers); fails after a deadline."""
+
+    def gone() -> bool:
         try:
-            os.killpg(proc.pid, 0)
+            os.killpg(pgid, 0)
         except ProcessLookupError:
             return True
         return False
 
     deadline = time.monotonic() + 30
-    while not group_gone():  # no worker outlives it
+    while not gone():
         assert time.monotonic() < deadline, "a worker process is still running"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_takes_the_same_clean_path_and_exits_143(tmp_path, big_export, workers, to):
+    # `kill PID` (a service manager stopping the main process) or a SIGTERM to every process of the
+    # group (SLURM's scancel): the temporary folder goes, DIR stays as it was, no worker outlives it.
+    out = tmp_path / "out"
+    prepare(REPO / "tests/fixtures/sample_export", out, DataConfig())
+    before = snapshot(out)
+    with running_prepare(big_export, out, workers) as proc:
+        wait_for(
+            lambda: any(any((t / "parts").glob("*")) for t in leftovers(tmp_path, "out") if t != out),
+            "a part file",
+            proc,
+        )
+        (os.kill if to == "process" else os.killpg)(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.splitlines() == [
+        f"slackdist prepare: interrupted by SIGTERM, nothing written; {out} is as it was"
+    ]
+    assert snapshot(out) == before
+    assert leftovers(tmp_path, "out") == [out]
+    wait_group_gone(proc.pid)
 
 
 def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
