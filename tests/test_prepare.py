@@ -685,9 +685,17 @@ def wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120)
         time.sleep(0.002)
 
 
+# Ctrl-C in a terminal reaches every process of the group; SIGTERM comes to the process (`kill PID`, a
+# service manager) or to the whole group (SLURM's scancel). Each takes the same clean path.
+INTERRUPTS = [("SIGINT", "group", "temp_folder"), ("SIGINT", "group", "workers_writing")]
+INTERRUPTS += [("SIGTERM", "process", "workers_writing"), ("SIGTERM", "group", "workers_writing")]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("moment", ["temp_folder", "workers_writing"])
-def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path, big_export, workers, moment):
+@pytest.mark.parametrize(("sig", "to", "moment"), INTERRUPTS)
+def test_an_interrupt_exits_with_one_line_and_the_previous_output_intact(
+    tmp_path, big_export, workers, sig, to, moment
+):
     out = tmp_path / "out"
     prepare(REPO / "tests/fixtures/sample_export", out, DataConfig())
     before = snapshot(out)
@@ -700,54 +708,25 @@ def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path,
             wait_for(lambda: bool(temp()), "a temporary folder", proc)
         else:
             wait_for(lambda: any(any((t / "parts").glob("*")) for t in temp()), "a part file", proc)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
+        (os.killpg if to == "group" else os.kill)(proc.pid, getattr(signal, sig))
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err.splitlines() == [f"slackdist prepare: interrupted, nothing written; {out} is as it was"]
+    by = " by SIGTERM" if sig == "SIGTERM" else ""
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130)
+    assert err.splitlines() == [f"slackdist prepare: interrupted{by}, nothing written; {out} is as it was"]
     assert snapshot(out) == before
     assert leftovers(tmp_path, "out") == [out]
-    wait_group_gone(proc.pid)
 
-
-def wait_group_gone(pgid: int) -> None:
-    """No process of the group outlives prepare (its workers); fails after a deadline."""
-
-    def gone() -> bool:
+    def group_gone() -> bool:
         try:
-            os.killpg(pgid, 0)
+            os.killpg(proc.pid, 0)
         except ProcessLookupError:
             return True
         return False
 
     deadline = time.monotonic() + 30
-    while not gone():
+    while not group_gone():  # no worker outlives it
         assert time.monotonic() < deadline, "a worker process is still running"
         time.sleep(0.01)
-
-
-@pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("to", ["process", "group"])
-def test_sigterm_takes_the_same_clean_path_and_exits_143(tmp_path, big_export, workers, to):
-    # `kill PID` (a service manager stopping the main process) or a SIGTERM to every process of the
-    # group (SLURM's scancel): the temporary folder goes, DIR stays as it was, no worker outlives it.
-    out = tmp_path / "out"
-    prepare(REPO / "tests/fixtures/sample_export", out, DataConfig())
-    before = snapshot(out)
-    with running_prepare(big_export, out, workers) as proc:
-        wait_for(
-            lambda: any(any((t / "parts").glob("*")) for t in leftovers(tmp_path, "out") if t != out),
-            "a part file",
-            proc,
-        )
-        (os.kill if to == "process" else os.killpg)(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143
-    assert err.splitlines() == [
-        f"slackdist prepare: interrupted by SIGTERM, nothing written; {out} is as it was"
-    ]
-    assert snapshot(out) == before
-    assert leftovers(tmp_path, "out") == [out]
-    wait_group_gone(proc.pid)
 
 
 def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
