@@ -1,7 +1,8 @@
 """Where `prepare`'s files go: per-channel part files, joined into train/validation/test.jsonl.
 
-Everything is written into ``DIR.tmp-XXXX`` next to DIR (:class:`Staging`) and moved into place at
-the end, so an error or Ctrl-C leaves nothing behind and DIR never holds half-written files.
+Everything is written into ``DIR.tmp-XXXX`` next to DIR (:class:`Staging`) and renamed into DIR's
+place whole at the end (`slackdist.files.install_dir`), so an error, Ctrl-C or SIGTERM leaves nothing
+behind and DIR never holds half-written files or a mix of two runs.
 
 Each channel writes its own part files (``parts/<channel index>.<split>``, :class:`PartWriter`), so
 channels can be processed in parallel and still be joined in channel order. A record whose split
@@ -12,7 +13,6 @@ the others (by time) go into a spool that is routed once every conversation's st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -23,6 +23,7 @@ from typing import IO, Any
 from slackdist.data.interrupts import interrupts_deferred
 from slackdist.data.records import SPLIT_NAMES, Split, group_of
 from slackdist.errors import SlackdistError
+from slackdist.files import install_dir
 
 # Same bytes as json.dumps(record, ensure_ascii=False); one encoder instead of a new one per record.
 _RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False)
@@ -182,10 +183,11 @@ class Staging:
         (self.folder / name).write_text(text, encoding="utf-8")
 
     def install(self) -> None:
-        """Move the finished files into DIR: DIR gets every new file or keeps every old one."""
+        """Rename the finished folder into DIR's place, replacing it whole (`slackdist.files.install_dir`):
+        DIR holds every new file or every old one, never a mix."""
         assert self.folder is not None and self.out is not None
         with interrupts_deferred():
-            _install(self.folder, self.out)
+            install_dir(self.folder, self.out)
             self.folder = None
 
     def __exit__(self, *exc: object) -> None:
@@ -213,13 +215,3 @@ def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
     for folder in reversed(created):
         folder.mkdir()
     return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent)), created
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished files into place: the folder itself when new, else file by file (each atomic)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    for path in sorted(tmp.iterdir()):
-        os.replace(path, out / path.name)
-    tmp.rmdir()

@@ -27,12 +27,15 @@ from slackdist.data.records import SPLIT_NAMES, PersonaMatcher, RecordBuilder, S
 from slackdist.data.report import ReportBuilder, percent, render_markdown, report_json, write_plots
 from slackdist.data.workers import channel_results, in_channel_order
 from slackdist.errors import SlackdistError
+from slackdist.files import check_output_dir, interrupt_exit_code, interrupted
 from slackdist.slack.days import count_day_files, count_messages
 from slackdist.slack.export import ExportSource, open_export
 from slackdist.slack.metadata import Channel, UserInfo, list_channels, load_users
 from slackdist.slack.warnings import Warnings
 
 OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md")
+OUTPUT_MARKERS = ("report.json", "train.jsonl")
+"""A folder with one of these is an earlier output, replaced without --overwrite."""
 
 
 @dataclass
@@ -55,23 +58,28 @@ class Report:
 
 
 def prepare(
-    export: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None, cfg: DataConfig
+    export: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None,
+    cfg: DataConfig,
+    *,
+    overwrite: bool = False,
 ) -> Report:
     """Run the whole data build; write DIR/{train,validation,test}.jsonl, report.json/.md and plots.
 
     Args:
         export: export folder or .zip.
-        out_dir: output folder (None only with ``cfg.dry_run``); its files are replaced atomically.
+        out_dir: output folder (None only with ``cfg.dry_run``); replaced whole by one rename.
         cfg: the data section of the config. ``cfg.persona`` implies persona roles.
+        overwrite: replace ``out_dir`` even when it is non-empty and not an earlier output.
 
     Returns:
         The report.
 
     Raises:
-        SlackdistError: bad input (one line naming the file), no conversation left, or a warning
-            under ``cfg.strict``. Nothing is written then.
-        KeyboardInterrupt: Ctrl-C; the workers are stopped, the temporary folder is removed and DIR is
-            left as it was.
+        SlackdistError: bad input (one line naming the file), no conversation left, a warning
+            under ``cfg.strict``, or a DIR that is not ours (`check_output_dir`). Nothing is written then.
+        KeyboardInterrupt: Ctrl-C (or SIGTERM, under `slackdist.files.sigterm_interrupts`); the workers
+            are stopped, the temporary folder is removed and DIR is left as it was.
     """
     started = time.perf_counter()
     if cfg.persona and cfg.roles != "persona":
@@ -79,6 +87,10 @@ def prepare(
     out = None if cfg.dry_run or out_dir is None else Path(out_dir)
     if out is None and not cfg.dry_run:
         raise SlackdistError("--out DIR is required (or use --dry-run)")
+    if out is not None:
+        check_output_dir(
+            out, markers=OUTPUT_MARKERS, what="a prepared data folder", overwrite=overwrite, inputs=[export]
+        )
     staging = Staging(out)
     split = Split.from_config(cfg)
     counter = load_token_counter(cfg.tokenizer)
@@ -274,12 +286,12 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.out is None and not data.dry_run:
         raise SlackdistError("--out DIR is required (or use --dry-run to print the report only)")
     try:
-        report = prepare(args.export, args.out, data)
-    except KeyboardInterrupt:
+        report = prepare(args.export, args.out, data, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
         forget_interrupt_in_exec()
         kept = f"; {args.out} is as it was" if args.out is not None and Path(args.out).exists() else ""
-        print(f"slackdist prepare: interrupted, nothing written{kept}", file=sys.stderr)
-        return 130
+        print(f"slackdist prepare: {interrupted(e)}, nothing written{kept}", file=sys.stderr)
+        return interrupt_exit_code(e)
     if data.dry_run:
         print(report.markdown())
     print("\n".join(summary_lines(report)))
