@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,25 @@ from slackdist.config import Config, DataConfig
 from slackdist.data.channel import FEED_NOTE, Job
 from slackdist.data.interrupts import forget_interrupt_in_exec
 from slackdist.data.output import SplitCounts, Staging
-from slackdist.data.records import SPLIT_NAMES, PersonaMatcher, RecordBuilder, Split, load_token_counter
+from slackdist.data.provenance import PROVENANCE_FILE, export_identity, header_line
+from slackdist.data.records import (
+    SPLIT_NAMES,
+    PersonaMatcher,
+    RecordBuilder,
+    Split,
+    load_token_counter,
+    persona_names,
+)
 from slackdist.data.report import ReportBuilder, percent, render_markdown, report_json, write_plots
 from slackdist.data.workers import channel_results, in_channel_order
 from slackdist.errors import SlackdistError
+from slackdist.slack.consent import Consent, hashed_user_id, resolve_people
 from slackdist.slack.days import count_day_files, count_messages
 from slackdist.slack.export import ExportSource, open_export
 from slackdist.slack.metadata import Channel, UserInfo, list_channels, load_users
 from slackdist.slack.warnings import Warnings
 
-OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md")
+OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md", PROVENANCE_FILE)
 
 
 @dataclass
@@ -87,6 +96,14 @@ def prepare(
         # Setup: who is who, which channels, how records are built.
         users = load_users(src, warnings)
         _strict(cfg, warnings)
+        identity = export_identity(src)
+        consent = Consent.build(
+            users,
+            exclude=cfg.exclude_users,
+            only=cfg.only_users,
+            salt=identity,
+            where=src.where("users.json"),
+        )
         private: list[Channel] = []
         channels = list_channels(
             src,
@@ -99,15 +116,19 @@ def prepare(
         )
         if not channels:
             raise SlackdistError(_nothing_left(src, None, cfg, private))
+        if consent is not None:  # a group DM's folder name holds its members' user names
+            channels = [replace(c, name=consent.scrub(c.name)) for c in channels]
         workspace = cfg.workspace or src.name
-        persona = resolve_persona(cfg.persona, users) if cfg.persona else None
-        builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona)
+        personas = [resolve_persona(name, users) for name in persona_names(cfg.persona)]
+        _check_personas(personas, consent, src)
+        builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=personas or None)
         report = ReportBuilder(
             export=src.name, workspace=workspace, persona_mode=builder.persona_mode, preview=cfg.preview
         )
         with staging:
             # Every channel through the pipeline, merged in channel order.
-            job = Job(Path(export), cfg, users, channels, builder, workspace, staging.parts, split)
+            job = Job(Path(export), cfg, users, channels, builder, workspace, staging.parts, split, consent)
+            staging.begin_provenance(header_line(identity, src.name, export))
             counts = SplitCounts()
             workers = cfg.workers or os.cpu_count() or 1
             with (
@@ -126,8 +147,8 @@ def prepare(
             assign = split.assign(counts.starts)
             report.splits.update(dict(zip(SPLIT_NAMES, counts.totals(assign), strict=True)))
             data = report.finish(
-                warnings=_warnings_summary(warnings),
-                config=asdict(cfg),
+                warnings=_warnings_summary(warnings, consent),
+                config=_recorded_config(cfg, users, identity),
                 output=None if out is None else str(out),
                 seconds=time.perf_counter() - started,
             )
@@ -150,6 +171,27 @@ def resolve_persona(name: str, users: dict[str, UserInfo]) -> PersonaMatcher:
         if key in {n.casefold() for n in (u.id, u.name, u.real_name, u.display_name, u.username) if n}
     )
     return PersonaMatcher(name.strip().lstrip("@"), ids)
+
+
+def _check_personas(personas: list[PersonaMatcher], consent: Consent | None, src: ExportSource) -> None:
+    """A persona cannot be someone the dataset leaves out."""
+    for persona in personas:
+        if consent is not None and any(consent.excludes(uid) for uid in persona.user_ids):
+            raise SlackdistError(
+                f"{src.path}: --as {persona.name!r} is left out by --exclude-users / --only-users"
+            )
+
+
+def _recorded_config(cfg: DataConfig, users: dict[str, UserInfo], identity: str) -> dict[str, Any]:
+    """The config as report.json records it: the people named by --exclude-users and --only-users as
+    keyed hashes of their user ids (``Consent``), so the report names nobody it leaves out, while
+    `prepare` and `forget`, given the same export, can read the list back (``sha256:...`` is a name)."""
+    recorded = asdict(cfg)
+    for key, flag in (("exclude_users", "--exclude-users"), ("only_users", "--only-users")):
+        if recorded[key]:
+            ids = resolve_people(recorded[key], users, flag=flag, salt=identity, where="users.json")
+            recorded[key] = sorted(hashed_user_id(identity, uid) for uid in ids)
+    return recorded
 
 
 def _strict(cfg: DataConfig, warnings: Warnings) -> None:
@@ -202,12 +244,15 @@ def _left_out(
     return hints
 
 
-def _warnings_summary(warnings: Warnings) -> dict[str, Any]:
+def _warnings_summary(warnings: Warnings, consent: Consent | None = None) -> dict[str, Any]:
     summary = warnings.summary()
+    examples = [e for examples in summary["examples"].values() for e in examples]
+    if consent is not None:  # a path names a group DM's folder, which holds its members' user names
+        examples = [consent.scrub(e) for e in examples]
     return {
         "count": warnings.total,
         "by_kind": summary["counts"],
-        "examples": [e for examples in summary["examples"].values() for e in examples],
+        "examples": examples,
         "notes": summary["notes"],
     }
 

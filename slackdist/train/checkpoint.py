@@ -73,7 +73,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from slackdist.config import Config, save_config
-from slackdist.data.records import format_system_prompt
+from slackdist.data.provenance import PROVENANCE_FILE, copy_provenance
+from slackdist.data.records import format_system_prompt, persona_label, persona_names
 from slackdist.errors import SlackdistError, first_line
 from slackdist.files import write_json_atomic
 from slackdist.model.adapter import (
@@ -554,21 +555,34 @@ class PreemptionFlag:
 # ------------------------------------------------------------------ model folders
 
 
-def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
-    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+def _prepared(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         report = json.loads((Path(data_dir) / PREPARE_REPORT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    workspace = report.get("workspace") if isinstance(report, dict) else None
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
+    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+    workspace = _prepared(data_dir).get("workspace")
     return workspace if isinstance(workspace, str) and workspace else None
+
+
+def prepared_persona(data_dir: str | os.PathLike[str]) -> str | None:
+    """The ``--as`` that `prepare` made the records with (its report.json), if any."""
+    config = _prepared(data_dir).get("config")
+    persona = config.get("persona") if isinstance(config, dict) else None
+    return persona if isinstance(persona, str) and persona else None
 
 
 def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
     """How the trained model is prompted: training's system prompt for #general (the template and
-    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack")
-    and the chat template its tokenizer renders."""
+    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack";
+    the persona(s) of `data.persona`, else of the prepared data) and the chat template its tokenizer
+    renders."""
     workspace = cfg.data.workspace or prepared_workspace(cfg.train.data_dir) or UNKNOWN_WORKSPACE
+    personas = persona_names(cfg.data.persona or prepared_persona(cfg.train.data_dir))
 
     def prompt(persona: str | None) -> str:
         return format_system_prompt(
@@ -579,8 +593,9 @@ def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
         workspace=workspace,
         system_prompt=prompt(None),
         persona_system_prompt=prompt(PERSONA_PLACEHOLDER),
-        persona=cfg.data.persona,
+        persona=persona_label(personas) or None,
         chat_template=chat_template_name(tokenizer),
+        personas=personas,
     )
 
 
@@ -603,10 +618,12 @@ class OutputFolder:
         self.merged = self.path / MERGED_DIR
 
     def create(self) -> None:
-        """Make OUT and put the resolved config in it first (main process)."""
+        """Make OUT and put the resolved config in it first, and the data's provenance (main process):
+        from the first checkpoint on, OUT says whose messages it was trained on."""
         if self.topology.is_main_process:
             self.path.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.path / CONFIG_FILE)
+            copy_provenance(Path(self.cfg.train.data_dir) / PROVENANCE_FILE, self.path)
 
     def _describe(self, folder: Path) -> None:
         """What makes a model folder loadable alone: tokenizer, config, model info (main process)."""
