@@ -105,3 +105,30 @@ def test_nothing_in_the_package_uploads() -> None:
             if name in uploads:
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}")
     assert not found, found
+
+
+def test_telemetry_off_and_offline_only_when_every_model_is_local(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from slackdist.offline import set_private_defaults
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        '{"base_model_name_or_path": "meta-llama/Llama-3.2-3B-Instruct"}'
+    )
+    cases = [
+        ([str(tiny_model_dir)], {}, "1"),  # a local model: nothing needs the hub
+        ([str(tiny_model_dir), None], {}, "1"),
+        (["meta-llama/Llama-3.2-3B-Instruct"], {}, None),  # a hub id: the download was asked for
+        ([str(adapter)], {}, None),  # a local adapter on a hub base
+        (None, {}, None),  # a command that says nothing about its models
+        ([str(tiny_model_dir)], {"HF_HUB_OFFLINE": "0"}, "0"),  # the user's choice stands
+    ]
+    for models, env, offline in cases:
+        set_private_defaults(models, env)
+        assert env.get("HF_HUB_OFFLINE") == offline, models
+        assert env["HF_HUB_DISABLE_TELEMETRY"] == "1" and env["DO_NOT_TRACK"] == "1"
+    env = {"HF_HUB_DISABLE_TELEMETRY": "0"}
+    set_private_defaults([], env)
+    assert env["HF_HUB_DISABLE_TELEMETRY"] == "0"

@@ -271,11 +271,14 @@ def _persona(
     """The persona's turns are the assistant, everyone else the user; same-role runs merged.
 
     ``named_answers`` (several personas): assistant turns keep the speaker's name too, so the model
-    learns which of them says what, and a merged run of two personas' turns stays readable.
+    learns which of them says what, and a merged run of two personas' turns stays readable. The
+    opening turn is then the user's even when a persona speaks it, so a conversation between two
+    of them (one asks, the other answers) gives a record, as it does when only the second is the
+    persona.
     """
     runs: list[tuple[str, list[Turn]]] = []
-    for t in turns:
-        role = "assistant" if is_persona(t) else "user"
+    for i, t in enumerate(turns):
+        role = "assistant" if is_persona(t) and not (named_answers and i == 0) else "user"
         if runs and runs[-1][0] == role:
             runs[-1][1].append(t)
         else:
