@@ -168,7 +168,7 @@ def retrain_plan(root: str | Path, user_ids: Sequence[str], data_dir: str | Path
     outputs = [h for h in holders if (h.folder / ADAPTER_CONFIG).is_file()]
     data = shlex.quote(str(data_dir))
     plans = []
-    for held in holders:
+    for held in sorted(holders, key=lambda h: h not in outputs):  # adapters first: merges need them
         folder = held.folder
         q = shlex.quote(str(folder))
         inside = next((o for o in outputs if o.folder != folder and o.folder in folder.parents), None)

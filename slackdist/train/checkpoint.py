@@ -6,6 +6,7 @@
     OUT/slackdist_config.yaml, slackdist_inference.json   the resolved config and how to prompt the model
     OUT/trainer_state.json                                where training ended
     OUT/metrics.jsonl, loss.png, runs/                    metrics (`slackdist.train.metrics`), TensorBoard
+    OUT/provenance.jsonl                                  whose messages the data holds (`slackdist.data.provenance`)
     OUT/best/                                             the best-eval adapter (+ eval.json)
     OUT/checkpoints/step-000100/                          a checkpoint (below): the newest K and the best
     OUT/merged/                                           with train.merge_after_training
