@@ -38,6 +38,7 @@ from slackdist.errors import SlackdistError, first_line
 
 PROVENANCE_FILE = "provenance.jsonl"
 VERSION = 1
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # one encoder for every line (this runs once per record)
 _METADATA_FILES = ("users.json", "org_users.json", "channels.json", "groups.json", "dms.json", "mpims.json")
 
 
@@ -79,14 +80,14 @@ def entry_line(
     record_id: str, messages: Iterable[tuple[str, str, str | None]], mentions: Iterable[str]
 ) -> str:
     """One record's line of provenance.jsonl: its messages as (channel id, ts, writer) and who they mention."""
-    messages = [list(m) for m in messages]
+    messages = list(messages)
     entry = {
         "record": record_id,
-        "messages": messages,
+        "messages": messages,  # tuples are written as JSON arrays
         "users": list(dict.fromkeys(m[2] for m in messages if m[2])),
         "mentions": list(dict.fromkeys(mentions)),
     }
-    return json.dumps(entry, ensure_ascii=False) + "\n"
+    return _ENCODER.encode(entry) + "\n"
 
 
 @dataclass(frozen=True)
