@@ -1,11 +1,12 @@
 """`slackdist prepare EXPORT --out DIR`: a Slack export becomes train/validation/test JSONL and a report.
 
 The recipe, top to bottom in :func:`prepare`: open the export and read its users and channels
-(``slack/``), then run every channel through the pipeline (``channel.py``: read -> clean -> group
--> window -> record), in worker processes (``workers.py``), merging each channel's report in channel
-order; decide the split once every conversation is known (``records.Split``), and write the
-splits, the report and the plots into a temporary folder that is moved into DIR at the end
-(``output.py``), so an error leaves nothing behind and DIR never holds half-written files.
+(``slack/``) and who is left out (``slack/consent.py``: ``--exclude-users``, ``--only-users``), then
+run every channel through the pipeline (``channel.py``: read -> clean -> group -> window -> record),
+in worker processes (``workers.py``), merging each channel's report in channel order; decide the
+split once every conversation is known (``records.Split``), and write the splits, their provenance
+(``provenance.py``), the report and the plots into a temporary folder that is moved into DIR at the
+end (``output.py``), so an error leaves nothing behind and DIR never holds half-written files.
 """
 
 from __future__ import annotations
@@ -71,14 +72,15 @@ def prepare(
     Args:
         export: export folder or .zip.
         out_dir: output folder (None only with ``cfg.dry_run``); its files are replaced atomically.
-        cfg: the data section of the config. ``cfg.persona`` implies persona roles.
+        cfg: the data section of the config. ``cfg.persona`` (one name or several, comma-separated)
+            implies persona roles; ``cfg.exclude_users`` / ``cfg.only_users`` leave people out.
 
     Returns:
         The report.
 
     Raises:
-        SlackdistError: bad input (one line naming the file), no conversation left, or a warning
-            under ``cfg.strict``. Nothing is written then.
+        SlackdistError: bad input (one line naming the file), a person named that users.json does
+            not have, no conversation left, or a warning under ``cfg.strict``. Nothing is written then.
         KeyboardInterrupt: Ctrl-C; the workers are stopped, the temporary folder is removed and DIR is
             left as it was.
     """
@@ -300,6 +302,9 @@ def summary_lines(report: Report) -> list[str]:
         f"turn, conversations kept whole {percent(q['conversations_kept_whole_ratio'])}, "
         f"threads kept whole {percent(q['threads_kept_whole_ratio'])}",
     ]
+    left_out = report.data["dropped"].get("excluded_user")
+    if left_out:
+        lines.append(f"left out {left_out} messages of the people --exclude-users / --only-users leave out")
     if report.data.get("split_warning"):
         lines.append(f"warning: {report.data['split_warning']}")
     if report.data["warnings"]["count"]:
