@@ -8,9 +8,10 @@ they uploaded, a group DM's folder name, the report's config and previews, the p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-from collections import defaultdict
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,7 @@ from hypothesis import strategies as st
 
 from slackdist.config import DataConfig
 from slackdist.data.prepare import prepare
-from slackdist.data.provenance import PROVENANCE_FILE, iter_entries
-from slackdist.data.report import window_group
+from slackdist.data.provenance import PROVENANCE_FILE
 from slackdist.errors import SlackdistError
 from slackdist.slack.consent import SOMEONE, Consent, hashed_user_id, resolve_people
 from slackdist.slack.export import open_export
@@ -30,6 +30,7 @@ from slackdist.slack.metadata import UserInfo, list_channels, load_users
 from slackdist.slack.warnings import Warnings
 
 SAMPLE = Path(__file__).parent / "fixtures" / "sample_export"
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "consent_bench.py"
 
 GONE = "UXAN00001"
 
@@ -155,6 +156,13 @@ def test_only_users_is_the_same_as_leaving_everyone_else_out(tmp_path: Path) -> 
         assert (tmp_path / "only" / name).read_text() == (tmp_path / "excl" / name).read_text(), name
 
 
+def test_nothing_left_names_nobody_left_out(tmp_path: Path) -> None:
+    export = consent_export(tmp_path / "export")
+    with pytest.raises(SlackdistError, match="no conversation left") as e:
+        prepare(export, tmp_path / "out", DataConfig(only_users=["yara"], workers=1))
+    assert traces(str(e.value), ["xander", "Xander Quill", "zed", "Zed Moss", GONE]) == []
+
+
 def test_an_unknown_name_is_one_line_listing_the_closest(tmp_path: Path) -> None:
     export = consent_export(tmp_path / "export")
     with pytest.raises(SlackdistError) as e:
@@ -208,13 +216,14 @@ def test_scrub_replaces_each_form_and_nothing_else(words: list[str], sep: str) -
 # ---- the shared real exports and the sample: nothing of them, and the same coverage for everyone else
 
 
-def _run(export: Path, out: Path, **kwargs) -> tuple[dict, list[dict]]:
-    report = prepare(export, out, DataConfig(workers=1, **kwargs))
-    return report.data, list(iter_entries(out / PROVENANCE_FILE))
-
-
-def _reached(entries: list[dict]) -> dict[tuple[str, str], str | None]:
-    return {(c, ts): writer for e in entries for c, ts, writer in e["messages"]}
+@pytest.fixture(scope="module")
+def bench():
+    """bench/consent_bench.py, whose runs and counts the test below checks."""
+    spec = importlib.util.spec_from_file_location("consent_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["consent_bench"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def _human_messages_of(export: Path, user_ids: set[str]) -> int:
@@ -266,24 +275,11 @@ def exports(public_exports: dict[str, Path]) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", ["sample_export", "houstondatavis_2016", "sev_testarchive_2016"])
 def test_real_exports_leave_no_trace_and_keep_everyone_elses_coverage(
-    exports: dict[str, Path], name: str, tmp_path: Path
+    bench, exports: dict[str, Path], name: str, tmp_path: Path
 ) -> None:
     export = exports[name]
-    before, entries_before = _run(export, tmp_path / "all")
-    # The person with the most messages in the records whose leaving still leaves a conversation (in
-    # sev_testarchive_2016 the busiest person is in every one).
-    writers: dict[str, int] = defaultdict(int)
-    for writer in _reached(entries_before).values():
-        if writer:
-            writers[writer] += 1
-    for gone in sorted(writers, key=lambda w: (-writers[w], w)):
-        try:
-            after, entries_after = _run(export, tmp_path / "without", exclude_users=[gone])
-            break
-        except SlackdistError as e:
-            assert "no conversation left" in str(e) and gone not in str(e)
-    else:
-        pytest.fail("every person is in every conversation")
+    runs = bench.runs_without_busiest(export, tmp_path)
+    gone, before, after = runs.gone, runs.before, runs.after
 
     text = output_text(tmp_path / "without")
     assert traces(text, _person_forms(export, gone)) == []
@@ -294,21 +290,12 @@ def test_real_exports_leave_no_trace_and_keep_everyone_elses_coverage(
     assert after["totals"]["human_messages"] == before["totals"]["human_messages"] - _human_messages_of(
         export, {gone}
     )
-    reached_before, reached_after = _reached(entries_before), _reached(entries_after)
-    others_before = {m for m, writer in reached_before.items() if writer != gone}
-    assert set(reached_after) <= others_before
-    with_them: set[str] = set()  # conversations (window groups) in which the person spoke
-    group_of: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for e in entries_before:
-        group = window_group(e["record"])
-        if gone in e["users"]:
-            with_them.add(group)
-        for c, ts, _ in e["messages"]:
-            group_of[(c, ts)].add(group)
-    lost = others_before - set(reached_after)
-    assert all(group_of[m] & with_them for m in lost)
+    others_reached, lost, with_them = bench.lost_and_with_them(runs)
+    reached_before, reached_after = bench.reached(runs.entries_before), bench.reached(runs.entries_after)
+    assert set(reached_after) <= others_reached
+    assert lost == with_them
     # The report's own measurement agrees with the provenance.
     assert after["totals"]["covered_messages"] == len(reached_after)
     assert before["totals"]["covered_messages"] == len(reached_before)
-    for e in entries_after:
+    for e in runs.entries_after:
         assert gone not in e["users"] and gone not in e["mentions"]
