@@ -97,7 +97,7 @@ def forget(user: str, data_dir: str | Path, *, export: str | Path | None = None)
         where = src.where("users.json")
         ids = resolve_people([user], users, flag="forget", salt=ref.id, where=where)
     cfg = _recorded_config(data_dir)
-    personas = [p for p in persona_names(cfg.persona) if not (resolve_ids(p, users, ref.id) & ids)]
+    personas = [p for p in persona_names(cfg.persona) if not (_persona_ids(p, users, ref.id) & ids)]
     if cfg.persona and not personas:
         raise SlackdistError(
             f"{data_dir}: prepared to answer as {user!r} (--as); forgetting them leaves no persona: "
@@ -113,7 +113,7 @@ def forget(user: str, data_dir: str | Path, *, export: str | Path | None = None)
     return Forgotten(tuple(sorted(ids)), before, report.totals["records"])
 
 
-def resolve_ids(name: str, users: dict[str, UserInfo], salt: str) -> frozenset[str]:
+def _persona_ids(name: str, users: dict[str, UserInfo], salt: str) -> frozenset[str]:
     """The user ids a persona name stands for (none when it names no user: then it is a speaker name)."""
     try:
         return resolve_people([name], users, flag="--as", salt=salt, where="users.json")
