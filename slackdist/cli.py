@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from slackdist.config import ConfigError, add_section_args, config_from_args
 from slackdist.errors import SlackdistError
 from slackdist.files import interrupt_exit_code, interrupted, sigterm_interrupts
+from slackdist.offline import command_models, set_private_defaults
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "phi3")
 """`slackdist tiny-model --family` (`slackdist.model.tiny.FAMILIES`, named here so --help stays light)."""
@@ -41,6 +42,11 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
     "eval": ("slackdist.eval", ("chat",), "Held-out loss/perplexity and sample replies, base vs tuned"),
     "serve": ("slackdist.serve", ("chat", "serve"), "OpenAI-compatible /v1/chat/completions server"),
+    "forget": (
+        "slackdist.forget",
+        (),
+        "Take a person out of a prepared dataset; list the models trained on data that holds them",
+    ),
     "export": (
         "slackdist.export_gguf",
         ("export",),
@@ -80,6 +86,11 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="Merged dtype")
     elif name == "chat":
         p.add_argument("--prompt", default=None, help="Answer this once and exit")
+    elif name == "forget":
+        p.add_argument("user", help="The person: display, real or user name, user id or e-mail (users.json)")
+        p.add_argument("--data", required=True, help="Prepared data folder to rewrite without them")
+        p.add_argument("--export", default=None, help="The export (default: where the provenance says)")
+        p.add_argument("--models", default=None, help="List the model folders under this root that hold them")
     elif name == "eval":
         p.add_argument(
             "--data", default=None, help="Prepared data folder with test.jsonl (default: from training)"
@@ -120,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writes_output = args.command in OUTPUT_COMMANDS
     try:
         cfg = config_from_args(args)
+        set_private_defaults(command_models(args.command, args, cfg))  # before torch & co. are imported
         with sigterm_interrupts() if writes_output else contextlib.nullcontext():
             return int(_load_main(args.command)(args, cfg) or 0)
     except (ConfigError, SlackdistError) as e:

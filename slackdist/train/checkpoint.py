@@ -6,12 +6,13 @@
     OUT/slackdist_config.yaml, slackdist_inference.json   the resolved config and how to prompt the model
     OUT/trainer_state.json                                where training ended
     OUT/metrics.jsonl, loss.png, runs/                    metrics (`slackdist.train.metrics`), TensorBoard
+    OUT/provenance.jsonl                                  whose messages the data holds (`slackdist.data.provenance`)
     OUT/best/                                             the best-eval adapter (+ eval.json)
     OUT/checkpoints/step-000100/                          a checkpoint (below): the newest K and the best
     OUT/merged/                                           with train.merge_after_training
 
 While a run runs it writes only its records into OUT (`RUN_RECORDS`: checkpoints/, runs/,
-metrics.jsonl, best/), each folder renamed into place whole; an earlier run's final output at OUT's
+metrics.jsonl, best/, provenance.jsonl), each folder renamed into place whole; an earlier run's final output at OUT's
 root stays as it was. At the end the final output (adapter, tokenizer, config, model info, trainer
 state, loss plot, merged/) is built in a temporary folder next to OUT, the records are hard-linked
 into it, and it replaces OUT by one rename (`OutputFolder.install_final`, `slackdist.files`): OUT
@@ -80,7 +81,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from slackdist.config import Config, save_config
-from slackdist.data.records import format_system_prompt
+from slackdist.data.provenance import PROVENANCE_FILE, copy_provenance
+from slackdist.data.records import format_system_prompt, persona_label, persona_names
 from slackdist.errors import SlackdistError, first_line
 from slackdist.files import (
     Stage,
@@ -554,21 +556,34 @@ class PreemptionFlag:
 # ------------------------------------------------------------------ model folders
 
 
-def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
-    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+def _prepared(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         report = json.loads((Path(data_dir) / PREPARE_REPORT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    workspace = report.get("workspace") if isinstance(report, dict) else None
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
+    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+    workspace = _prepared(data_dir).get("workspace")
     return workspace if isinstance(workspace, str) and workspace else None
+
+
+def prepared_persona(data_dir: str | os.PathLike[str]) -> str | None:
+    """The ``--as`` that `prepare` made the records with (its report.json), if any."""
+    config = _prepared(data_dir).get("config")
+    persona = config.get("persona") if isinstance(config, dict) else None
+    return persona if isinstance(persona, str) and persona else None
 
 
 def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
     """How the trained model is prompted: training's system prompt for #general (the template and
-    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack")
-    and the chat template its tokenizer renders."""
+    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack";
+    the persona(s) of `data.persona`, else of the prepared data) and the chat template its tokenizer
+    renders."""
     workspace = cfg.data.workspace or prepared_workspace(cfg.train.data_dir) or UNKNOWN_WORKSPACE
+    personas = persona_names(cfg.data.persona or prepared_persona(cfg.train.data_dir))
 
     def prompt(persona: str | None) -> str:
         return format_system_prompt(
@@ -579,12 +594,13 @@ def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
         workspace=workspace,
         system_prompt=prompt(None),
         persona_system_prompt=prompt(PERSONA_PLACEHOLDER),
-        persona=cfg.data.persona,
+        persona=persona_label(personas) or None,
         chat_template=chat_template_name(tokenizer),
+        personas=personas,
     )
 
 
-RUN_RECORDS = (CHECKPOINTS, RUNS_DIR, METRICS_FILE, BEST)
+RUN_RECORDS = (CHECKPOINTS, RUNS_DIR, METRICS_FILE, BEST, PROVENANCE_FILE)
 """What a run writes into OUT while it runs (and a resumed run continues); the rest of OUT is the
 final output, installed with them in one rename at the end (`OutputFolder.install_final`)."""
 OUTPUT_MARKERS = (CHECKPOINTS, CONFIG_FILE, INFO_FILE, METRICS_FILE, RUNS_DIR, BEST)
@@ -629,10 +645,12 @@ class OutputFolder:
         """The final output being built (main process, from `save_final` to `install_final`)."""
 
     def create(self) -> None:
-        """Make OUT (main process). An earlier run's final output at its root stays whole until this
-        run's replaces it (`install_final`); each checkpoint carries this run's config."""
+        """Make OUT (main process) and copy the data's provenance into it: from the first checkpoint
+        on, OUT says whose messages it is trained on. An earlier run's final output at its root stays
+        whole until this run's replaces it (`install_final`); each checkpoint carries this run's config."""
         if self.topology.is_main_process:
             self.path.mkdir(parents=True, exist_ok=True)
+            copy_provenance(Path(self.cfg.train.data_dir) / PROVENANCE_FILE, self.path)
 
     def _describe(self, folder: Path) -> None:
         """What makes a model folder loadable alone: tokenizer, config, model info (main process)."""
@@ -778,12 +796,12 @@ class OutputFolder:
         stage = self.final
         if stage is None or stage.path is None:
             raise RuntimeError("install_final before save_final")
-        if self.cfg.train.merge_after_training:
-            merge_adapter(stage.path, stage.path / MERGED_DIR, max_shard_size=self.cfg.train.max_shard_size)
         for name in RUN_RECORDS:
             source = self.path / name
             if (source.exists() or source.is_symlink()) and (name != BEST or keep_best):
                 link_into(source, stage.path / name)
+        if self.cfg.train.merge_after_training:  # after the records: merged/ takes the provenance
+            merge_adapter(stage.path, stage.path / MERGED_DIR, max_shard_size=self.cfg.train.max_shard_size)
         stage.install()
         self.final = None
 

@@ -5,7 +5,8 @@ re-quantize the sum and lose most of the adapter. The result loads with plain
 `AutoModelForCausalLM.from_pretrained(MERGED)`.
 
 The merged folder describes itself like the adapter folder it came from: the training config
-(`slackdist_config.yaml`) and the model info (`slackdist_inference.json`) are copied with it.
+(`slackdist_config.yaml`) and the model info (`slackdist_inference.json`) are copied with it, and so
+is the provenance of its training data (`provenance.jsonl`: whose messages it holds, for `slackdist forget`).
 
 Tied embeddings (Llama 3.2 1B/3B) are untied when a LoRA sits on `lm_head`, and both weights are
 saved (`slackdist.model.merging`).
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from slackdist.data.provenance import copy_provenance, find_provenance
 from slackdist.errors import SlackdistError, first_line
 from slackdist.files import check_model_folder, staged_dir
 from slackdist.model.info import CONFIG_FILE, INFO_FILE, read_model_info
@@ -107,6 +109,7 @@ def merge_adapter(
         for name in (CONFIG_FILE, INFO_FILE):
             if (adapter_dir / name).is_file():
                 shutil.copyfile(adapter_dir / name, tmp / name)
+        copy_provenance(find_provenance(adapter_dir), tmp)  # whose messages the merged model holds
     return output_dir
 
 
