@@ -127,7 +127,7 @@ def test_the_real_model_learns_the_team(
     capsys.readouterr()
     assert cli_main(["eval", "--model-dir", str(out), "--data", str(prepared), "--num-samples", "1",
                      "--max-new-tokens", "24", "--temperature", "0"]) == 0  # fmt: skip
-    result = json.loads((out / "eval.json").read_text())
+    result = json.loads((out / "eval" / "eval.json").read_text())
     base, tuned = result["base"]["loss"], result["tuned"]["loss"]
     with capsys.disabled():
         print(f"\nheld-out loss: base {base:.4f}, tuned {tuned:.4f} ({tuned / base:.3f} x base)")

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slackdist.config import DataConfig
-from slackdist.data.conversations import ChannelGrouper, Conversation
+from slackdist.data.conversations import ChannelGrouper, Conversation, Turn
 from slackdist.data.output import PartWriter, SplitCounts
+from slackdist.data.provenance import entry_line
 from slackdist.data.records import RecordBuilder, Split
 from slackdist.data.report import ReportBuilder
 from slackdist.slack.clean import Cleaner
+from slackdist.slack.consent import Consent
 from slackdist.slack.export import ExportSource
 from slackdist.slack.markup import MarkupContext
 from slackdist.slack.messages import drop_reason, iter_messages
@@ -39,6 +41,7 @@ class Job:
     workspace: str
     parts: Path | None
     split: Split
+    consent: Consent | None = None  # --exclude-users / --only-users
 
 
 @dataclass
@@ -61,15 +64,17 @@ def run_channel(job: Job, src: ExportSource, index: int) -> ChannelResult:
     channel = job.channels[index]
     users = dict(job.users)
     ctx = MarkupContext.from_users(users, job.channels, emoji_unicode=cfg.emoji_unicode)
+    if job.consent is not None:
+        ctx.users = job.consent.names(ctx.users)
     report = ReportBuilder(
         export=src.name, workspace=job.workspace, persona_mode=job.builder.persona_mode, preview=cfg.preview
     )
     warnings = Warnings()
-    cleaner = Cleaner(cfg, ctx, report.redactions)
+    cleaner = Cleaner(cfg, ctx, report.redactions, job.consent)
     writer = PartWriter(job.parts, index, job.split)
     keep = _Keep(cfg.include_bots, cfg.include_bots and channel_named(channel, cfg.channels))
     try:
-        for conv in _channel_conversations(src, channel, users, warnings, cleaner, report, keep):
+        for conv in _channel_conversations(src, channel, users, warnings, cleaner, report, keep, job.consent):
             _emit(conv, job.builder, report, writer)
     finally:
         writer.close()
@@ -95,16 +100,20 @@ def _channel_conversations(
     cleaner: Cleaner,
     report: ReportBuilder,
     keep: _Keep,
+    consent: Consent | None = None,
 ) -> Iterator[Conversation]:
     """Whole conversations of one channel, counting every message's fate on the way."""
     stats = report.channel(channel.name, channel.kind)
     grouper = ChannelGrouper(channel, gap_hours=cleaner.cfg.gap_hours)
     source = None
-    for msg in iter_messages(src, channel, users, warnings):
+    for msg in iter_messages(src, channel, users, warnings, consent):
         if msg.source_file != source:
             source = msg.source_file
             report.day_files += 1
-        reason = drop_reason(msg, include_bots=keep.bots, include_feeds=keep.feeds)
+        if msg.excluded:
+            reason: str | None = "excluded_user"
+        else:
+            reason = drop_reason(msg, include_bots=keep.bots, include_feeds=keep.feeds)
         if reason == "bot" and msg.is_feed:  # for the nothing-left hint: --include-bots would not keep it
             warnings.note(FEED_NOTE)
         post = cleaner(msg) if reason is None else None
@@ -123,6 +132,16 @@ def _channel_conversations(
     report.end_channel(channel)
 
 
+def provenance_line(record_id: str, turns: list[Turn]) -> str:
+    """The provenance of one record: the messages of the turns it holds, their writers, who they mention."""
+    posts = [post for turn in turns for post in turn.posts]
+    return entry_line(
+        record_id,
+        ((post.channel_id, post.ts, post.speaker_id) for post in posts),
+        (uid for post in posts for uid in post.mentions),
+    )
+
+
 def _emit(conv: Conversation, builder: RecordBuilder, report: ReportBuilder, writer: PartWriter) -> None:
     """Window one whole conversation, build and write its records, account for it in the report."""
     plan, built = builder.build_conversation(conv)
@@ -130,4 +149,4 @@ def _emit(conv: Conversation, builder: RecordBuilder, report: ReportBuilder, wri
     for window, b in built:
         if b.record is not None:
             report.record(window, b)
-            writer.add(b.record)
+            writer.add(b.record, provenance_line(b.record["meta"]["conversation_id"], b.turns))

@@ -1,7 +1,8 @@
 """Where `prepare`'s files go: per-channel part files, joined into train/validation/test.jsonl.
 
-Everything is written into ``DIR.tmp-XXXX`` next to DIR (:class:`Staging`) and moved into place at
-the end, so an error or Ctrl-C leaves nothing behind and DIR never holds half-written files.
+Everything is written into ``DIR.tmp-XXXX`` next to DIR (:class:`Staging`) and renamed into DIR's
+place whole at the end (`slackdist.files.install_dir`), so an error, Ctrl-C or SIGTERM leaves nothing
+behind and DIR never holds half-written files or a mix of two runs.
 
 Each channel writes its own part files (``parts/<channel index>.<split>``, :class:`PartWriter`), so
 channels can be processed in parallel and still be joined in channel order. A record whose split
@@ -12,7 +13,6 @@ the others (by time) go into a spool that is routed once every conversation's st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from slackdist.data.interrupts import interrupts_deferred
+from slackdist.data.provenance import PROVENANCE_FILE
 from slackdist.data.records import SPLIT_NAMES, Split, group_of
 from slackdist.errors import SlackdistError
+from slackdist.files import install_dir
 
 # Same bytes as json.dumps(record, ensure_ascii=False); one encoder instead of a new one per record.
 _RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False)
@@ -76,7 +78,8 @@ class PartWriter:
             fh = self._files[suffix] = open(self.parts / f"{self.index:06d}.{suffix}", "w", encoding="utf-8")  # noqa: SIM115
         return fh
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any], provenance: str | None = None) -> None:
+        """Write one record (and its provenance line, which goes to the channel's ``.prov`` part)."""
         group = group_of(record)
         if group in self._group_split:
             split = self._group_split[group]
@@ -98,6 +101,8 @@ class PartWriter:
         fh = self._file(suffix)
         if fh is not None:
             fh.write(_RECORD_ENCODER.encode(record) + "\n")
+        if provenance is not None and (prov := self._file("prov")) is not None:
+            prov.write(provenance)
 
     def close(self) -> None:
         for fh in self._files.values():
@@ -128,6 +133,7 @@ class Staging:
         self.folder: Path | None = None
         self._created: list[Path] = []
         self._outs: list[IO[bytes]] = []
+        self._provenance: IO[bytes] | None = None
         self._joined = 0  # channels appended so far
 
     def __enter__(self) -> Staging:
@@ -148,16 +154,28 @@ class Staging:
         """Where the channels write their part files (None on a dry run)."""
         return None if self.folder is None else self.folder / "parts"
 
+    def begin_provenance(self, header: str) -> None:
+        """Start provenance.jsonl with its header (before the first :meth:`join`); each channel's
+        provenance lines are then appended in channel order, like its records."""
+        if self.folder is None:
+            return
+        assert self._joined == 0 and self._provenance is None
+        self._provenance = open(self.folder / PROVENANCE_FILE, "wb")  # noqa: SIM115
+        self._provenance.write(header.encode("utf-8"))
+
     def join(self, index: int) -> None:
         """Channel ``index`` is done, and so is every channel before it: append its final part files."""
         if self.folder is None:
             return
         assert index == self._joined
-        for split, name in enumerate(SPLIT_NAMES):
+        outs = list(zip(SPLIT_NAMES, self._outs, strict=True))
+        if self._provenance is not None:
+            outs.append(("prov", self._provenance))
+        for name, out in outs:
             part = self.folder / "parts" / f"{index:06d}.{name}"
             if part.exists():  # bytes straight from the part file: no decoding and re-encoding
                 with open(part, "rb") as f:
-                    shutil.copyfileobj(f, self._outs[split], 1 << 20)
+                    shutil.copyfileobj(f, out, 1 << 20)
                 part.unlink()
         self._joined += 1
 
@@ -182,10 +200,11 @@ class Staging:
         (self.folder / name).write_text(text, encoding="utf-8")
 
     def install(self) -> None:
-        """Move the finished files into DIR: DIR gets every new file or keeps every old one."""
+        """Rename the finished folder into DIR's place, replacing it whole (`slackdist.files.install_dir`):
+        DIR holds every new file or every old one, never a mix."""
         assert self.folder is not None and self.out is not None
         with interrupts_deferred():
-            _install(self.folder, self.out)
+            install_dir(self.folder, self.out)
             self.folder = None
 
     def __exit__(self, *exc: object) -> None:
@@ -201,6 +220,8 @@ class Staging:
     def _close(self) -> None:
         for fh in self._outs:
             fh.close()
+        if self._provenance is not None:
+            self._provenance.close()
 
 
 def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
@@ -213,13 +234,3 @@ def _make_temp_dir(out: Path) -> tuple[Path, list[Path]]:
     for folder in reversed(created):
         folder.mkdir()
     return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent)), created
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished files into place: the folder itself when new, else file by file (each atomic)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    for path in sorted(tmp.iterdir()):
-        os.replace(path, out / path.name)
-    tmp.rmdir()

@@ -1,11 +1,12 @@
 """`slackdist prepare EXPORT --out DIR`: a Slack export becomes train/validation/test JSONL and a report.
 
 The recipe, top to bottom in :func:`prepare`: open the export and read its users and channels
-(``slack/``), then run every channel through the pipeline (``channel.py``: read -> clean -> group
--> window -> record), in worker processes (``workers.py``), merging each channel's report in channel
-order; decide the split once every conversation is known (``records.Split``), and write the
-splits, the report and the plots into a temporary folder that is moved into DIR at the end
-(``output.py``), so an error leaves nothing behind and DIR never holds half-written files.
+(``slack/``) and who is left out (``slack/consent.py``: ``--exclude-users``, ``--only-users``), then
+run every channel through the pipeline (``channel.py``: read -> clean -> group -> window -> record),
+in worker processes (``workers.py``), merging each channel's report in channel order; decide the
+split once every conversation is known (``records.Split``), and write the splits, their provenance
+(``provenance.py``), the report and the plots into a temporary folder that is moved into DIR at the
+end (``output.py``), so an error leaves nothing behind and DIR never holds half-written files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,28 @@ from slackdist.data.canaries import CANARIES_FILE, plant_canaries
 from slackdist.data.channel import FEED_NOTE, Job
 from slackdist.data.interrupts import forget_interrupt_in_exec
 from slackdist.data.output import SplitCounts, Staging
-from slackdist.data.records import SPLIT_NAMES, PersonaMatcher, RecordBuilder, Split, load_token_counter
+from slackdist.data.provenance import PROVENANCE_FILE, export_identity, header_line
+from slackdist.data.records import (
+    SPLIT_NAMES,
+    PersonaMatcher,
+    RecordBuilder,
+    Split,
+    load_token_counter,
+    persona_names,
+)
 from slackdist.data.report import ReportBuilder, percent, render_markdown, report_json, write_plots
 from slackdist.data.workers import channel_results, in_channel_order
 from slackdist.errors import SlackdistError
+from slackdist.files import check_output_dir, interrupt_exit_code, interrupted
+from slackdist.slack.consent import Consent, hashed_user_id, resolve_people
 from slackdist.slack.days import count_day_files, count_messages
 from slackdist.slack.export import ExportSource, open_export
 from slackdist.slack.metadata import Channel, UserInfo, list_channels, load_users
 from slackdist.slack.warnings import Warnings
 
-OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md")
+OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md", PROVENANCE_FILE)
+OUTPUT_MARKERS = ("report.json", "train.jsonl")
+"""A folder with one of these is an earlier output, replaced without --overwrite."""
 
 
 @dataclass
@@ -56,23 +69,30 @@ class Report:
 
 
 def prepare(
-    export: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None, cfg: DataConfig
+    export: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None,
+    cfg: DataConfig,
+    *,
+    overwrite: bool = False,
 ) -> Report:
     """Run the whole data build; write DIR/{train,validation,test}.jsonl, report.json/.md and plots.
 
     Args:
         export: export folder or .zip.
-        out_dir: output folder (None only with ``cfg.dry_run``); its files are replaced atomically.
-        cfg: the data section of the config. ``cfg.persona`` implies persona roles.
+        out_dir: output folder (None only with ``cfg.dry_run``); replaced whole by one rename.
+        cfg: the data section of the config. ``cfg.persona`` (one name or several, comma-separated)
+            implies persona roles; ``cfg.exclude_users`` / ``cfg.only_users`` leave people out.
+        overwrite: replace ``out_dir`` even when it is non-empty and not an earlier output.
 
     Returns:
         The report.
 
     Raises:
-        SlackdistError: bad input (one line naming the file), no conversation left, or a warning
-            under ``cfg.strict``. Nothing is written then.
-        KeyboardInterrupt: Ctrl-C; the workers are stopped, the temporary folder is removed and DIR is
-            left as it was.
+        SlackdistError: bad input (one line naming the file), a person named that users.json does
+            not have, no conversation left, a warning under ``cfg.strict``, or a DIR that is not ours
+            (`check_output_dir`). Nothing is written then.
+        KeyboardInterrupt: Ctrl-C (or SIGTERM, under `slackdist.files.sigterm_interrupts`); the workers
+            are stopped, the temporary folder is removed and DIR is left as it was.
     """
     started = time.perf_counter()
     if cfg.persona and cfg.roles != "persona":
@@ -80,6 +100,10 @@ def prepare(
     out = None if cfg.dry_run or out_dir is None else Path(out_dir)
     if out is None and not cfg.dry_run:
         raise SlackdistError("--out DIR is required (or use --dry-run)")
+    if out is not None:
+        check_output_dir(
+            out, markers=OUTPUT_MARKERS, what="a prepared data folder", overwrite=overwrite, inputs=[export]
+        )
     staging = Staging(out)
     split = Split.from_config(cfg)
     counter = load_token_counter(cfg.tokenizer)
@@ -88,6 +112,14 @@ def prepare(
         # Setup: who is who, which channels, how records are built.
         users = load_users(src, warnings)
         _strict(cfg, warnings)
+        identity = export_identity(src)
+        consent = Consent.build(
+            users,
+            exclude=cfg.exclude_users,
+            only=cfg.only_users,
+            salt=identity,
+            where=src.where("users.json"),
+        )
         private: list[Channel] = []
         channels = list_channels(
             src,
@@ -100,15 +132,19 @@ def prepare(
         )
         if not channels:
             raise SlackdistError(_nothing_left(src, None, cfg, private))
+        if consent is not None:  # a group DM's folder name holds its members' user names
+            channels = [replace(c, name=consent.scrub(c.name)) for c in channels]
         workspace = cfg.workspace or src.name
-        persona = resolve_persona(cfg.persona, users) if cfg.persona else None
-        builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona)
+        personas = [resolve_persona(name, users) for name in persona_names(cfg.persona)]
+        _check_personas(personas, consent, src)
+        builder = RecordBuilder(cfg, workspace=workspace, counter=counter, persona=personas or None)
         report = ReportBuilder(
             export=src.name, workspace=workspace, persona_mode=builder.persona_mode, preview=cfg.preview
         )
         with staging:
             # Every channel through the pipeline, merged in channel order.
-            job = Job(Path(export), cfg, users, channels, builder, workspace, staging.parts, split)
+            job = Job(Path(export), cfg, users, channels, builder, workspace, staging.parts, split, consent)
+            staging.begin_provenance(header_line(identity, src.name, export))
             counts = SplitCounts()
             workers = cfg.workers or os.cpu_count() or 1
             with (
@@ -127,8 +163,8 @@ def prepare(
             assign = split.assign(counts.starts)
             report.splits.update(dict(zip(SPLIT_NAMES, counts.totals(assign), strict=True)))
             data = report.finish(
-                warnings=_warnings_summary(warnings),
-                config=asdict(cfg),
+                warnings=_warnings_summary(warnings, consent),
+                config=_recorded_config(cfg, users, identity),
                 output=None if out is None else str(out),
                 seconds=time.perf_counter() - started,
             )
@@ -153,6 +189,27 @@ def resolve_persona(name: str, users: dict[str, UserInfo]) -> PersonaMatcher:
         if key in {n.casefold() for n in (u.id, u.name, u.real_name, u.display_name, u.username) if n}
     )
     return PersonaMatcher(name.strip().lstrip("@"), ids)
+
+
+def _check_personas(personas: list[PersonaMatcher], consent: Consent | None, src: ExportSource) -> None:
+    """A persona cannot be someone the dataset leaves out."""
+    for persona in personas:
+        if consent is not None and any(consent.excludes(uid) for uid in persona.user_ids):
+            raise SlackdistError(
+                f"{src.path}: --as {persona.name!r} is left out by --exclude-users / --only-users"
+            )
+
+
+def _recorded_config(cfg: DataConfig, users: dict[str, UserInfo], identity: str) -> dict[str, Any]:
+    """The config as report.json records it: the people named by --exclude-users and --only-users as
+    keyed hashes of their user ids (``Consent``), so the report names nobody it leaves out, while
+    `prepare` and `forget`, given the same export, can read the list back (``sha256:...`` is a name)."""
+    recorded = asdict(cfg)
+    for key, flag in (("exclude_users", "--exclude-users"), ("only_users", "--only-users")):
+        if recorded[key]:
+            ids = resolve_people(recorded[key], users, flag=flag, salt=identity, where="users.json")
+            recorded[key] = sorted(hashed_user_id(identity, uid) for uid in ids)
+    return recorded
 
 
 def _strict(cfg: DataConfig, warnings: Warnings) -> None:
@@ -205,12 +262,15 @@ def _left_out(
     return hints
 
 
-def _warnings_summary(warnings: Warnings) -> dict[str, Any]:
+def _warnings_summary(warnings: Warnings, consent: Consent | None = None) -> dict[str, Any]:
     summary = warnings.summary()
+    examples = [e for examples in summary["examples"].values() for e in examples]
+    if consent is not None:  # a path names a group DM's folder, which holds its members' user names
+        examples = [consent.scrub(e) for e in examples]
     return {
         "count": warnings.total,
         "by_kind": summary["counts"],
-        "examples": [e for examples in summary["examples"].values() for e in examples],
+        "examples": examples,
         "notes": summary["notes"],
     }
 
@@ -258,6 +318,9 @@ def summary_lines(report: Report) -> list[str]:
         f"turn, conversations kept whole {percent(q['conversations_kept_whole_ratio'])}, "
         f"threads kept whole {percent(q['threads_kept_whole_ratio'])}",
     ]
+    left_out = report.data["dropped"].get("excluded_user")
+    if left_out:
+        lines.append(f"left out {left_out} messages of the people --exclude-users / --only-users leave out")
     if report.data.get("split_warning"):
         lines.append(f"warning: {report.data['split_warning']}")
     if report.data["warnings"]["count"]:
@@ -288,12 +351,12 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.out is None and not data.dry_run:
         raise SlackdistError("--out DIR is required (or use --dry-run to print the report only)")
     try:
-        report = prepare(args.export, args.out, data)
-    except KeyboardInterrupt:
+        report = prepare(args.export, args.out, data, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
         forget_interrupt_in_exec()
         kept = f"; {args.out} is as it was" if args.out is not None and Path(args.out).exists() else ""
-        print(f"slackdist prepare: interrupted, nothing written{kept}", file=sys.stderr)
-        return 130
+        print(f"slackdist prepare: {interrupted(e)}, nothing written{kept}", file=sys.stderr)
+        return interrupt_exit_code(e)
     if data.dry_run:
         print(report.markdown())
     print("\n".join(summary_lines(report)))

@@ -27,6 +27,7 @@ def _worker_main(job: Job, conn: Connection) -> None:
     # Ctrl-C reaches every process of the terminal's process group; only the parent handles it (it stops
     # the workers), so no worker prints a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ends it; not the clean-up handler it was forked with
     with ExitStack() as stack:
         try:  # each worker opens the export itself: a zip's file handle must not be shared by processes
             src, failure = stack.enter_context(open_export(job.export)), None
@@ -78,7 +79,10 @@ def channel_results(job: Job, src: ExportSource, workers: int) -> Iterator[Itera
     finally:
         for proc in procs:
             if proc.is_alive():
-                proc.terminate()
+                # SIGKILL, not SIGTERM: a worker forked while the parent held SIGTERM (interrupts_deferred)
+                # has that holding handler until its first line runs, and would swallow a SIGTERM. It has
+                # nothing to clean up: its part files are in the temporary folder the parent removes.
+                proc.kill()
         for proc in procs:
             proc.join()
         for conn in conns:

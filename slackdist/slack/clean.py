@@ -12,10 +12,12 @@ into conversations): nothing after this step sees raw mrkdwn or an unredacted se
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from slackdist.config import DataConfig
+from slackdist.slack.consent import Consent
 from slackdist.slack.markup import MarkupContext, clean_text, code_blocks, decode_entities, format_reactions
 from slackdist.slack.messages import Message
 from slackdist.slack.redact import Redactor
@@ -38,6 +40,7 @@ class Post:
         source: day file it came from (posts of one file are re-sorted by ts).
         channel_id: the channel it was read from (kept so mixing channels stays measurable).
         reply_count: on a thread parent, how many replies the export says it has (0: unknown).
+        mentions: user ids its text mentions (``<@U123>``), left-out people's never (for provenance).
     """
 
     ts: str
@@ -50,6 +53,7 @@ class Post:
     channel_id: str = ""
     reply_count: int = 0
     code_redacted: tuple[bool, ...] = ()
+    mentions: tuple[str, ...] = ()
     time: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +67,7 @@ class Post:
         code: tuple[str, ...],
         speaker: str,
         code_redacted: tuple[bool, ...],
+        mentions: tuple[str, ...] = (),
     ) -> Post:
         """The post of a message, with its cleaned, redacted ``text`` and ``speaker`` name."""
         ts, thread_ts = msg.ts, msg.thread_ts
@@ -78,6 +83,7 @@ class Post:
             msg.channel.id,
             msg.reply_count if thread_ts == ts else 0,
             code_redacted,
+            mentions,
         )
 
     @property
@@ -85,12 +91,23 @@ class Post:
         return self.thread_ts == self.ts
 
 
-class Cleaner:
-    """Raw Message -> cleaned, redacted Post (mentions, links, emoji, files, reactions, speaker name)."""
+_MENTION_RE = re.compile(r"<@([^|>\s]+)")
 
-    def __init__(self, cfg: DataConfig, ctx: MarkupContext, redactions: Counter) -> None:
+
+class Cleaner:
+    """Raw Message -> cleaned, redacted Post (mentions, links, emoji, files, reactions, speaker name).
+
+    With a ``consent``, left-out people's names, ids and e-mails typed into the text (code too) are
+    replaced (``Consent.scrub``), and mentions of them are ``@someone`` (``ctx`` should use
+    ``Consent.names``).
+    """
+
+    def __init__(
+        self, cfg: DataConfig, ctx: MarkupContext, redactions: Counter, consent: Consent | None = None
+    ) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.consent = consent
         self.redactor = Redactor(keep_emails=cfg.keep_emails, keep_phones=cfg.keep_phones)
         self.redactions = redactions
         self._names: dict[str, tuple[str, Counter]] = {}  # display name -> (redacted, what was redacted)
@@ -111,6 +128,8 @@ class Cleaner:
             text = "\n".join(parts)
         if not text:
             return None
+        if self.consent is not None:
+            text = self.consent.scrub(text)
         full = self.redactor.redact_into(text, self.redactions)
         code: tuple[str, ...] = ()
         changed: tuple[bool, ...] = ()
@@ -118,11 +137,21 @@ class Cleaner:
             # What the report checks the records against: each block as written, entities decoded,
             # before redaction (a block that held a secret is then reported as changed, "redacted").
             code = tuple(decode_entities(b) for b in code_blocks(raw))
-            changed = tuple(self.redactor.redact(b)[0] != b for b in code)
+            changed = tuple(self._cleared(b) != b for b in code)
         # The display name goes through the same redactor (an e-mail or phone number as a name).
         name = self._names.get(msg.user_name)
         if name is None:
             name = self._names[msg.user_name] = self.redactor.redact(msg.user_name)
         if name[1]:
             self.redactions.update(name[1])
-        return Post.from_message(msg, full, code, name[0], changed)
+        mentions = self._mentions(raw) if "<@" in raw else ()
+        return Post.from_message(msg, full, code, name[0], changed, mentions)
+
+    def _cleared(self, block: str) -> str:
+        """A code block after redaction and consent's scrubbing (to tell why it is not intact)."""
+        block = self.redactor.redact(block)[0]
+        return block if self.consent is None else self.consent.scrub(block)
+
+    def _mentions(self, raw: str) -> tuple[str, ...]:
+        ids = dict.fromkeys(m.strip() for m in _MENTION_RE.findall(raw))
+        return tuple(i for i in ids if i and not (self.consent is not None and self.consent.excludes(i)))

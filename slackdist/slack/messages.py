@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from slackdist.slack.consent import Consent
 from slackdist.slack.content import fallback_text, file_names, reactions
 from slackdist.slack.days import day_files, load_day_file
 from slackdist.slack.export import ExportSource
@@ -40,6 +41,7 @@ class Message:
     source_file: str = ""  # the day file it came from (for errors and reports)
     reply_count: int = 0  # replies the export says a thread parent has (0 when unknown)
     is_feed: bool = False  # a bot post that is an integration's card, not a turn (see drop_reason)
+    excluded: bool = False  # by a person left out (--exclude-users / --only-users): never a turn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +143,7 @@ def iter_messages(
     channel: Channel,
     users: dict[str, UserInfo],
     warnings: Warnings,
+    consent: Consent | None = None,
 ) -> Iterator[Message]:
     """Every message of a channel, day file by day file in date order, ts order within a file.
 
@@ -150,8 +153,11 @@ def iter_messages(
     parts of a message of the wrong JSON type (``attachments``, ``fields``, ``blocks``, ``elements``,
     ``files``, ``reactions`` ...) are skipped with a counted ``malformed_item`` warning that describes
     the part (its key and JSON type), never quotes it.
+
+    With a ``consent``, a left-out person's message comes with ``excluded`` set and nothing of its
+    content; other messages lose what they hold of left-out people (``Consent.scrub_item``).
     """
-    parser = _DayParser(channel, users, warnings, src.limits.max_depth)
+    parser = _DayParser(channel, users, warnings, src.limits.max_depth, consent)
     if src.other_files.get(channel.folder):
         warnings.note("non_day_files_skipped", src.other_files[channel.folder])
     for rel in day_files(src, channel):
@@ -169,10 +175,15 @@ def _ts_key(message: Message) -> float:
 class _DayParser:
     """Raw JSON message -> Message, for one channel; ``where`` names the day file being read."""
 
-    __slots__ = ("channel", "users", "warnings", "where", "unknown_seen", "problems", "max_depth")
+    __slots__ = ("channel", "users", "warnings", "where", "unknown_seen", "problems", "max_depth", "consent")
 
     def __init__(
-        self, channel: Channel, users: dict[str, UserInfo], warnings: Warnings, max_depth: int = 32
+        self,
+        channel: Channel,
+        users: dict[str, UserInfo],
+        warnings: Warnings,
+        max_depth: int = 32,
+        consent: Consent | None = None,
     ) -> None:
         self.channel = channel
         self.users = users
@@ -181,6 +192,7 @@ class _DayParser:
         self.unknown_seen: set[str] = set()
         self.problems: list[str] = []  # malformed parts of the message being parsed (see _flush)
         self.max_depth = max_depth
+        self.consent = consent
 
     def parse(self, item: Any, index: int = 0) -> Message | None:
         if type(item) is not dict:
@@ -198,6 +210,11 @@ class _DayParser:
             self.warnings.add("bad_ts", self.where, detail)
             return None
         problems = self.problems
+        if self.consent is not None:
+            if self.consent.excludes(get("user")):
+                return self._excluded(item, ts)
+            item = self.consent.scrub_item(item)
+            get = item.get
         subtype = get("subtype") or None
         if subtype is not None and _label(subtype) is None:
             problems.append(f"subtype is {describe(subtype)}, not a Slack subtype name; message dropped")
@@ -234,6 +251,12 @@ class _DayParser:
         if problems:
             self._flush(ts)
         return message
+
+    def _excluded(self, item: dict[str, Any], ts: str) -> Message:
+        """A left-out person's message: only where it sits (a thread's reply count needs it), no content."""
+        threaded = "thread_ts" in item or "replies" in item or "root" in item or "reply_count" in item
+        thread_ts = _thread_ts(item, ts, []) if threaded else None
+        return Message(self.channel, ts, thread_ts, None, "", "", source_file=self.where, excluded=True)
 
     def _flush(self, ts: str) -> None:
         for problem in self.problems:

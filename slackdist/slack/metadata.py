@@ -48,6 +48,7 @@ class UserInfo:
     username: str = ""
     is_bot: bool = False
     deleted: bool = False
+    email: str = ""
 
 
 def _read_json_list(src: ExportSource, rel: str, warnings: Warnings | None) -> list[dict[str, Any]]:
@@ -93,6 +94,7 @@ def user_from_dict(user: dict[str, Any]) -> UserInfo | None:
         username=username,
         is_bot=bool(user.get("is_bot") or user.get("is_app_user")) or uid == SLACKBOT_ID,
         deleted=bool(user.get("deleted")),
+        email=clean_str(profile.get("email")),
     )
 
 
