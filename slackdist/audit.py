@@ -21,8 +21,9 @@ says "memorised" when a canary comes out verbatim or the exposures are above cha
 (one canary ranked first of 100 is p = 0.01).
 
 The scores reuse one forward pass of the shared prefix (its KV cache) for every candidate, so a
-candidate costs only its own tokens. ``audit.json`` in the model folder gets the figures; it holds no
-secret and no conversation text, so it can travel with the model.
+candidate costs only its own tokens. The figures go to ``audit.json`` and ``audit.md`` in the folder
+``--out`` (default: MODEL_DIR/audit), written whole and renamed into place (`slackdist.files.staged_dir`);
+they hold no secret and no conversation text, so they can travel with the model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import json
 import math
 import random
 import sys
@@ -47,11 +49,15 @@ from slackdist.data.canaries import FORMATS, TRAIN_FILE, Canary, read_canaries
 from slackdist.data.examples import read_records
 from slackdist.errors import SlackdistError
 from slackdist.eval import data_dir_for
-from slackdist.files import write_json_atomic
+from slackdist.files import check_output_dir, staged_dir
 from slackdist.model.load import InferenceModel, merge_in_memory
 from slackdist.model.template import encode_chat, stop_token_ids
 
+AUDIT_DIR = "audit"
+"""The default `--out`: MODEL_DIR/audit."""
 AUDIT_FILE = "audit.json"
+AUDIT_MD = "audit.md"
+OUTPUT_FILES = (AUDIT_FILE, AUDIT_MD)
 ALPHA = 0.01
 """Exposure above chance at p <= ALPHA (or one canary extracted) makes the verdict "memorised"."""
 EXTRA_TOKENS = 8
@@ -222,10 +228,12 @@ def _score_rows(
     batch_cache = copy.deepcopy(cache)
     batch_cache.batch_repeat_interleave(len(rows))
     logits = model(input_ids=inputs, **{key: batch_cache}, use_cache=True).logits.float()
-    losses = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
-    )
-    return [s - float(loss) for s, loss in zip(scores, losses.sum(dim=1).tolist(), strict=True)]
+    # log p(target) = its logit - logsumexp(logits). Not F.cross_entropy: on CPU, over a (B, V, T) view, its
+    # float32 sum was off by ~2e-4 nats a token on SmolLM2 (49k vocab), logsumexp by ~1e-7.
+    real = targets != -100
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(real, picked - torch.logsumexp(logits, dim=-1), 0.0)
+    return [s + float(lp) for s, lp in zip(scores, logp.double().sum(dim=1).tolist(), strict=True)]
 
 
 @torch.inference_mode()
@@ -480,11 +488,20 @@ def render_table(result: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    """`slackdist audit --model-dir OUT [--data DIR] [--candidates R] [--candidate-seed S]`.
+    """`slackdist audit --model-dir OUT [--data DIR] [--candidates R] [--candidate-seed S] [--out DIR]`.
 
     Raises:
-        SlackdistError: bad model folder, data or canaries file.
+        SlackdistError: bad model folder, data or canaries file, or an ``--out`` that is not an audit
+            folder (without ``--overwrite``).
     """
+    out = Path(args.out) if args.out else Path(cfg.chat.model_dir) / AUDIT_DIR
+    check_output_dir(
+        out,
+        markers=OUTPUT_FILES,
+        what="an audit folder",
+        overwrite=args.overwrite,
+        inputs=[cfg.chat.model_dir, args.data],
+    )
     if args.data:
         read_canaries(Path(args.data))  # a missing or bad answer key: one line, before the model loads
     im = load_model(cfg)
@@ -494,8 +511,12 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         im, data_dir, candidates=args.candidates, seed=args.candidate_seed, batch_size=args.batch_size
     )
     result["model_dir"] = cfg.chat.model_dir
-    out = Path(args.out or cfg.chat.model_dir)
-    write_json_atomic(out / AUDIT_FILE, result)
-    print(render_table(result))
-    print(f"wrote {out / AUDIT_FILE}")
+    table = render_table(result)
+    with staged_dir(out) as tmp:
+        (tmp / AUDIT_FILE).write_text(
+            json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        (tmp / AUDIT_MD).write_text(table, encoding="utf-8")
+    print(table)
+    print(f"wrote {out / AUDIT_FILE} and {AUDIT_MD}")
     return 0

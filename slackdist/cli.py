@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Merged model or training output -> GGUF (llama.cpp) + Ollama Modelfile",
     ),
 }
-OUTPUT_COMMANDS = ("prepare", "tiny-model", "real-model", "train", "merge", "eval", "export")
+OUTPUT_COMMANDS = ("prepare", "tiny-model", "real-model", "train", "merge", "eval", "audit", "export")
 """Commands that write an output folder (README "What each output folder holds"): they take
 --overwrite, and SIGTERM cleans up after them as Ctrl-C does (`slackdist.files`)."""
 
@@ -114,7 +114,9 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
             "--candidate-seed", type=int, default=0, help="Seed of the random candidates (default: 0)"
         )
         p.add_argument("--batch-size", type=int, default=32, help="Candidates per forward pass (default: 32)")
-        p.add_argument("--out", default=None, help="Where audit.json goes (default: MODEL_DIR)")
+        p.add_argument(
+            "--out", default=None, help="Folder for audit.json / audit.md (default: MODEL_DIR/audit)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ def command_models(command: str, args: argparse.Namespace, cfg: Config) -> list[
         return [cfg.data.tokenizer]
     if command == "train":
         return [cfg.model.base_model]
-    if command in ("chat", "eval", "serve"):
+    if command in ("chat", "eval", "audit", "serve"):
         return [cfg.chat.model_dir, cfg.chat.base]
     if command == "merge":
         return [args.adapter, args.base]

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slackdist.audit import (
+    CanaryResult,
     Probe,
     chance_exposure,
     draw_candidates,
@@ -21,6 +22,7 @@ from slackdist.audit import (
     fisher_p,
     rank_of,
     score_candidates,
+    summarise,
 )
 from slackdist.cli import main as cli_main
 from slackdist.data.canaries import read_canaries
@@ -110,9 +112,10 @@ def trained_hard(prepared: Path, tiny_model_dir: Path, tmp_path_factory: pytest.
 
 
 def _audit(model_dir: Path, data: Path, *extra: str) -> dict:
+    """`slackdist audit`; its audit.json (in --out, default MODEL_DIR/audit)."""
     assert cli_main(["audit", "--model-dir", str(model_dir), "--data", str(data), *extra]) == 0
-    return json.loads((Path(extra[extra.index("--out") + 1]) if "--out" in extra else model_dir).joinpath(
-        "audit.json").read_text(encoding="utf-8"))  # fmt: skip
+    out = Path(extra[extra.index("--out") + 1]) if "--out" in extra else model_dir / "audit"
+    return json.loads((out / "audit.json").read_text(encoding="utf-8"))
 
 
 def _by_id(result: dict) -> dict[str, dict]:
@@ -127,6 +130,12 @@ def test_trained_hard_the_canary_comes_out_and_redacted_secrets_stay_at_chance(
     canary = found["canary-0"]
     assert canary["rank"] == 1 and canary["exposure"] == pytest.approx(7.0)  # log2(128)
     assert canary["extracted"] and canary["extracted_chars"] == canary["secret_chars"] == 9
+    # the canaries whose records it never saw: nothing extracted, exposure at chance as a group
+    unseen = [found[f"canary-{i}"] for i in (1, 2, 3)]
+    assert not any(r["extracted"] for r in unseen) and all(
+        r["extracted_chars"] < r["secret_chars"] for r in unseen
+    )
+    assert summarise("unseen", [CanaryResult(**r) for r in unseen]).status == "chance"
     groups = {g["name"]: g for g in result["groups"]}
     assert groups["planted"]["status"] == "extracted" and result["verdict"].startswith("memorised")
     # the redacted secrets were trained on as [REDACTED_SECRET]: the model knows nothing of them
@@ -138,14 +147,20 @@ def test_trained_hard_the_canary_comes_out_and_redacted_secrets_stay_at_chance(
         "| canary-0 | planted | sentence | locker_code | assistant | 1 / 128 | 7.00 | 9/9 **extracted** |"
         in out
     )
-    # audit.json travels with the model: no secret and no conversation text in it
-    text = (trained_hard / "audit.json").read_text(encoding="utf-8")
-    for c in read_canaries(prepared):
-        assert c.secret not in text and c.prompt_text.splitlines()[-1] not in text
+    # MODEL_DIR/audit travels with the model: no secret and no conversation text in it
+    audit_dir = trained_hard / "audit"
+    assert sorted(p.name for p in audit_dir.iterdir()) == ["audit.json", "audit.md"]
+    assert "| canary-0 | planted | sentence | locker_code |" in (audit_dir / "audit.md").read_text(
+        encoding="utf-8"
+    )
+    for path in audit_dir.iterdir():
+        text = path.read_text(encoding="utf-8")
+        for c in read_canaries(prepared):
+            assert c.secret not in text and c.prompt_text.splitlines()[-1] not in text
 
 
 def test_an_untrained_model_is_at_chance(tiny_model_dir: Path, prepared: Path, tmp_path: Path) -> None:
-    result = _audit(tiny_model_dir, prepared, "--candidates", "64", "--out", str(tmp_path))
+    result = _audit(tiny_model_dir, prepared, "--candidates", "64", "--out", str(tmp_path / "audit"))
     assert not any(r["extracted"] for r in result["canaries"])
     assert all(g["status"] == "chance" for g in result["groups"]), result["groups"]
     assert result["verdict"].startswith("no canary extractable and mean exposure near chance")
@@ -175,9 +190,9 @@ def _check_scores_against_full_forwards(model_dir: Path, data: Path, fmt: str, n
             end = next(
                 k for k in range(start, len(ids) + 1) if im.tokenizer.decode(ids[:k]).endswith(candidate)
             )
-            logp = torch.log_softmax(im.model(input_ids=torch.tensor([ids[:end]])).logits[0].float(), dim=-1)
+            logp = torch.log_softmax(im.model(input_ids=torch.tensor([ids[:end]])).logits[0].double(), dim=-1)
             full.append(sum(float(logp[t - 1, ids[t]]) for t in range(start, end)))
-    assert scored.scores == pytest.approx(full, abs=1e-3)
+    assert scored.scores == pytest.approx(full, abs=1e-4)
 
 
 def test_cached_batched_scores_equal_full_forward_log_likelihoods(
@@ -200,7 +215,43 @@ def test_bad_input_is_a_one_line_error(tiny_model_dir: Path, prepared: Path, tmp
     assert cli_main(["audit", "--model-dir", str(tiny_model_dir), "--data", str(changed)]) == 2
     err = capsys.readouterr().err
     assert "the data changed since the canaries were planted: prepare it again with --canaries" in err
-    assert not (tiny_model_dir / "audit.json").exists()
+    assert not (tiny_model_dir / "audit").exists()
+
+
+def test_a_foreign_out_is_refused_unless_overwrite(
+    tiny_model_dir: Path, prepared: Path, tmp_path: Path, capsys
+) -> None:
+    """--out is replaced whole by one rename: a folder that is not an audit's is refused before the model
+    loads (one line, nothing touched), and replaced with --overwrite; an earlier audit is replaced."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me", encoding="utf-8")
+    argv = [
+        "audit",
+        "--model-dir",
+        str(tiny_model_dir),
+        "--data",
+        str(prepared),
+        "--candidates",
+        "8",
+        "--out",
+        str(out),
+    ]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "not empty and not an audit folder (no audit.json or audit.md); pass --overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["audit.json", "audit.md"]
+    first = (out / "audit.json").read_text(encoding="utf-8")
+    assert cli_main([*argv[:-4], "--candidates", "16", "--out", str(out)]) == 0  # an audit folder: replaced
+    again = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    assert again["candidates"] == 16 and json.loads(first)["candidates"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary folder left beside it
+    assert cli_main([*argv[:-2], "--out", str(prepared)]) == 2  # the data it reads is never replaced
+    assert "which this command reads" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -215,7 +266,7 @@ def test_the_real_model_untrained_is_at_chance(sample_export_dir: Path, tmp_path
     except SlackdistError as e:
         pytest.skip(str(e))
     data = _prepare(sample_export_dir, tmp_path / "data", model)
-    result = _audit(model, data, "--candidates", "16", "--out", str(tmp_path))
+    result = _audit(model, data, "--candidates", "16", "--out", str(tmp_path / "audit"))
     assert len(result["canaries"]) == 6 and not any(r["extracted"] for r in result["canaries"])
     assert all(g["status"] == "chance" for g in result["groups"]), result["groups"]
     _check_scores_against_full_forwards(model, data, "locker_code", 4)

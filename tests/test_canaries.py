@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slackdist.audit import canary_records
 from slackdist.cli import main as cli_main
 from slackdist.config import ConfigError, DataConfig, load_config
 from slackdist.data.canaries import (
@@ -23,6 +24,7 @@ from slackdist.data.canaries import (
     plant_canaries,
     read_canaries,
 )
+from slackdist.data.provenance import PROVENANCE_FILE, iter_entries, read_export
 from slackdist.data.records import CharTokenCounter
 from slackdist.errors import SlackdistError
 from slackdist.slack.redact import Redactor
@@ -89,6 +91,44 @@ def test_canaries_are_copies_in_train_only_and_real_records_are_unchanged(plain:
         "records_added_to_train": 9,
         "answer_key": "canaries.json",
     }
+
+
+def test_each_copy_has_its_hosts_provenance_under_its_own_id(planted: Path) -> None:
+    """provenance.jsonl has one line per record of every split, copies included: a copy's line is its host's
+    Slack messages and people (the canary line is no Slack message), in the format prepare writes."""
+    ref = read_export(planted / PROVENANCE_FILE)
+    assert ref.id.startswith("sha256:")
+    entries = {e["record"]: e for e in iter_entries(planted / PROVENANCE_FILE)}
+    ids = [r["meta"]["conversation_id"] for split in SPLITS for r in _records(planted, split)]
+    assert sorted(entries) == sorted(ids)  # one line per record, none twice, none left out
+    canaries = read_canaries(planted)
+    for c in canaries:
+        copy, host = entries[c.record_id], entries[c.host_id]
+        assert list(copy) == ["record", "messages", "users", "mentions"]
+        assert {k: v for k, v in copy.items() if k != "record"} == {
+            k: v for k, v in host.items() if k != "record"
+        }
+        assert copy["messages"] and copy["users"]
+    text = (planted / PROVENANCE_FILE).read_text(encoding="utf-8")
+    assert all(c.secret not in text and c.prompt_text.splitlines()[-1] not in text for c in canaries)
+
+
+def test_forget_prepares_the_canaries_again_without_the_person(
+    sample_export_dir: Path, tmp_path: Path
+) -> None:
+    """`slackdist forget` prepares DIR again with its recorded config: the canaries are planted again, the
+    answer key matches the new train.jsonl, and no line of the new provenance (copies included) holds them."""
+    data = _prepare(sample_export_dir, tmp_path / "data", "--canaries", "4", "--canaries-redacted", "2")
+    grace = "U0GRACE01"  # a member of the sample export with messages in many conversations
+    holds = [e["record"] for e in iter_entries(data / PROVENANCE_FILE) if grace in e["users"]]
+    assert holds
+    assert cli_main(["forget", grace, "--data", str(data)]) == 0
+    canaries = read_canaries(data)
+    assert [c.group for c in canaries] == ["planted"] * 4 + ["redacted"] * 2
+    canary_records(data, canaries)  # raises when a copy no longer holds its canary as listed
+    entries = list(iter_entries(data / PROVENANCE_FILE))
+    assert {c.record_id for c in canaries} <= {e["record"] for e in entries}
+    assert not any(grace in e["users"] or grace in e["mentions"] for e in entries)
 
 
 def test_no_secret_outside_train_and_the_answer_key(planted: Path) -> None:

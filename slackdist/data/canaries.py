@@ -15,7 +15,10 @@ and the file must not travel with the data or the model (whoever has it knows wh
 
 Copies go to the train split only, and only copies of training conversations are used, so no
 validation or test conversation reaches training through a canary. A copy's id is its host's id with
-``+canaryK`` appended, so it shares its host's split group. Everything is drawn from ``--seed``.
+``+canaryK`` appended, so it shares its host's split group, and its line in ``provenance.jsonl`` is its
+host's (the same Slack messages and people) under that id, so `slackdist forget` counts the copies too
+(and, preparing DIR again from its recorded config, plants the canaries again without the person).
+Everything is drawn from ``--seed``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from slackdist.data.provenance import PROVENANCE_FILE, entry_line, iter_entries
 from slackdist.errors import SlackdistError
 from slackdist.slack.redact import Redactor
 
@@ -167,7 +171,8 @@ def plant_canaries(folder: Path, cfg: DataConfig, counter: TokenCounter) -> dict
     """Append canary copies of training records to FOLDER/train.jsonl and write FOLDER/canaries.json.
 
     Args:
-        folder: a prepared data folder (prepare's temporary folder, before it is moved into place).
+        folder: a prepared data folder (prepare's temporary folder, before it is moved into place); its
+            provenance.jsonl, where there is one, gets a line for each copy.
         cfg: ``canaries``, ``canaries_redacted``, ``canary_turns`` and ``seed``; ``max_tokens`` (a copy
             must fit the budget) and ``keep_emails`` / ``keep_phones`` (the redactor's settings).
         counter: prepare's token counter, so a copy is measured as every record is.
@@ -210,6 +215,7 @@ def plant_canaries(folder: Path, cfg: DataConfig, counter: TokenCounter) -> dict
     with open(train, "a", encoding="utf-8") as out:
         for record in copies:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    _add_provenance(folder / PROVENANCE_FILE, canaries)
     key = {"note": NOTE, "seed": cfg.seed, "canaries": [asdict(c) for c in canaries]}
     (folder / CANARIES_FILE).write_text(
         json.dumps(key, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
@@ -222,6 +228,27 @@ def plant_canaries(folder: Path, cfg: DataConfig, counter: TokenCounter) -> dict
         "records_added_to_train": len(copies),
         "answer_key": CANARIES_FILE,
     }
+
+
+def _add_provenance(path: Path, canaries: list[Canary]) -> None:
+    """Append each copy's provenance line: its host's Slack messages and people, under the copy's id (the
+    canary line is no Slack message). So `slackdist forget` and the models listed by it see the copies too.
+
+    Raises:
+        SlackdistError: a host has no provenance line.
+    """
+    if not path.is_file():  # prepare without provenance (plant_canaries called on a bare folder)
+        return
+    hosts = {c.host_id for c in canaries}
+    entries = {e["record"]: e for e in iter_entries(path) if e["record"] in hosts}
+    lines = []
+    for c in canaries:
+        host = entries.get(c.host_id)
+        if host is None:
+            raise SlackdistError(f"{path}: no provenance line for {c.host_id}, which {c.id} copies")
+        lines.append(entry_line(c.record_id, map(tuple, host["messages"]), host["mentions"]))
+    with open(path, "a", encoding="utf-8") as out:
+        out.writelines(lines)
 
 
 def _plant(
