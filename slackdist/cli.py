@@ -77,15 +77,29 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--prompt", default=None, help="Answer this once and exit")
     elif name == "eval":
         p.add_argument(
-            "--data", default=None, help="Prepared data folder with test.jsonl (default: from training)"
+            "--data",
+            default=None,
+            help="Held-out chat records: a prepared folder, a .jsonl/.json/.parquet file, a save_to_disk folder "
+            "or a hub dataset id (default: the training data)",
+        )
+        p.add_argument(
+            "--split", default=None, help="Split to evaluate on (default: test, or the only split of --data)"
         )
         p.add_argument("--num-samples", type=int, default=5, help="Sample generations to write")
         p.add_argument("--out", default=None, help="Where eval.json / eval.md go (default: MODEL_DIR)")
         p.add_argument("--max-batches", type=int, default=0, help="Cap on loss batches (0: all)")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (not the whole usage) and point to --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slackdist", description="Turn a Slack export into a chat model.")
+    parser = OneLineErrorParser(prog="slackdist", description="Turn a Slack export into a chat model.")
+    parser.add_argument("--version", action="version", version=f"slackdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, sections, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)

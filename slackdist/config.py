@@ -152,7 +152,20 @@ class TrainConfig:
     """The training loop (`slackdist train`)."""
 
     data_dir: str = opt(
-        "data/prepared", "Folder with train.jsonl / validation.jsonl from `prepare`.", flag="data"
+        "data/prepared",
+        "Chat records with a 'messages' column: a folder from `prepare`, a .jsonl/.json/.parquet file, a "
+        "save_to_disk folder or a hub dataset id (read with Hugging Face datasets, tokenized once and cached).",
+        flag="data",
+    )
+    train_split: str = opt("train", "Split of --data to train on (a single file is the split 'train').")
+    validation_split: str = opt(
+        "validation",
+        "Split of --data to evaluate on; if --data has none, validation_fraction of train is used.",
+    )
+    validation_fraction: float = opt(
+        0.05,
+        "Where --data has no validation split: this share of the training records is held out for "
+        "validation, chosen by seed (0: no validation).",
     )
     output_dir: str = opt(
         "llama3_slack_finetuned", "Where the adapter, checkpoints and logs go.", flag="output"
@@ -345,6 +358,8 @@ class Config:
             )
         if t.learning_rate <= 0:
             problems.append(f"train.learning_rate={t.learning_rate}: must be > 0")
+        if not 0 <= t.validation_fraction < 1:
+            problems.append(f"train.validation_fraction={t.validation_fraction}: must be in [0, 1)")
         if not 0 <= t.warmup_ratio < 1:
             problems.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
         if t.max_grad_norm <= 0:

@@ -288,9 +288,7 @@ def test_forward_loss_paths_agree_with_transformers(
     from slackdist.train.step import forward_loss
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    examples = load_examples(
-        data_dir / "train.jsonl", tokenizer, train_on="assistant", max_seq_len=256, progress=False
-    )
+    examples = load_examples(data_dir / "train.jsonl", tokenizer, train_on="assistant", max_seq_len=256)
     batch = collate(pack(examples, 256, seed=0, epoch=0)[:3], tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     accelerator = Accelerator(cpu=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from slackdist.config import Config, DataConfig, split_fractions
+from slackdist.data.card import write_dataset_card
 from slackdist.data.conversations import ChannelGrouper, Conversation, Post
 from slackdist.data.records import (
     SPLIT_NAMES,
@@ -63,7 +64,7 @@ from slackdist.slack.export import (
 from slackdist.slack.markup import MarkupContext, clean_text, code_blocks, decode_entities, format_reactions
 from slackdist.slack.redact import Redactor
 
-OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md")
+OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md", "README.md")
 # Same bytes as json.dumps(record, ensure_ascii=False); one encoder instead of a new one per record.
 _RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
@@ -580,6 +581,7 @@ def prepare(
                 joiner.finish(len(channels), fractions, starts)
                 (tmp / "report.json").write_text(report_json(data), encoding="utf-8")
                 (tmp / "report.md").write_text(render_markdown(data), encoding="utf-8")
+                write_dataset_card(tmp, report.splits)  # README.md: the folder loads with `datasets`
                 write_plots(report.turn_counts, report.token_counts, tmp)
                 with _interrupts_deferred():  # DIR gets every new file or keeps every old one
                     _install(tmp, out)
