@@ -10,9 +10,12 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
+from slackdist import __version__
 from slackdist.config import ConfigError, add_section_args, config_from_args
 from slackdist.errors import SlackdistError
+from slackdist.logs import setup_logging
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "phi3")
 """`slackdist tiny-model --family` (`slackdist.model.tiny.FAMILIES`, named here so --help stays light)."""
@@ -120,6 +123,7 @@ def _load_main(name: str) -> Callable[[argparse.Namespace, object], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         cfg = config_from_args(args)
         return int(_load_main(args.command)(args, cfg) or 0)
