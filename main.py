@@ -17,6 +17,7 @@ from slackdist.cli import main as slackdist_main
 from slackdist.config import Config, ConfigError, config_from_args
 from slackdist.errors import SlackdistError
 from slackdist.logs import setup_logging
+from slackdist.offline import set_private_defaults
 
 OUTPUT = "llama3_slack_finetuned"
 
@@ -29,9 +30,11 @@ def train_config(argv: list[str]) -> Config:
         ConfigError: invalid config.
         SlackdistError: the model cannot load (`slackdist.model.load.check_model_source`).
     """
+    cfg = config_from_args(build_parser().parse_args(argv))
+    # Before the hub client is imported (it reads these once); --data is the folder prepare writes.
+    set_private_defaults([cfg.model.base_model])
     from slackdist.model.load import check_model_source  # torch and transformers: only for --train
 
-    cfg = config_from_args(build_parser().parse_args(argv))
     check_model_source(cfg.model.base_model)
     return cfg
 

@@ -29,7 +29,7 @@ train_s=$((SECONDS - train_start))
 echo "== 4/6 merge: adapter + base -> $out/merged (sharded safetensors)"
 python -m slackdist merge --adapter "$out/finetuned" --output "$out/merged" --dtype fp32 --max-shard-size 200MB
 
-echo "== 5/6 eval: held-out loss and sample replies, base vs tuned -> $out/finetuned/eval.md"
+echo "== 5/6 eval: held-out loss and sample replies, base vs tuned -> $out/finetuned/eval/eval.md"
 python -m slackdist eval --model-dir "$out/finetuned" --data "$out/prepared" --num-samples 1 --max-new-tokens 40 \
   --temperature 0
 
@@ -39,4 +39,4 @@ python -m slackdist chat --model-dir "$out/merged" --prompt "Ada Lovelace: is th
 
 echo
 echo "Done in $((SECONDS - start)) s (training: ${train_s} s). Prepared data: $out/prepared (report.md),"
-echo "adapter: $out/finetuned (eval.md), merged model: $out/merged, TensorBoard: tensorboard --logdir $out/finetuned/runs"
+echo "adapter: $out/finetuned (eval/eval.md), merged model: $out/merged, TensorBoard: tensorboard --logdir $out/finetuned/runs"

@@ -7,6 +7,7 @@ so `slackdist prepare --help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +16,9 @@ from typing import NoReturn
 from slackdist import __version__
 from slackdist.config import ConfigError, add_section_args, config_from_args
 from slackdist.errors import SlackdistError
+from slackdist.files import interrupt_exit_code, interrupted, sigterm_interrupts
 from slackdist.logs import setup_logging
+from slackdist.offline import command_models, set_private_defaults
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "phi3")
 """`slackdist tiny-model --family` (`slackdist.model.tiny.FAMILIES`, named here so --help stays light)."""
@@ -42,12 +45,20 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "chat": ("slackdist.chat", ("chat",), "Interactive chat with a tuned model"),
     "eval": ("slackdist.eval", ("chat",), "Held-out loss/perplexity and sample replies, base vs tuned"),
     "serve": ("slackdist.serve", ("chat", "serve"), "OpenAI-compatible /v1/chat/completions server"),
+    "forget": (
+        "slackdist.forget",
+        (),
+        "Take a person out of a prepared dataset; list the models trained on data that holds them",
+    ),
     "export": (
         "slackdist.export_gguf",
         ("export",),
         "Merged model or training output -> GGUF (llama.cpp) + Ollama Modelfile",
     ),
 }
+OUTPUT_COMMANDS = ("prepare", "tiny-model", "real-model", "train", "merge", "eval", "export")
+"""Commands that write an output folder (README "What each output folder holds"): they take
+--overwrite, and SIGTERM cleans up after them as Ctrl-C does (`slackdist.files`)."""
 
 
 def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
@@ -78,6 +89,11 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="Merged dtype")
     elif name == "chat":
         p.add_argument("--prompt", default=None, help="Answer this once and exit")
+    elif name == "forget":
+        p.add_argument("user", help="The person: display, real or user name, user id or e-mail (users.json)")
+        p.add_argument("--data", required=True, help="Prepared data folder to rewrite without them")
+        p.add_argument("--export", default=None, help="The export (default: where the provenance says)")
+        p.add_argument("--models", default=None, help="List the model folders under this root that hold them")
     elif name == "eval":
         p.add_argument(
             "--data",
@@ -89,7 +105,7 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
             "--split", default=None, help="Split to evaluate on (default: test, or the only split of --data)"
         )
         p.add_argument("--num-samples", type=int, default=5, help="Sample generations to write")
-        p.add_argument("--out", default=None, help="Where eval.json / eval.md go (default: MODEL_DIR)")
+        p.add_argument("--out", default=None, help="Folder for eval.json / eval.md (default: MODEL_DIR/eval)")
         p.add_argument("--max-batches", type=int, default=0, help="Cap on loss batches (0: all)")
 
 
@@ -111,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", default=None, help="YAML config (sections: data, model, lora, train, chat, serve)"
         )
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="Override any config key")
+        if name in OUTPUT_COMMANDS:
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="Replace a non-empty output folder even if it is not this command's output",
+            )
         for section in sections:
             add_section_args(p, section)
     return parser
@@ -124,15 +146,23 @@ def _load_main(name: str) -> Callable[[argparse.Namespace, object], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    writes_output = args.command in OUTPUT_COMMANDS
     try:
         cfg = config_from_args(args)
-        return int(_load_main(args.command)(args, cfg) or 0)
+        set_private_defaults(command_models(args.command, args, cfg))  # before torch & co. are imported
+        with sigterm_interrupts() if writes_output else contextlib.nullcontext():
+            return int(_load_main(args.command)(args, cfg) or 0)
     except (ConfigError, SlackdistError) as e:
         print(f"slackdist {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if writes_output:  # each command's temporary folder is gone by now; its output is as it was
+            print(
+                f"slackdist {args.command}: {interrupted(e)}; no output folder was replaced", file=sys.stderr
+            )
+        else:
+            print(file=sys.stderr)
+        return interrupt_exit_code(e)
 
 
 if __name__ == "__main__":

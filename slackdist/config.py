@@ -68,8 +68,20 @@ class DataConfig:
     )
     persona: str | None = opt(
         None,
-        "Persona mode: this person's turns become the assistant (name, display name or user id).",
+        "Persona mode: these people's turns become the assistant (names, display names or user ids, "
+        "comma-separated; with several, assistant turns keep the speaker's name).",
         flag="as",
+    )
+    exclude_users: list[str] = opt(
+        None,
+        "Leave these people out entirely: their messages, mentions of them (@someone), their names and "
+        "quoted text (display, real or user names, user ids or e-mails from users.json; comma-separated).",
+        factory=list,
+    )
+    only_users: list[str] = opt(
+        None,
+        "Opt-in workspace: keep only these people; everyone else is left out as with --exclude-users.",
+        factory=list,
     )
     roles: Literal["alternate", "persona"] = opt(
         "alternate", "Role assignment: alternate user/assistant, or persona (needs --as)."

@@ -7,13 +7,16 @@ default, from `encode_chat`), for the base model (the adapter disabled) and the 
 model; perplexity is `exp(loss)`. Conversations longer than the model was trained on
 (`train.max_seq_len` of its folder's config) are left out, as training leaves them out.
 Sample generations answer the last assistant turn of a few held-out conversations (prompt =
-the conversation before it, reference = that turn). Results go to `eval.json` and `eval.md` in `--out` (default: the model folder).
+the conversation before it, reference = that turn). Results go to `eval.json` and `eval.md` in the
+folder `--out` (default: MODEL_DIR/eval), which is written whole and renamed into place
+(`slackdist.files.staged_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -29,12 +32,15 @@ from slackdist.config import Config, TrainConfig
 from slackdist.data.examples import Example, load_split
 from slackdist.data.sources import open_data
 from slackdist.errors import SlackdistError
-from slackdist.files import write_json_atomic, write_text_atomic
+from slackdist.files import check_output_dir, staged_dir
 from slackdist.generate import GenerationSettings, context_limit, reply, trim_history, warm_up
 from slackdist.model.load import InferenceModel, merge_in_memory
 from slackdist.model.loss import chunked_lm_loss, logit_softcap
 
 TEST_SPLIT = "test"
+EVAL_DIR = "eval"
+"""The default `--out`: MODEL_DIR/eval."""
+OUTPUT_FILES = ("eval.json", "eval.md")
 logger = logging.getLogger(__name__)
 LOSS_CHUNK_TOKENS = 1024
 
@@ -288,8 +294,16 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist eval --model-dir DIR [--data DIR] [--num-samples N] [--out DIR] [--max-batches N]`.
 
     Raises:
-        SlackdistError: bad model folder or data.
+        SlackdistError: bad model folder or data, or an `--out` that is not an eval folder.
     """
+    out = Path(args.out) if args.out else Path(cfg.chat.model_dir) / EVAL_DIR
+    check_output_dir(
+        out,
+        markers=OUTPUT_FILES,
+        what="an eval folder",
+        overwrite=args.overwrite,
+        inputs=[cfg.chat.model_dir, args.data],
+    )
     im = load_model(cfg)
     data = data_for(im, args.data, cfg.chat.model_dir)
     settings = GenerationSettings.from_config(cfg.chat)
@@ -304,9 +318,11 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         max_batches=args.max_batches,
         model_dir=cfg.chat.model_dir,
     )
-    out = Path(args.out or cfg.chat.model_dir)
-    write_json_atomic(out / "eval.json", result)
-    write_text_atomic(out / "eval.md", render_markdown(result))
+    with staged_dir(out) as tmp:
+        (tmp / "eval.json").write_text(
+            json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        (tmp / "eval.md").write_text(render_markdown(result), encoding="utf-8")
     for name in ("base", "tuned"):
         r = result[name]
         if r:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slackdist.errors import SlackdistError, first_line
+from slackdist.files import Stage, check_output_dir
 from slackdist.gguf_vocab import add_tokenizer, import_gguf
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 # The dtype a training output is merged in before export: as precise as the output needs.
 _MERGE_DTYPE = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "q8_0": "fp16"}
+MODELFILE = "Modelfile"
+MODELFILE_HEADER = b"# Written by `slackdist export`"
+"""How the Modelfiles `slackdist.ollama` writes begin: one there is ours to replace."""
 _SKIPPED_TENSORS = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 
 
@@ -462,30 +466,75 @@ def output_path(out: str, model_dir: Path, quant: str) -> Path:
     return folder / f"{name}-{quant}.gguf"
 
 
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(prefix)) == prefix
+
+
+def check_export_target(gguf_path: Path, *, single_file: bool, inputs: list[Any], overwrite: bool) -> None:
+    """What the export replaces must be an earlier export (or ``--overwrite``), never its input.
+
+    A folder (`--out DIR`, default MODEL_DIR/gguf) is replaced whole; `--out FILE.gguf` replaces
+    that file and the Modelfile beside it, each only if it is a GGUF / a Modelfile we wrote.
+
+    Raises:
+        SlackdistError: one line naming the folder or file.
+    """
+    if not single_file:
+        check_output_dir(
+            gguf_path.parent,
+            markers=(MODELFILE, "*.gguf"),
+            what="an export folder",
+            overwrite=overwrite,
+            inputs=inputs,
+        )
+        return
+    modelfile = gguf_path.with_name(MODELFILE)
+    for path, magic, what in (
+        (gguf_path, b"GGUF", "a GGUF file"),
+        (modelfile, MODELFILE_HEADER, "our Modelfile"),
+    ):
+        if path.is_dir():
+            raise SlackdistError(f"{path}: is a folder; --out FILE.gguf needs a file name there")
+        if path.exists() and not overwrite and not _starts_with(path, magic):
+            raise SlackdistError(f"{path}: exists and is not {what}; pass --overwrite to replace it")
+
+
 def main(args: argparse.Namespace, cfg: Config) -> int:
-    """`slackdist export --model-dir DIR --format gguf [--quant q8_0] [--out FILE_OR_DIR] [--system TEXT]`."""
-    from slackdist.files import write_text_atomic
+    """`slackdist export --model-dir DIR --format gguf [--quant q8_0] [--out FILE_OR_DIR] [--system TEXT]`.
+
+    Everything is written into a temporary folder first; a folder output is then renamed into place
+    whole (`slackdist.files.Stage`), a `FILE.gguf` output and its Modelfile are renamed one after
+    the other with Ctrl-C and SIGTERM held between them.
+    """
     from slackdist.ollama import build_modelfile
 
     e = cfg.export
     model_dir = Path(e.model_dir)
     out_path = output_path(e.out, model_dir, e.quant)
-    out_existed = out_path.parent.exists()
+    single_file = e.out.endswith(".gguf")
+    check_export_target(
+        out_path, single_file=single_file, inputs=[model_dir, e.base], overwrite=args.overwrite
+    )
+    stage = Stage(out_path if single_file else out_path.parent)
     try:
-        with merged_source(model_dir, base=e.base, quant=e.quant, scratch=out_path.parent) as folder:
+        tmp = stage.create()
+        with merged_source(model_dir, base=e.base, quant=e.quant, scratch=tmp) as folder:
             modelfile = build_modelfile(out_path.name, folder=folder, model_dir=model_dir, cfg=cfg)
-            result = export_gguf(folder, out_path, quant=e.quant, name=model_dir.resolve().name)
-        write_text_atomic(out_path.parent / "Modelfile", modelfile.text)
-    except BaseException:
-        if not out_existed and out_path.parent.is_dir() and not any(out_path.parent.iterdir()):
-            out_path.parent.rmdir()  # a failed export leaves no empty output folder behind
-        raise
+            result = export_gguf(folder, tmp / out_path.name, quant=e.quant, name=model_dir.resolve().name)
+        (tmp / MODELFILE).write_text(modelfile.text, encoding="utf-8")
+        if single_file:
+            stage.install_files([out_path.name, MODELFILE])
+        else:
+            stage.install()
+    finally:
+        stage.discard()
     size_mb = result.bytes / 2**20
-    print(f"GGUF written to {result.gguf_path} ({result.tensors} tensors, {size_mb:.1f} MiB, {e.quant})")
-    print(f"Ollama Modelfile written to {out_path.parent / 'Modelfile'}")
+    print(f"GGUF written to {out_path} ({result.tensors} tensors, {size_mb:.1f} MiB, {e.quant})")
+    print(f"Ollama Modelfile written to {out_path.parent / MODELFILE}")
     if modelfile.note:
         print(modelfile.note)
     print(
-        f"run it: llama-cli -m {result.gguf_path} -cnv   |   cd {out_path.parent} && ollama create team -f Modelfile"
+        f"run it: llama-cli -m {out_path} -cnv   |   cd {out_path.parent} && ollama create team -f Modelfile"
     )
     return 0

@@ -27,6 +27,7 @@ from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url, 
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 from slackdist.errors import SlackdistError, first_line
+from slackdist.offline import OFFLINE
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def go_offline() -> None:
     module attributes (transformers asks huggingface_hub), so both are set, and the variable for any
     library imported later and for child processes.
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ[OFFLINE] = "1"
     constants.HF_HUB_OFFLINE = True
     if "datasets.config" in sys.modules:
         sys.modules["datasets.config"].HF_HUB_OFFLINE = True

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+from data_helpers import grouped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slackdist.config import DataConfig
 from slackdist.data.conversations import (
     TRUNCATION_MARK,
     ChannelGrouper,
-    Post,
     conversation_id,
-    group_channel,
-    group_conversations,
     merge_turns,
     pair_caps,
+    split_group,
     split_windows,
     truncate_turn,
     window_bounds,
 )
-from slackdist.slack.export import Channel, Message
+from slackdist.slack.clean import Cleaner, Post
+from slackdist.slack.markup import MarkupContext
+from slackdist.slack.messages import Message
+from slackdist.slack.metadata import Channel
 
 GENERAL = Channel(id="C1", name="general", kind="public", folder="general")
 RANDOM = Channel(id="C2", name="random", kind="public", folder="random")
@@ -48,7 +53,7 @@ def test_thread_with_late_replies_in_later_day_files_is_one_conversation():
         post(90000, "dan", "chatter", day="2020-01-02"),
         post(5_000_000, "bob", "late answer", thread=1000, day="2020-03-01"),
     ]
-    convs = list(group_channel(GENERAL, posts, gap_hours=2))
+    convs = list(grouped(GENERAL, posts))
     threads = [c for c in convs if c.thread_ts is not None]
     assert len(threads) == 1
     thread = threads[0]
@@ -62,7 +67,7 @@ def test_thread_with_late_replies_in_later_day_files_is_one_conversation():
 
 def test_thread_without_parent_is_a_conversation_of_its_replies():
     posts = [post(2000, "ann", "re 1", thread=1000), post(2100, "bob", "re 2", thread=1000)]
-    (conv,) = group_channel(GENERAL, posts, gap_hours=2)
+    (conv,) = grouped(GENERAL, posts)
     assert conv.thread_ts == f"{1000:.6f}" and not conv.parent_present
     assert [t.speaker for t in conv.turns] == ["ann", "bob"]
 
@@ -70,7 +75,7 @@ def test_thread_without_parent_is_a_conversation_of_its_replies():
 def test_thread_broadcast_copy_is_counted_once():
     reply = post(1200, "bob", "also to channel", thread=1000)
     posts = [post(1000, "ann", "q", thread=1000), reply, reply]
-    (conv,) = group_channel(GENERAL, posts, gap_hours=2)
+    (conv,) = grouped(GENERAL, posts)
     assert conv.n_messages == 2 and conv.n_replies == 1
 
 
@@ -82,7 +87,7 @@ def test_gap_splits_time_windows_and_same_speaker_joins_one_turn():
         post(120 + 2 * HOUR - 1, "ann", "a3"),  # just under the gap: same conversation
         post(120 + 4 * HOUR, "bob", "b2"),  # gap >= 2 h: new conversation
     ]
-    first, second = group_channel(GENERAL, posts, gap_hours=2)
+    first, second = grouped(GENERAL, posts)
     assert [(t.speaker, t.text, t.n_messages) for t in first.turns] == [
         ("ann", "a1\na2", 2),
         ("bob", "b1", 1),
@@ -94,32 +99,35 @@ def test_gap_splits_time_windows_and_same_speaker_joins_one_turn():
 
 def test_messages_out_of_order_inside_a_day_file_are_sorted():
     posts = [post(300, "bob", "second", day="d"), post(100, "ann", "first", day="d")]
-    (conv,) = group_channel(GENERAL, posts, gap_hours=2)
+    (conv,) = grouped(GENERAL, posts)
     assert [t.text for t in conv.turns] == ["first", "second"]
 
 
 def test_same_ts_in_two_channels_never_mixes():
     a = [post(1000, "ann", "in general", thread=1000, ch="C1"), post(1001, "bob", "re", thread=1000, ch="C1")]
     b = [post(1000, "cat", "in random", thread=1000, ch="C2"), post(1001, "dan", "re", thread=1000, ch="C2")]
-    convs = list(group_conversations([(GENERAL, a), (RANDOM, b)], gap_hours=2))
+    convs = grouped(GENERAL, a) + grouped(RANDOM, b)
     assert len(convs) == 2
     for conv in convs:
         assert {cid for t in conv.turns for cid in t.channel_ids} == {conv.channel.id}
     assert convs[0].id != convs[1].id
 
 
-def test_group_conversations_accepts_messages_and_drops_short_ones():
-    def msg(ts: str, user: str, thread_ts: str | None = None) -> Message:
-        return Message(GENERAL, ts, thread_ts, "U" + user, user, f"hi from {user}", source_file="d1")
+def test_cleaned_messages_group_and_a_window_of_one_speaker_is_too_short():
+    def msg(ts: str, user: str) -> Message:
+        return Message(GENERAL, ts, None, "U" + user, user, f"hi from <#C2|{user}>", source_file="d1")
 
-    convs = list(
-        group_conversations(
-            [(GENERAL, [msg("1.0", "ann"), msg("2.0", "bob"), msg("99999.0", "ann"), msg("99999.5", "ann")])],
-            gap_hours=2,
-        )
-    )
+    clean = Cleaner(DataConfig(), MarkupContext(), Counter())
+    posts = [
+        clean(msg("1.0", "ann")),
+        clean(msg("2.0", "bob")),
+        clean(msg("99999.0", "ann")),
+        clean(msg("99999.5", "ann")),
+    ]
+    windows = [w for c in grouped(GENERAL, posts) for w in split_windows(c).windows]
     # second window is one speaker only -> not a conversation
-    assert len(convs) == 1 and convs[0].speakers == ["ann", "bob"]
+    assert len(windows) == 1 and windows[0].speakers == ["ann", "bob"]
+    assert [t.text for t in windows[0].turns] == ["hi from #ann", "hi from #bob"]
 
 
 def _alternating(n: int) -> list[Post]:
@@ -127,12 +135,12 @@ def _alternating(n: int) -> list[Post]:
 
 
 def test_long_conversation_is_split_into_overlapping_windows_between_messages():
-    (conv,) = group_channel(GENERAL, _alternating(100), gap_hours=2)
+    (conv,) = grouped(GENERAL, _alternating(100))
     plan = split_windows(conv, max_turns=40, overlap=4)
     spans = [(w.turns[0].index, w.turns[-1].index + 1) for w in plan.windows]
     assert spans == [(0, 40), (36, 76), (72, 100)]
     assert [w.window for w in plan.windows] == [0, 1, 2]
-    assert len({w.id for w in plan.windows}) == 3 and len({w.group_id for w in plan.windows}) == 1
+    assert len({w.id for w in plan.windows}) == 3 and len({split_group(w.id) for w in plan.windows}) == 1
     # never cut inside a message: every window's turns are whole original messages
     for w in plan.windows:
         assert all(t.text.endswith("\nline two") for t in w.turns)
@@ -148,7 +156,7 @@ def test_token_budget_windows_and_turns_over_budget():
 
 
 def test_split_windows_respects_token_budget():
-    (conv,) = group_channel(GENERAL, _alternating(30), gap_hours=2)
+    (conv,) = grouped(GENERAL, _alternating(30))
     plan = split_windows(conv, max_turns=40, overlap=2, max_tokens=60, turn_cost=lambda t: 10, base_cost=20)
     assert len(plan.windows) > 1
     assert all(len(w.turns) * 10 + 20 <= 60 for w in plan.windows)
@@ -203,7 +211,7 @@ def _build(events):
 def test_every_post_lands_in_exactly_one_whole_conversation(events):
     data = _build(events)
     for channel, posts in data:
-        convs = list(group_channel(channel, posts, gap_hours=2))
+        convs = list(grouped(channel, posts))
         seen = [p for c in convs for t in c.turns for p in range(t.n_messages)]
         assert len(seen) == len(posts)
         for c in convs:
@@ -223,7 +231,7 @@ def test_every_post_lands_in_exactly_one_whole_conversation(events):
 def test_windows_cover_every_turn_and_stay_within_max_turns(speakers, max_turns, overlap):
     overlap = min(overlap, max_turns - 1)
     posts = [post(i * 10, f"s{s}") for i, s in enumerate(speakers)]
-    (conv,) = group_channel(GENERAL, posts, gap_hours=2)
+    (conv,) = grouped(GENERAL, posts)
     plan = split_windows(conv, min_turns=1, max_turns=max_turns, overlap=overlap)
     windows = plan.windows + plan.too_short
     assert all(1 <= len(w.turns) <= max_turns for w in windows)
@@ -248,7 +256,7 @@ def test_thread_closes_once_all_announced_replies_are_read_and_late_extras_keep_
     assert grouper.threads_reopened == 1
     extra = [c for c in out if c.thread_ts and c.part == 1]
     assert len(extra) == 1 and not extra[0].parent_present
-    assert extra[0].group_id == out[0].group_id and extra[0].id != out[0].id
+    assert split_group(extra[0].id) == split_group(out[0].id) and extra[0].id != out[0].id
 
 
 # ---------------------------------------------------------------- parents without thread fields
@@ -331,7 +339,7 @@ def test_truncate_turn_fits_keeps_the_head_and_closes_fences(text, max_cost, fen
 
 def test_split_windows_truncates_a_turn_too_long_to_share_a_window():
     posts = [post(0, "ann", "x" * 40_000), post(10, "bob", "short"), post(20, "ann", "ok")]
-    (conv,) = group_channel(GENERAL, posts, gap_hours=2)
+    (conv,) = grouped(GENERAL, posts)
     cost = lambda t: len(t.text) // 4 + 1  # noqa: E731
     plan = split_windows(conv, max_tokens=2048, turn_cost=cost, base_cost=48)
     assert plan.truncated == [0] and plan.over_budget == []

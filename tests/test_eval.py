@@ -44,7 +44,7 @@ def test_training_lowers_heldout_loss(tiny_model_dir, data_dir, tmp_path, capsys
         ["eval", "--model-dir", str(out), "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "8"]
     )
     assert code == 0
-    result = _read(out)  # --data defaulted to the training data folder
+    result = _read(out / "eval")  # --out defaulted to MODEL_DIR/eval, --data to the training data folder
     assert result["data"] == str(data_dir / "test.jsonl")
     assert result["conversations"] == 6 and result["label_tokens"] > 0
     assert result["tuned"]["loss"] < result["base"]["loss"] - 0.5, result
@@ -53,10 +53,11 @@ def test_training_lowers_heldout_loss(tiny_model_dir, data_dir, tmp_path, capsys
     for s in result["samples"]:
         assert s["reference"] and s["prompt"][0]["role"] == "system" and s["prompt"][-1]["role"] == "user"
         assert isinstance(s["base"], str) and isinstance(s["tuned"], str)
-    md = (out / "eval.md").read_text(encoding="utf-8")
+    md = (out / "eval" / "eval.md").read_text(encoding="utf-8")
     assert "| tuned |" in md and "## Sample 2" in md and "**Reference:**" in md
     assert "tuned: loss" in capsys.readouterr().out
-    assert not [p for p in out.iterdir() if p.name.startswith(".eval")]  # no temp files left behind
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["eval.json", "eval.md"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".eval")]  # no temp folder left behind
 
 
 def test_loss_matches_a_plain_forward_and_base_is_the_base_model(tiny_model_dir, data_dir, tmp_path):
@@ -117,15 +118,14 @@ def test_merged_model_has_no_base_column(tiny_model_dir, data_dir, tmp_path):
 def test_bad_data_is_a_one_line_error(tiny_model_dir, data_dir, tmp_path, capsys):
     empty = tmp_path / "nodata"
     empty.mkdir()
-    code = cli_main(
-        ["eval", "--model-dir", str(tiny_model_dir), "--data", str(empty), "--out", str(tmp_path)]
-    )
+    out = tmp_path / "eval"
+    code = cli_main(["eval", "--model-dir", str(tiny_model_dir), "--data", str(empty), "--out", str(out)])
     assert code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and f"{empty}: no train.jsonl" in errors[0]
     # a model without a training config needs --data
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)
-    assert cli_main(["eval", "--model-dir", str(copy), "--out", str(tmp_path)]) == 2
+    assert cli_main(["eval", "--model-dir", str(copy), "--out", str(out)]) == 2
     assert "--data" in capsys.readouterr().err
-    assert not (tmp_path / "eval.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "nodata"]  # no eval folder, no temp folder

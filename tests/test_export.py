@@ -1,4 +1,5 @@
-"""slackdist.slack.export: folders and zips, metadata, streaming day files, speakers, bots, bad input."""
+"""The reading stage (slackdist.slack: export, metadata, days, messages, content): folders and zips, metadata,
+streaming day files, speakers, bots, bad input."""
 
 from __future__ import annotations
 
@@ -14,24 +15,21 @@ from pathlib import Path
 import pytest
 from export_helpers import MARKER, deflate_bomb, msg, raw_zip, stored, write_export
 
+from slackdist.config import DataConfig
+from slackdist.data.prepare import prepare
 from slackdist.errors import SlackdistError
-from slackdist.slack.export import (
+from slackdist.slack.days import count_day_files
+from slackdist.slack.export import ExportLimits, open_export
+from slackdist.slack.messages import (
     BOT_SUBTYPES,
     HUMAN_SUBTYPES,
     SYSTEM_SUBTYPES,
-    Channel,
-    ExportLimits,
     Message,
-    Warnings,
-    count_day_files,
     drop_reason,
-    is_human,
-    iter_export,
     iter_messages,
-    list_channels,
-    load_users,
-    open_export,
 )
+from slackdist.slack.metadata import Channel, list_channels, load_users
+from slackdist.slack.warnings import Warnings
 
 
 def read_all(
@@ -45,6 +43,10 @@ def read_all(
         )
         messages = [m for c in channels for m in iter_messages(src, c, users, warnings)]
     return messages, warnings
+
+
+def is_reply(message: Message) -> bool:
+    return message.thread_ts is not None and message.thread_ts != message.ts
 
 
 USERS = [{"id": "U1", "name": "ada", "real_name": "Ada Lovelace", "profile": {"display_name": ""}}]
@@ -70,7 +72,7 @@ def test_sample_export_counts(sample_export_dir: Path) -> None:
     assert reasons["subtype:file_comment"] == 1 and reasons["empty"] == 2
     assert warnings.counts == {"unknown_user": 1}  # U0GHOST02: not in users.json, no user_profile
     assert warnings.notes["non_day_files_skipped"] == 1  # random/canvas_in_the_conversation.json
-    assert len({m.key for m in messages}) == len(messages)
+    assert len({(m.channel.id, m.ts) for m in messages}) == len(messages)
 
 
 def test_sample_export_channels_and_privacy(sample_export_dir: Path) -> None:
@@ -97,11 +99,11 @@ def test_sample_export_channels_and_privacy(sample_export_dir: Path) -> None:
 def test_sample_export_threads_and_order(sample_export_dir: Path) -> None:
     messages, _ = read_all(sample_export_dir, channels=["general", "engineering"])
     for channel in ("general", "engineering"):
-        times = [m.time for m in messages if m.channel.name == channel]
+        times = [float(m.ts) for m in messages if m.channel.name == channel]
         assert times == sorted(times)
     parent = by_text(messages, "Should we ship on Friday?")
-    assert parent.thread_ts == parent.ts and not parent.is_reply and parent.reply_count == 4
-    replies = [m for m in messages if m.thread_ts == parent.ts and m.is_reply]
+    assert parent.thread_ts == parent.ts and not is_reply(parent) and parent.reply_count == 4
+    replies = [m for m in messages if m.thread_ts == parent.ts and is_reply(m)]
     assert len(replies) == 4
     assert {Path(m.source_file).name for m in replies} == {
         "2021-03-01.json",
@@ -109,15 +111,19 @@ def test_sample_export_threads_and_order(sample_export_dir: Path) -> None:
     }  # late replies
     broadcast = by_text(messages, "sharing with the channel")
     assert (
-        broadcast.subtype == "thread_broadcast" and broadcast.thread_ts == parent.ts and is_human(broadcast)
+        broadcast.subtype == "thread_broadcast"
+        and broadcast.thread_ts == parent.ts
+        and drop_reason(broadcast) is None
     )
     old = by_text(messages, "Old-style thread")  # `replies: [{user, ts}]` format
     assert old.thread_ts == old.ts and old.reply_count == 2
-    assert len([m for m in messages if m.thread_ts == old.ts and m.is_reply]) == 2
+    assert len([m for m in messages if m.thread_ts == old.ts and is_reply(m)]) == 2
     orphans = [m for m in messages if m.thread_ts == "1614500000.000100"]  # parent missing from the export
-    assert len(orphans) == 2 and all(m.is_reply for m in orphans)
+    assert len(orphans) == 2 and all(is_reply(m) for m in orphans)
     late = by_text(messages, "Late note")  # 17:30 in Los Angeles: UTC date is a day after the file's name
-    assert Path(late.source_file).name == "2021-03-01.json" and late.time > 1614643200  # 2021-03-02 00:00 UTC
+    assert (
+        Path(late.source_file).name == "2021-03-01.json" and float(late.ts) > 1614643200
+    )  # 2021-03-02 00:00 UTC
 
 
 def test_sample_export_speakers(sample_export_dir: Path) -> None:
@@ -155,7 +161,7 @@ def test_sample_export_bots_in_every_form(sample_export_dir: Path) -> None:
         "Release notes for <@U0ADA0001>: see <https://example.org/release|release page> &amp; enjoy :sparkles:\n"
         "```make release VERSION=1.4 &amp;&amp; echo &lt;done&gt;```\n"
     )
-    assert is_human(human)
+    assert drop_reason(human) is None
 
 
 def test_sample_export_files_reactions_edits(sample_export_dir: Path) -> None:
@@ -233,7 +239,6 @@ def make(text: str = "hi", **kw) -> Message:
 )
 def test_drop_reason(message: Message, reason: str | None) -> None:
     assert drop_reason(message) == reason
-    assert is_human(message) == (reason is None)
 
 
 def test_subtype_sets_are_disjoint() -> None:
@@ -280,11 +285,10 @@ def test_empty_export(tmp_path: Path) -> None:
         with open_export(root):
             pass
     write_export(root, {"general/2021-01-01.json": []})  # day files, but no message in them
-    warnings = Warnings()
-    with open_export(root) as src:
-        stream = iter_export(src, list_channels(src), load_users(src), warnings)
-        with pytest.raises(SlackdistError, match="no messages"):
-            list(stream)
+    assert read_all(root)[0] == []
+    with pytest.raises(SlackdistError, match=r"no conversation left \(0 human messages"):
+        prepare(root, tmp_path / "out", DataConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -461,7 +465,7 @@ def test_message_shapes(tmp_path: Path) -> None:
     )
     assert by_ts["1.000002"].text == "- a&lt;b\n"
     assert by_ts["1.000003"].reactions == [("eyes", 2)]
-    assert by_ts["1.000004"].files == ["T"] and by_ts["1.000004"].is_reply
+    assert by_ts["1.000004"].files == ["T"] and is_reply(by_ts["1.000004"])
     assert by_ts["1.500000"].text == "num ts"
     assert "1.7" not in by_ts and warnings.notes["not_a_message:channel_marker"] == 1
     assert by_ts["1.000006"].is_bot and by_ts["1.000007"].is_bot

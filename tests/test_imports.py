@@ -1,6 +1,8 @@
 """The package's import rules, read from its source with `ast` so they stay true.
 
 - `model/`, `slack/` and `data/` never import `train/`: training builds on them, not the reverse.
+- `slack/` imports nothing from `data/`, `train/` or `model/`, directly or through what it imports: the
+  data flows one way, export -> messages -> (clean) -> conversations -> records -> report.
 - `chat`, `eval`, `serve` and `generate` import nothing from `train/` except `merge`, and never the data
   pipeline's `data/records` nor the prepared data's report.json, directly or through what they import:
   a model folder carries what inference needs.
@@ -87,6 +89,7 @@ def test_the_package_is_read() -> None:
     assert {"slackdist.train.recipe", "slackdist.model.load", "slackdist.chat"} <= MODULES.keys()
     assert "slackdist.model.load" in _reachable("slackdist.chat")
     assert ("slackdist.model.load", False) in _imports("slackdist.train.recipe")
+    assert {"slackdist.slack.markup", "slackdist.slack.messages"} <= _reachable("slackdist.slack.clean")
 
 
 @pytest.mark.parametrize("layer", ["slackdist.model", "slackdist.slack", "slackdist.data"])
@@ -94,6 +97,13 @@ def test_lower_layers_never_import_train(layer: str) -> None:
     for module in (m for m in MODULES if m == layer or m.startswith(layer + ".")):
         wrong = [name for name, _ in _imports(module) if name.startswith("slackdist.train")]
         assert not wrong, f"{module} imports {wrong}"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("slackdist.slack.")])
+def test_slack_imports_nothing_from_data_train_or_model(module: str) -> None:
+    higher = ("slackdist.data", "slackdist.train", "slackdist.model")
+    wrong = sorted(m for m in _reachable(module) if m.startswith(higher))
+    assert not wrong, f"importing {module} imports {wrong}"
 
 
 @pytest.mark.parametrize("module", INFERENCE)

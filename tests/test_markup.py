@@ -85,7 +85,7 @@ def test_emoji_switch_off_keeps_short_names() -> None:
 
 
 def test_from_users_is_a_live_view() -> None:
-    from slackdist.slack.export import Channel, UserInfo
+    from slackdist.slack.metadata import Channel, UserInfo
 
     users = {"U1": UserInfo(id="U1", name="Ada")}
     ctx = MarkupContext.from_users(users, [Channel("C1", "general", "public", "general")])

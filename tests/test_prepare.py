@@ -188,17 +188,17 @@ def test_dry_run_writes_nothing_and_prints_the_report(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rerun_replaces_files_atomically(tmp_path):
+def test_rerun_replaces_the_folder_whole(tmp_path):
     out = tmp_path / "out"
     export = str(REPO / "tests/fixtures/sample_export")
     assert cli_main(["prepare", export, "--out", str(out)]) == 0
     first = read_records(out)
-    (out / "keep.txt").write_text("user file")
+    (out / "keep.txt").write_text("a file put into the output")
     assert cli_main(["prepare", export, "--out", str(out), "--split", "50,25,25"]) == 0
     second = read_records(out)
     assert sum(map(len, first.values())) == sum(map(len, second.values()))
     assert len(second["test"]) > len(first["test"])
-    assert (out / "keep.txt").read_text() == "user file"
+    assert not (out / "keep.txt").exists()  # one rename of a whole new folder, not file by file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -403,7 +403,7 @@ def test_workers_do_not_change_the_output(tmp_path, split_by):
 
 
 def test_results_are_merged_in_channel_order_whatever_order_they_finish_in():
-    from slackdist.data.prepare import _in_channel_order
+    from slackdist.data.workers import in_channel_order
 
     class Bar:
         n = 0
@@ -414,7 +414,7 @@ def test_results_are_merged_in_channel_order_whatever_order_they_finish_in():
     finished = [SimpleNamespace(index=i, report=SimpleNamespace(day_files=1)) for i in (2, 0, 3, 1)]
     bar = Bar()
     merged = []
-    for result in _in_channel_order(iter(finished), bar):
+    for result in in_channel_order(iter(finished), bar):
         merged.append(result.index)
         assert bar.n >= len(merged)  # the bar counts each channel as it finishes, before it is merged
     assert merged == [0, 1, 2, 3] and bar.n == 4
@@ -685,9 +685,17 @@ def wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120)
         time.sleep(0.002)
 
 
+# Ctrl-C in a terminal reaches every process of the group; SIGTERM comes to the process (`kill PID`, a
+# service manager) or to the whole group (SLURM's scancel). Each takes the same clean path.
+INTERRUPTS = [("SIGINT", "group", "temp_folder"), ("SIGINT", "group", "workers_writing")]
+INTERRUPTS += [("SIGTERM", "process", "workers_writing"), ("SIGTERM", "group", "workers_writing")]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("moment", ["temp_folder", "workers_writing"])
-def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path, big_export, workers, moment):
+@pytest.mark.parametrize(("sig", "to", "moment"), INTERRUPTS)
+def test_an_interrupt_exits_with_one_line_and_the_previous_output_intact(
+    tmp_path, big_export, workers, sig, to, moment
+):
     out = tmp_path / "out"
     prepare(REPO / "tests/fixtures/sample_export", out, DataConfig())
     before = snapshot(out)
@@ -700,10 +708,11 @@ def test_ctrl_c_exits_130_with_one_line_and_the_previous_output_intact(tmp_path,
             wait_for(lambda: bool(temp()), "a temporary folder", proc)
         else:
             wait_for(lambda: any(any((t / "parts").glob("*")) for t in temp()), "a part file", proc)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
+        (os.killpg if to == "group" else os.kill)(proc.pid, getattr(signal, sig))
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err.splitlines() == [f"slackdist prepare: interrupted, nothing written; {out} is as it was"]
+    by = " by SIGTERM" if sig == "SIGTERM" else ""
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130)
+    assert err.splitlines() == [f"slackdist prepare: interrupted{by}, nothing written; {out} is as it was"]
     assert snapshot(out) == before
     assert leftovers(tmp_path, "out") == [out]
 
@@ -724,10 +733,10 @@ def test_ctrl_c_during_code_run_from_a_string_still_exits_130(tmp_path):
     # A Ctrl-C that lands while code from a string runs (a dataclass or namedtuple being defined by a lazy
     # import) made `python -m` end by SIGINT (-2) after our handler had run; it must still exit 130.
     (tmp_path / "interrupted_in_exec.py").write_text(
-        "import sys\nimport slackdist.data.prepare as p\n\n"
+        "import sys\nimport slackdist.data.workers as w\n\n"
         "def run_channel(job, src, index):\n"
         "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')\n\n"
-        "p.run_channel = run_channel\nfrom slackdist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        "w.run_channel = run_channel\nfrom slackdist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -5,28 +5,27 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from data_helpers import grouped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
-from slackdist.data.conversations import TRUNCATION_MARK, Post, group_channel, split_windows
+from slackdist.data.conversations import TRUNCATION_MARK, split_windows
 from slackdist.data.records import (
     _CHANNEL_SENTENCE,
     CharTokenCounter,
     PersonaMatcher,
     RecordBuilder,
+    Split,
     alternate_roles,
     format_system_prompt,
     group_of,
-    hash_split,
     load_token_counter,
-    split_records,
-    time_split,
-    to_record,
     validate_record,
 )
 from slackdist.errors import SlackdistError
-from slackdist.slack.export import Channel
+from slackdist.slack.clean import Post
+from slackdist.slack.metadata import Channel
 
 INFRA = Channel(id="C9", name="infra", kind="public", folder="infra")
 
@@ -48,7 +47,7 @@ def conv_of(
                 channel_id=channel.id,
             )
         )
-    (conv,) = group_channel(channel, posts, gap_hours=2)
+    (conv,) = grouped(channel, posts)
     return conv
 
 
@@ -98,7 +97,7 @@ def test_system_prompt_fills_workspace_channel_and_persona():
 
 def test_alternate_roles_keep_the_closing_turn_of_an_odd_conversation_and_prefix_names():
     conv = conv_of(["ann", "bob", "ann", "cat", "bob"])
-    rec = to_record(conv, DataConfig(), workspace="acme")
+    rec = RecordBuilder(DataConfig(), workspace="acme").build(conv).record
     roles = [m["role"] for m in rec["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
     # roles are counted back from the last turn; the opening two turns form one user message
@@ -113,7 +112,7 @@ def test_alternate_roles_keep_the_closing_turn_of_an_odd_conversation_and_prefix
 
 
 def test_even_conversations_alternate_from_the_first_turn():
-    rec = to_record(conv_of(["ann", "bob", "ann", "bob"]), DataConfig(), workspace="acme")
+    rec = RecordBuilder(DataConfig(), workspace="acme").build(conv_of(["ann", "bob", "ann", "bob"])).record
     assert [m["content"] for m in rec["messages"][1:]] == [
         f"{w.title()}: {w} says {i}" for i, w in enumerate(["ann", "bob", "ann", "bob"])
     ]
@@ -148,7 +147,7 @@ def test_alternate_records_lose_no_turn(speakers, names):
         )
         for i, w in enumerate(speakers)
     ]
-    convs = list(group_channel(INFRA, posts, gap_hours=2))
+    convs = grouped(INFRA, posts)
     builder = RecordBuilder(
         DataConfig(speaker_names=names, max_turns=10_000, max_tokens=10**9), workspace="w"
     )
@@ -169,14 +168,16 @@ def test_alternate_records_lose_no_turn(speakers, names):
 
 
 def test_no_speaker_names():
-    rec = to_record(conv_of(["ann", "bob"]), DataConfig(speaker_names=False), workspace="acme")
+    rec = (
+        RecordBuilder(DataConfig(speaker_names=False), workspace="acme").build(conv_of(["ann", "bob"])).record
+    )
     assert rec["messages"][1]["content"] == "ann says 0"
 
 
 def test_persona_turns_are_assistant_and_runs_merge():
     conv = conv_of(["jane", "ann", "bob", "jane", "cat", "jane", "bob"])
     cfg = DataConfig(persona="Jane", roles="persona")
-    rec = to_record(conv, cfg, workspace="acme")
+    rec = RecordBuilder(cfg, workspace="acme").build(conv).record
     assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant", "user", "assistant"]
     # leading persona turn dropped (a record opens with the user), Ann + Bob merged, trailing Bob dropped
     assert rec["messages"][1]["content"] == "Ann: ann says 1\nBob: bob says 2"
@@ -186,7 +187,7 @@ def test_persona_turns_are_assistant_and_runs_merge():
 
 def test_persona_matches_user_id_and_skips_conversations_without_an_answer():
     cfg = DataConfig(persona="UJANE", roles="persona")
-    assert to_record(conv_of(["ann", "jane"]), cfg) is not None
+    assert RecordBuilder(cfg, workspace="").build(conv_of(["ann", "jane"])).record is not None
     built = RecordBuilder(cfg, workspace="w").build(conv_of(["ann", "bob", "ann"]))
     assert built.record is None and built.reason == "persona_never_answers"
     matcher = PersonaMatcher("jane doe", frozenset({"U7"}))
@@ -268,29 +269,33 @@ def test_bad_tokenizer_is_a_one_line_error(tmp_path):
         load_token_counter(str(tmp_path / "nope"))
 
 
-def _rec(group: str, window: int, start: float) -> dict:
-    return {"messages": [], "meta": {"conversation_id": f"{group}-{window}", "start": start}}
+def test_split_by_hash_is_stable_and_keeps_windows_together():
+    split = Split((0.8, 0.1, 0.1), "hash", seed=3)
+    window_ids = [f"{i:016x}-{w}" for i in range(300) for w in range(2)] + [f"{7:016x}-1.0"]  # a late part
+    groups = {group_of({"meta": {"conversation_id": cid}}) for cid in window_ids}
+    assert len(groups) == 300  # every window and part of a conversation shares its group
+    assign = split.assign({g: 0.0 for g in groups})
+    assert sorted(set(assign.values())) == [0, 1, 2] and 200 < list(assign.values()).count(0) < 280
+    assert all(split.now(g) == assign[g] for g in groups)  # streaming and at the end: the same answer
+    assert Split((0.8, 0.1, 0.1), "hash", seed=3).assign({g: 0.0 for g in groups}) == assign
+    assert Split((0.8, 0.1, 0.1), "hash", seed=4).assign({g: 0.0 for g in groups}) != assign
+    assert all(Split((1.0, 0.0, 0.0), "hash").now(g) == 0 for g in groups)
 
 
-def test_split_keeps_windows_together_and_is_stable():
-    records = [_rec(f"g{i:03d}", w, float(i)) for i in range(300) for w in range(2)]
-    train, val, test = split_records(records, (0.8, 0.1, 0.1), by="hash", seed=3)
-    assert len(train) + len(val) + len(test) == 600
-    groups = [{group_of(r) for r in part} for part in (train, val, test)]
-    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
-    assert all(len(g) > 0 for g in groups)
-    assert split_records(records, (0.8, 0.1, 0.1), by="hash", seed=3) == (train, val, test)
-    assert hash_split("g001", (0.8, 0.1, 0.1), 3) == hash_split("g001", (0.8, 0.1, 0.1), 3)
-    assert split_records(records, (0.8, 0.1, 0.1), by="hash", seed=4) != (train, val, test)
+def test_split_by_time_puts_the_newest_conversations_in_test():
+    split = Split((0.8, 0.1, 0.1), "time")
+    starts = {f"g{i:02d}": float(i) for i in range(20)}
+    assign = split.assign(starts)
+    assert sorted(g for g, s in assign.items() if s == 2) == ["g18", "g19"]
+    assert sorted(g for g, s in assign.items() if s == 1) == ["g16", "g17"]
+    assert all(s == 0 for g, s in assign.items() if starts[g] < 16)
+    assert split.now("g00") is None  # by time, no conversation's split is known before all are
+    assert split.assign({}) == {}
 
 
-def test_time_split_puts_the_newest_conversations_in_test():
-    records = [_rec(f"g{i:02d}", 0, float(i)) for i in range(20)]
-    train, val, test = split_records(records, (0.8, 0.1, 0.1), by="time")
-    assert [r["meta"]["start"] for r in test] == [18.0, 19.0]
-    assert [r["meta"]["start"] for r in val] == [16.0, 17.0]
-    assert max(r["meta"]["start"] for r in train) < 16
-    assert time_split({}, (0.9, 0.05, 0.05)) == {}
+def test_split_follows_the_config():
+    split = Split.from_config(DataConfig(split="70,20,10", split_by="time", seed=9))
+    assert split == Split((0.7, 0.2, 0.1), "time", 9)
 
 
 @settings(max_examples=200, deadline=None)
@@ -328,6 +333,6 @@ def test_records_alternate_and_end_on_the_assistant(speakers, roles, names):
 
 def test_record_meta_is_exact():
     conv = dataclasses.replace(conv_of(["ann", "bob"], thread=True))
-    rec = to_record(conv, DataConfig())
+    rec = RecordBuilder(DataConfig(), workspace="").build(conv).record
     assert rec["meta"]["thread_ts"] == conv.thread_ts
     assert rec["meta"]["start"] == conv.turns[0].start and rec["meta"]["end"] == conv.turns[1].end

@@ -10,12 +10,14 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+from data_helpers import grouped
+
 from slackdist.config import DataConfig
-from slackdist.data.conversations import Post, group_channel
 from slackdist.data.prepare import prepare, summary_lines
 from slackdist.data.records import SPLIT_NAMES, RecordBuilder
 from slackdist.data.report import ReportBuilder, window_group
-from slackdist.slack.export import Channel
+from slackdist.slack.clean import Post
+from slackdist.slack.metadata import Channel
 
 DAY = 86400.0
 T0 = 1_600_000_000.0
@@ -146,7 +148,7 @@ def test_coverage_is_measured_on_what_the_records_hold():
         )
         for i, w in enumerate(["Ann", "Bob", "Ann", "Bob"])
     ]
-    (conv,) = group_channel(channel, posts, gap_hours=2)
+    (conv,) = grouped(channel, posts)
     builder = RecordBuilder(DataConfig(), workspace="w")
     honest = ReportBuilder(export="e", workspace="w", persona_mode=False, preview=0)
     plan, built = builder.build_conversation(conv)

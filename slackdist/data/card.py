@@ -1,7 +1,7 @@
 """README.md of a prepared folder: a dataset card, so the folder is a `datasets` dataset as it is.
 
 Its YAML header lists the split files (`configs:`), so `datasets.load_dataset(DIR)` reads exactly
-train/validation/test.jsonl as their splits (not report.json beside them) and skips an empty split,
+train/validation/test.jsonl as their splits (not provenance.jsonl or report.json beside them) and skips an empty split,
 which `datasets` cannot read (its own guess from the file names fails on a tiny export's empty
 validation.jsonl). The same card makes the folder uploadable as a (private) hub dataset repository,
 which `slackdist train --data OWNER/NAME` then reads. The JSONL files stay the one copy of the data:
@@ -11,16 +11,13 @@ readable, editable, and converted to Arrow by `datasets` in its cache, again whe
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 CARD_FILE = "README.md"
 
 
 def dataset_card(splits: Mapping[str, int]) -> str:
     """The card's text for split name -> number of records (splits with none are left out of `configs`)."""
-    files = "".join(
-        f"  - split: {name}\n    path: {name}.jsonl\n" for name, n in splits.items() if n > 0
-    )
+    files = "".join(f"  - split: {name}\n    path: {name}.jsonl\n" for name, n in splits.items() if n > 0)
     counts = ", ".join(f"{name} {n:,}" for name, n in splits.items())
     return (
         "---\n"
@@ -37,10 +34,3 @@ def dataset_card(splits: Mapping[str, int]) -> str:
         "Load it with `datasets.load_dataset(PATH_OF_THIS_FOLDER)` (an empty split is not listed above: "
         "`datasets` cannot read an empty file), or train on it with `slackdist train --data PATH_OF_THIS_FOLDER`.\n"
     )
-
-
-def write_dataset_card(folder: Path, splits: Mapping[str, int]) -> Path:
-    """Write README.md into a prepared folder (`dataset_card`)."""
-    path = folder / CARD_FILE
-    path.write_text(dataset_card(splits), encoding="utf-8")
-    return path

@@ -1,4 +1,4 @@
-"""Cleaned messages -> conversations: threads, time windows, turns, overlapping windows.
+"""Posts (cleaned messages, `slack/clean.py`) -> conversations: threads, time windows, turns, windows.
 
 A thread (parent + replies in ts order) is one conversation, however many day files its replies
 are spread over. Messages outside threads are grouped per channel while the gap to the previous
@@ -26,79 +26,11 @@ import dataclasses
 import hashlib
 import operator
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from slackdist.slack.export import Channel, Message
-
-
-@dataclass(slots=True)
-class Post:
-    """One kept human message, already cleaned and redacted; the unit the grouper works on.
-
-    Attributes:
-        ts: the Slack ``ts`` string (unique within its channel).
-        thread_ts: the thread it belongs to (== ts on a parent), or None.
-        speaker: display name.
-        speaker_id: Slack user id, when known.
-        text: cleaned, redacted text.
-        code: the fenced code blocks of the source, entities decoded, before any redaction: what the
-            record must still hold byte for byte (the report checks it).
-        code_redacted: for each block of ``code``, whether redaction changed it (the reason the report
-            gives when the block is not intact).
-        source: day file it came from (posts of one file are re-sorted by ts).
-        channel_id: the channel it was read from (kept so mixing channels stays measurable).
-        reply_count: on a thread parent, how many replies the export says it has (0: unknown).
-    """
-
-    ts: str
-    thread_ts: str | None
-    speaker: str
-    speaker_id: str | None
-    text: str
-    code: tuple[str, ...] = ()
-    source: str = ""
-    channel_id: str = ""
-    reply_count: int = 0
-    code_redacted: tuple[bool, ...] = ()
-    time: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.time = float(self.ts)
-
-    @classmethod
-    def from_message(
-        cls,
-        msg: Message,
-        text: str | None = None,
-        code: tuple[str, ...] = (),
-        speaker: str | None = None,
-        code_redacted: tuple[bool, ...] = (),
-    ) -> Post:
-        """A post from a Message; ``text`` and ``speaker`` replace the message's (the cleaned, redacted ones)."""
-        ts, thread_ts = msg.ts, msg.thread_ts
-        # Positional: this runs once per kept message, and keyword arguments cost measurably more here.
-        return cls(
-            ts,
-            thread_ts,
-            msg.user_name if speaker is None else speaker,
-            msg.user_id,
-            msg.text if text is None else text,
-            code,
-            msg.source_file,
-            msg.channel.id,
-            msg.reply_count if thread_ts == ts else 0,
-            code_redacted,
-        )
-
-    @property
-    def in_thread(self) -> bool:
-        return self.thread_ts is not None
-
-    @property
-    def is_parent(self) -> bool:
-        return self.thread_ts == self.ts
-
+from slackdist.slack.clean import Post
+from slackdist.slack.metadata import Channel
 
 #: Appended to a message cut to fit the token budget (see :func:`truncate_turn`).
 TRUNCATION_MARK = " […]"
@@ -169,11 +101,6 @@ class Conversation:
         return list(dict.fromkeys(t.speaker for t in self.turns))
 
     @property
-    def group_id(self) -> str:
-        """The id shared by every window of one conversation (what the split keys on)."""
-        return self.id.rsplit("-", 1)[0]
-
-    @property
     def n_messages(self) -> int:
         return sum(t.n_messages for t in self.turns)
 
@@ -190,6 +117,14 @@ def conversation_id(channel_id: str, root_ts: str, window: int = 0, part: int = 
     """
     digest = hashlib.sha1(f"{channel_id}:{root_ts}".encode()).hexdigest()[:16]
     return f"{digest}-{window}" if part == 0 else f"{digest}-{part}.{window}"
+
+
+def split_group(conversation_id: str) -> str:
+    """The part of a conversation id that every window and part of the conversation share.
+
+    The train/validation/test split keys on it, so no conversation is in two splits.
+    """
+    return conversation_id.rsplit("-", 1)[0]
 
 
 def merge_turns(posts: list[Post]) -> list[Turn]:
@@ -409,17 +344,6 @@ class ChannelGrouper:
         )
 
 
-def group_channel(
-    channel: Channel, posts: Iterable[Post | Message], *, gap_hours: float
-) -> Iterator[Conversation]:
-    """All whole conversations of one channel (any length, not yet windowed or filtered)."""
-    grouper = ChannelGrouper(channel, gap_hours=gap_hours)
-    for item in posts:
-        post = item if isinstance(item, Post) else Post.from_message(item)
-        yield from grouper.add(post)
-    yield from grouper.finish()
-
-
 @dataclass
 class WindowPlan:
     """How one conversation is cut: the kept windows and what was left out.
@@ -544,7 +468,7 @@ def split_windows(
     an over-long thread parent still opens its thread's first window.
 
     Args:
-        conv: a whole conversation from :func:`group_channel`.
+        conv: a whole conversation from :class:`ChannelGrouper`.
         min_turns: a window needs this many turns from at least 2 speakers.
         max_turns: most turns per window.
         overlap: turns shared by consecutive windows.
@@ -591,55 +515,16 @@ def split_windows(
     return plan
 
 
-def group_conversations(
-    messages_by_channel: Iterable[tuple[Channel, Iterable[Post | Message]]],
-    *,
-    gap_hours: float = 2.0,
-    min_turns: int = 2,
-    max_turns: int = 40,
-    window_overlap: int = 4,
-    max_tokens: int | None = None,
-    turn_cost: Callable[[Turn], int] | None = None,
-    base_cost: int = 0,
-) -> Iterator[Conversation]:
-    """Every eligible conversation window of every channel, streamed.
-
-    Args:
-        messages_by_channel: (channel, its cleaned posts or messages in day-file order) pairs.
-        gap_hours: a gap this long outside threads starts a new conversation.
-        min_turns: fewest turns (from at least 2 speakers) a conversation needs.
-        max_turns: longer conversations are split into overlapping windows.
-        window_overlap: turns shared by consecutive windows.
-        max_tokens: token budget of one window (None: none).
-        turn_cost: tokens one turn costs (default ~4 characters a token).
-        base_cost: tokens every record costs anyway.
-    """
-    for channel, posts in messages_by_channel:
-        for conv in group_channel(channel, posts, gap_hours=gap_hours):
-            plan = split_windows(
-                conv,
-                min_turns=min_turns,
-                max_turns=max_turns,
-                overlap=window_overlap,
-                max_tokens=max_tokens,
-                turn_cost=turn_cost,
-                base_cost=base_cost,
-            )
-            yield from plan.windows
-
-
 __all__ = [
     "TRUNCATION_MARK",
     "ChannelGrouper",
     "Conversation",
-    "Post",
     "Turn",
     "WindowPlan",
     "conversation_id",
-    "group_channel",
-    "group_conversations",
     "merge_turns",
     "pair_caps",
+    "split_group",
     "split_windows",
     "truncate_turn",
     "window_bounds",

@@ -7,14 +7,13 @@ then user / assistant alternating, user first, assistant last.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig
-from slackdist.data.conversations import Conversation, Turn, WindowPlan, split_windows
+from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT, DataConfig, split_fractions
+from slackdist.data.conversations import Conversation, Turn, WindowPlan, split_group, split_windows
 from slackdist.errors import SlackdistError, first_line
 from slackdist.model.chat_formats import LLAMA3
 
@@ -75,12 +74,27 @@ def format_system_prompt(
 _CHANNEL_SENTENCE = "This conversation is from #{channel}."  # in both stock templates (tested)
 
 
-def _join_names(names: Sequence[str]) -> str:
-    """``Ann``, ``Ann and Bob``, ``Ann, Bob and Cat``."""
+def _join_names(names: Sequence[str], last: str = "and") -> str:
+    """``Ann``, ``Ann and Bob``, ``Ann, Bob and Cat`` (``last="or"``: ``Ann or Bob``)."""
     names = list(names)
     if len(names) <= 1:
         return "".join(names)
-    return f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
+def persona_names(spec: str | None) -> list[str]:
+    """The people ``--as`` names: ``"Ann, @Bob"`` -> ``["Ann", "Bob"]`` (each once, in order)."""
+    names = (n.strip().lstrip("@").strip() for n in (spec or "").split(","))
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def persona_label(names: Sequence[str]) -> str:
+    """How a system prompt names the persona(s) a record answers as: ``Ann``, ``Ann or Bob``.
+
+    With several personas, each record's prompt names the ones that answer in it, so a record where
+    only Ann answers has exactly the prompt of an Ann-only run: what `chat --as Ann` gives.
+    """
+    return _join_names(names, "or")
 
 
 # ---------------------------------------------------------------- token counting
@@ -251,11 +265,20 @@ def _alternate(turns: list[Turn], speaker_names: bool) -> list[Part]:
     ]
 
 
-def _persona(turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_names: bool) -> list[Part]:
-    """The persona's turns are the assistant, everyone else the user; same-role runs merged."""
+def _persona(
+    turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_names: bool, named_answers: bool = False
+) -> list[Part]:
+    """The persona's turns are the assistant, everyone else the user; same-role runs merged.
+
+    ``named_answers`` (several personas): assistant turns keep the speaker's name too, so the model
+    learns which of them says what, and a merged run of two personas' turns stays readable. The
+    opening turn is then the user's even when a persona speaks it, so a conversation between two
+    of them (one asks, the other answers) gives a record, as it does when only the second is the
+    persona.
+    """
     runs: list[tuple[str, list[Turn]]] = []
-    for t in turns:
-        role = "assistant" if is_persona(t) else "user"
+    for i, t in enumerate(turns):
+        role = "assistant" if is_persona(t) and not (named_answers and i == 0) else "user"
         if runs and runs[-1][0] == role:
             runs[-1][1].append(t)
         else:
@@ -266,8 +289,8 @@ def _persona(turns: list[Turn], is_persona: Callable[[Turn], bool], speaker_name
         runs.pop()
     out = []
     for role, group in runs:
-        # The persona's own words are not prefixed: the model should answer as them, not write "Name:".
-        names = speaker_names and role == "user"
+        # One persona's own words are not prefixed: the model should answer as them, not write "Name:".
+        names = speaker_names and (role == "user" or named_answers)
         out.append((role, "\n".join(_prefixed(t, names) for t in group), group))
     return out
 
@@ -286,19 +309,27 @@ class RecordBuilder:
         *,
         workspace: str,
         counter: TokenCounter | None = None,
-        persona: PersonaMatcher | None = None,
+        persona: PersonaMatcher | Sequence[PersonaMatcher] | None = None,
     ) -> None:
         self.cfg = cfg
         self.workspace = workspace
         self.counter = counter or CharTokenCounter()
         self.persona_mode = cfg.roles == "persona" or bool(cfg.persona)
-        if self.persona_mode and persona is None:
-            if not cfg.persona:
-                raise SlackdistError("persona roles need --as NAME")
-            persona = PersonaMatcher(cfg.persona)
-        self.persona = persona
-        self._system_cache: dict[tuple[str, tuple[str, ...]], tuple[str, int]] = {}
+        if persona is None:
+            personas = [PersonaMatcher(name) for name in persona_names(cfg.persona)]
+        else:
+            personas = [persona] if isinstance(persona, PersonaMatcher) else list(persona)
+        if self.persona_mode and not personas:
+            raise SlackdistError("persona roles need --as NAME")
+        self.personas = personas
+        # The prompt's persona when the record is not known yet (window planning): all of them.
+        self.persona_label = persona_label([p.name for p in personas]) if self.persona_mode else None
+        self._system_cache: dict[tuple[str, tuple[str, ...], str | None], tuple[str, int]] = {}
         self._channel_prompts: dict[str, str] = {}
+
+    def is_persona(self, turn: Turn) -> bool:
+        """Whether one of the ``--as`` people speaks this turn."""
+        return any(p(turn) for p in self.personas)
 
     def _channel_prompt(self, channel: str) -> str:
         prompt = self._channel_prompts.get(channel)
@@ -306,19 +337,32 @@ class RecordBuilder:
             prompt = self._channel_prompts[channel] = self.system(channel)[0]
         return prompt
 
-    def system(self, channel: str, participants: Sequence[str] = ()) -> tuple[str, int]:
-        """(system prompt, its base token cost) for a channel, or for a DM between ``participants``."""
-        key = (channel, tuple(participants))
+    def system(
+        self, channel: str, participants: Sequence[str] = (), persona: str | None = None
+    ) -> tuple[str, int]:
+        """(system prompt, its base token cost) for a channel, or for a DM between ``participants``.
+
+        ``persona``: who the record answers as (default: every ``--as`` person, in persona mode).
+        """
+        persona = persona or self.persona_label
+        key = (channel, tuple(participants), persona)
         if key not in self._system_cache:
             prompt = format_system_prompt(
                 self.cfg.system_prompt,
                 workspace=self.workspace,
                 channel=channel,
-                persona=self.cfg.persona if self.persona_mode else None,
+                persona=persona,
                 participants=participants,
             )
             self._system_cache[key] = (prompt, self.counter.base(prompt))
         return self._system_cache[key]
+
+    def _answering(self, parts: list[Part]) -> str | None:
+        """With several personas, the ones that answer in a record (``persona_label``); else None."""
+        if len(self.personas) < 2:
+            return None
+        turns = [t for role, _, group in parts if role == "assistant" for t in group]
+        return persona_label([p.name for p in self.personas if any(p(t) for t in turns)])
 
     @staticmethod
     def participants(conv: Conversation) -> list[str]:
@@ -340,17 +384,21 @@ class RecordBuilder:
         rules), ``persona_never_answers``, ``over_token_budget`` (the rendered record is longer than
         the budget: :meth:`build_conversation` then cuts the conversation into smaller windows).
         """
+        answering = None
         if self.persona_mode:
-            assert self.persona is not None
-            parts = _persona(conv.turns, self.persona, self.cfg.speaker_names)
+            named = len(self.personas) > 1
+            parts = _persona(conv.turns, self.is_persona, self.cfg.speaker_names, named)
             if not any(role == "assistant" for role, _, _ in parts):
                 return BuiltRecord(None, "persona_never_answers")
+            answering = self._answering(parts)
         else:
             parts = _alternate(conv.turns, self.cfg.speaker_names)
         if len(parts) < 2:
             return BuiltRecord(None, "too_short")
         if conv.channel.kind in _DM_KINDS:
-            system, _ = self.system(conv.channel.name, conv.speakers)
+            system, _ = self.system(conv.channel.name, conv.speakers, answering)
+        elif answering is not None:
+            system, _ = self.system(conv.channel.name, (), answering)
         else:  # the common case, without building a cache key
             system = self._channel_prompt(conv.channel.name)
         messages = [{"role": "system", "content": system}] + [{"role": r, "content": c} for r, c, _ in parts]
@@ -408,24 +456,6 @@ class RecordBuilder:
         return plan, built
 
 
-def to_record(
-    conversation: Conversation,
-    cfg: DataConfig,
-    *,
-    workspace: str = "",
-    counter: TokenCounter | None = None,
-    persona: PersonaMatcher | None = None,
-) -> dict[str, Any] | None:
-    """The chat record of one conversation window, or None when it gives none.
-
-    Raises:
-        SlackdistError: persona roles without a persona name.
-    """
-    return (
-        RecordBuilder(cfg, workspace=workspace, counter=counter, persona=persona).build(conversation).record
-    )
-
-
 def validate_record(record: Any) -> list[str]:
     """Problems with one record's shape (empty when it is valid)."""
     problems = []
@@ -455,65 +485,62 @@ _META_KEYS = frozenset({"conversation_id", "channel", "thread_ts", "start", "end
 
 def group_of(record: dict[str, Any]) -> str:
     """The key every window of one conversation shares (the split keeps them together)."""
-    return record["meta"]["conversation_id"].rsplit("-", 1)[0]
+    return split_group(record["meta"]["conversation_id"])
 
 
-def hash_split(group: str, fractions: Sequence[float], seed: int) -> int:
-    """Index of the split (0 train, 1 validation, 2 test) of a conversation, stable across runs."""
-    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-    x = int.from_bytes(digest[:8], "big") / 2**64
-    acc = 0.0
-    for i, frac in enumerate(fractions):
-        acc += frac
-        if x < acc:
-            return i
-    return len(fractions) - 1 if fractions[-1] > 0 else 0
+@dataclass(frozen=True)
+class Split:
+    """Which split (0 train, 1 validation, 2 test) each conversation goes to; decided here and only here.
 
+    By ``hash``: a stable hash of the conversation's group (:func:`group_of`) with ``seed``, known as
+    soon as its first record is (:meth:`now`), so records go straight into their split's file. By
+    ``time``: the newest conversations go to test, the next newest to validation, known once every
+    conversation's start is (:meth:`assign`). Every window and part of a conversation shares its
+    group, so no conversation appears in two splits.
 
-def time_split(group_starts: dict[str, float], fractions: Sequence[float]) -> dict[str, int]:
-    """Split by time: the newest conversations go to test, the next newest to validation.
-
-    Args:
-        group_starts: conversation group -> its start time.
-        fractions: (train, validation, test) fractions summing to 1.
-    """
-    order = sorted(group_starts, key=lambda g: (group_starts[g], g))
-    n = len(order)
-    n_test = round(n * fractions[2])
-    n_val = round(n * fractions[1])
-    n_train = max(0, n - n_test - n_val)
-    out = {}
-    for i, g in enumerate(order):
-        out[g] = 0 if i < n_train else (1 if i < n_train + n_val else 2)
-    return out
-
-
-def split_records(
-    records: Iterable[dict[str, Any]], fractions: Sequence[float], by: str = "hash", seed: int = 0
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split records into (train, validation, test) by conversation; windows of one stay together.
-
-    Args:
-        records: chat records.
+    Attributes:
         fractions: (train, validation, test), summing to 1.
-        by: ``hash`` (stable hash of the conversation id, with ``seed``) or ``time`` (newest last).
+        by: ``hash`` or ``time``.
         seed: seed of the hash split.
-
-    Raises:
-        ValueError: an unknown ``by``.
     """
-    records = list(records)
-    if by == "hash":
-        assign = {g: hash_split(g, fractions, seed) for g in {group_of(r) for r in records}}
-    elif by == "time":
-        starts: dict[str, float] = {}
-        for r in records:
-            g = group_of(r)
-            starts[g] = min(starts.get(g, math.inf), r["meta"]["start"])
-        assign = time_split(starts, fractions)
-    else:
-        raise ValueError(f"split by {by!r}: expected 'hash' or 'time'")
-    out: tuple[list, list, list] = ([], [], [])
-    for r in records:
-        out[assign[group_of(r)]].append(r)
-    return out
+
+    fractions: tuple[float, float, float]
+    by: Literal["hash", "time"] = "hash"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> Split:
+        """The split that ``--split``, ``--split-by`` and ``--seed`` ask for."""
+        return cls(split_fractions(cfg.split), cfg.split_by, cfg.seed)
+
+    def now(self, group: str) -> int | None:
+        """The split of a conversation group when the group alone decides it (by hash), else None."""
+        return self._by_hash(group) if self.by == "hash" else None
+
+    def assign(self, starts: Mapping[str, float]) -> dict[str, int]:
+        """The split of every conversation group.
+
+        Args:
+            starts: conversation group -> its start time (the earliest ``meta.start`` of its records).
+        """
+        if self.by == "hash":
+            return {group: self._by_hash(group) for group in starts}
+        order = sorted(starts, key=lambda g: (starts[g], g))
+        n = len(order)
+        n_test = round(n * self.fractions[2])
+        n_val = round(n * self.fractions[1])
+        n_train = max(0, n - n_test - n_val)
+        out = {}
+        for i, g in enumerate(order):
+            out[g] = 0 if i < n_train else (1 if i < n_train + n_val else 2)
+        return out
+
+    def _by_hash(self, group: str) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{group}".encode()).digest()
+        x = int.from_bytes(digest[:8], "big") / 2**64
+        acc = 0.0
+        for i, frac in enumerate(self.fractions):
+            acc += frac
+            if x < acc:
+                return i
+        return len(self.fractions) - 1 if self.fractions[-1] > 0 else 0

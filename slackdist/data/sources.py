@@ -118,7 +118,7 @@ def open_data(spec: str) -> DataSource:
         return _open_folder(spec, path)
     if looks_like_a_path(spec) or path.suffix.lower() in FILE_BUILDERS:
         raise SlackdistError(f"{spec}: no such file or folder")
-    ensure_hub_repo(spec, "dataset", local_hint=LOCAL_DATA_HINT)
+    ensure_hub_repo(spec, "dataset", local_hint=LOCAL_DATA_HINT, subject=_not_here(spec))
     try:
         loaded = load_dataset(spec)
     except Exception as e:  # datasets raises many kinds (missing config, network, format): one line
@@ -140,7 +140,12 @@ def check_data_source(spec: str) -> None:
         return
     if looks_like_a_path(spec) or path.suffix.lower() in FILE_BUILDERS:
         raise SlackdistError(f"{spec}: no such file or folder")
-    ensure_hub_repo(spec, "dataset", local_hint=LOCAL_DATA_HINT)
+    ensure_hub_repo(spec, "dataset", local_hint=LOCAL_DATA_HINT, subject=_not_here(spec))
+
+
+def _not_here(spec: str) -> str:
+    """How a hub-id error line starts for `--data`: a path is meant more often than a hub dataset."""
+    return f"{spec}: no such file or folder here, and as a hub id"
 
 
 def _has_content(path: Path) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from slackdist.config import DEFAULT_SYSTEM_PROMPT, PERSONA_SYSTEM_PROMPT
@@ -39,15 +39,23 @@ class ModelInfo:
     persona_system_prompt: str
     """The same prompt for answering as someone: `{persona}` is filled in when asked."""
     persona: str | None = None
-    """The person the model was trained to answer as (persona mode), else None."""
+    """Who the model was trained to answer as (persona mode: "Ann", or "Ann or Bob" for several), else None."""
     chat_template: str = "llama3"
     """The chat template the tokenizer renders (`slackdist.model.template.chat_template_name`)."""
+    personas: list[str] = field(default_factory=list)
+    """Each person of `prepare --as`, as training's prompts name them."""
 
     def system_prompt_for(self, persona: str | None = None) -> str:
-        """Training's system prompt for #general, answering as `persona` (default: the trained persona)."""
+        """Training's system prompt for #general, answering as `persona` (default: the trained persona).
+
+        One of several trained personas (`chat --as Ann`) gets the prompt training gave the records in
+        which only Ann answers, with her name spelled as training spelled it.
+        """
         persona = persona or self.persona
         if not persona:
             return self.system_prompt
+        spelled = {p.casefold(): p for p in self.personas}
+        persona = spelled.get(persona.strip().lstrip("@").casefold(), persona)
         return self.persona_system_prompt.replace(PERSONA_PLACEHOLDER, persona)
 
     @classmethod

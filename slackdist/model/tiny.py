@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +54,7 @@ from transformers import (
 )
 
 from slackdist.errors import SlackdistError
+from slackdist.files import check_model_folder, staged_dir
 from slackdist.model.chat_formats import CHATML, GEMMA, LLAMA3, MISTRAL, PHI3
 from slackdist.model.template import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
@@ -390,21 +389,6 @@ def _check_shape(hidden_size: int, layers: int, heads: int, kv_heads: int, inter
         raise SlackdistError("tiny model: " + "; ".join(problems))
 
 
-def _install_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp folder into place: whole folder if `out` is new, else file by file."""
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    for item in tmp.iterdir():
-        target = out / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    tmp.rmdir()
-
-
 _FORMATS = {"llama": LLAMA3, "qwen2": CHATML, "mistral": MISTRAL, "gemma2": GEMMA, "phi3": PHI3}
 """The chat format each tiny family ships (and stops generation on)."""
 
@@ -486,6 +470,7 @@ def write_tiny_model(
     intermediate_size: int = 128,
     seed: int = 0,
     dtype: torch.dtype | str = "fp32",
+    overwrite: bool = False,
 ) -> Path:
     """Write a tiny random model of one family and its tokenizer with `save_pretrained`.
 
@@ -493,7 +478,7 @@ def write_tiny_model(
     load the result. Saved in fp32 by default so CPU tests compare exactly.
 
     Args:
-        out_dir: folder to write (created; existing files of the same name are replaced).
+        out_dir: folder to write (`save_model_folder`: an earlier model folder there is replaced whole).
         family: one of `FAMILIES` (module docstring).
         hidden_size: model width.
         layers: decoder layers.
@@ -502,14 +487,16 @@ def write_tiny_model(
         intermediate_size: MLP width.
         seed: seed of the random weights.
         dtype: weight dtype to save ("fp32", "bf16", "fp16" or a torch.dtype).
+        overwrite: replace `out_dir` even when it is non-empty and not a model folder.
 
     Returns:
         The output folder.
 
     Raises:
-        SlackdistError: an unknown family, impossible shape or dtype.
+        SlackdistError: an unknown family, impossible shape or dtype, or an `out_dir` that is not ours.
     """
     _check_shape(hidden_size, layers, heads, kv_heads, intermediate_size)
+    check_model_folder(out_dir, overwrite=overwrite)
     torch_dtype = _resolve_dtype(dtype)
     tokenizer = build_tiny_tokenizer(family=family)
     config, generation = _model_config(
@@ -531,20 +518,13 @@ def write_tiny_model(
 def save_model_folder(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str]
 ) -> Path:
-    """`save_pretrained` a model and its tokenizer into a temporary folder next to `out_dir`, then move it into
-    place (files of the same name in an existing folder are replaced; nothing is left half-written)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
-    try:
+    """`save_pretrained` a model and its tokenizer into a temporary folder next to `out_dir`, then put it
+    in place by one rename (`slackdist.files.staged_dir`: an existing folder is replaced whole; an
+    error or interrupt leaves it as it was and no temporary folder behind)."""
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _install_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
@@ -558,6 +538,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         kv_heads=args.kv_heads,
         intermediate_size=args.intermediate_size,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     print(f"tiny model written to {out}")
     return 0

@@ -36,8 +36,9 @@ _EMAIL_RE = re.compile(
 _SEVEN_DIGITS_RE = re.compile(rb"[0-9](?:[ ().+/-]{0,3}[0-9]){6}")
 _EMAIL_HINT_RE = re.compile(r"@[A-Za-z0-9-]+\.")  # starts with a literal: a fast scan
 # Where a phone number can be: an optional ``+`` or ``(``, then digits and separators, ending on a digit that no
-# word character follows. Only these windows go to the matcher (it costs ~0.1 ms a call).
-PHONE_CANDIDATE_RE = re.compile(r"(?<![\w.:/=#@+-])(?:\+|\()?\d[\d ()./-]{5,24}\d(?!\w)")
+# word character follows. Only these windows go to the matcher (it costs ~0.1 ms a call). After "@" only a
+# "+country" number starts one: a mention of someone whose display name is their phone number ("@+1 415 …").
+PHONE_CANDIDATE_RE = re.compile(r"(?:(?<![\w.:/=#@+-])(?:\+|\()?|(?<=@)\+)\d[\d ()./-]{5,24}\d(?!\w)")
 _NOT_PHONE_RE = re.compile(
     r"\d{4}[-./]\d{1,2}[-./]\d{1,2}\b|\b\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$"  # dates
     r"|^\d{1,3}(?:\.\d{1,3}){3}$"  # IPv4 addresses

@@ -6,9 +6,17 @@
     OUT/slackdist_config.yaml, slackdist_inference.json   the resolved config and how to prompt the model
     OUT/trainer_state.json                                where training ended
     OUT/metrics.jsonl, loss.png, runs/                    metrics (`slackdist.train.metrics`), TensorBoard
+    OUT/provenance.jsonl                                  whose messages the data holds (`slackdist.data.provenance`)
     OUT/best/                                             the best-eval adapter (+ eval.json)
     OUT/checkpoints/step-000100/                          a checkpoint (below): the newest K and the best
     OUT/merged/                                           with train.merge_after_training
+
+While a run runs it writes only its records into OUT (`RUN_RECORDS`: checkpoints/, runs/,
+metrics.jsonl, best/, provenance.jsonl), each folder renamed into place whole; an earlier run's final output at OUT's
+root stays as it was. At the end the final output (adapter, tokenizer, config, model info, trainer
+state, loss plot, merged/) is built in a temporary folder next to OUT, the records are hard-linked
+into it, and it replaces OUT by one rename (`OutputFolder.install_final`, `slackdist.files`): OUT
+holds one run's model throughout, never a mix of two.
 
 A checkpoint holds what training changes and nothing of the frozen base:
 
@@ -53,6 +61,7 @@ fp32). Merged models are sharded (`slackdist.train.merge`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -60,7 +69,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -73,9 +81,18 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from slackdist.config import Config, save_config
-from slackdist.data.records import format_system_prompt
+from slackdist.data.provenance import PROVENANCE_FILE, copy_provenance
+from slackdist.data.records import format_system_prompt, persona_label, persona_names
 from slackdist.errors import SlackdistError, first_line
-from slackdist.files import write_json_atomic
+from slackdist.files import (
+    Stage,
+    check_output_dir,
+    install_dir,
+    link_into,
+    signals_deferred,
+    staged_dir,
+    write_json_atomic,
+)
 from slackdist.model.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -87,6 +104,7 @@ from slackdist.model.adapter import (
 from slackdist.model.info import (
     CONFIG_FILE,
     DEFAULT_CHANNEL,
+    INFO_FILE,
     PERSONA_PLACEHOLDER,
     UNKNOWN_WORKSPACE,
     ModelInfo,
@@ -108,6 +126,8 @@ from slackdist.train.manifest import (
     verify_checkpoint,
     write_manifest,
 )
+from slackdist.train.merge import merge_adapter
+from slackdist.train.metrics import plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +221,14 @@ def save_adapter(
     """Write the LoRA adapter of a (possibly FSDP / DeepSpeed wrapped) PEFT model, PEFT-loadable.
 
     Collective: every rank must call it (it gathers the full state dict); only the main process
-    writes. Files are written under temporary names and moved into `out_dir`.
+    writes, straight into `out_dir`: a temporary folder its caller installs whole (a checkpoint's,
+    best/'s or the final output's stage).
 
     Args:
         accelerator: the run's accelerator.
         topology: how the run is spread (what gathering the weights takes).
         model: the prepared model.
-        out_dir: folder for adapter_model.safetensors + adapter_config.json (created).
+        out_dir: the stage for adapter_model.safetensors + adapter_config.json (created if missing).
         base_model: recorded as `base_model_name_or_path` (absolute when it is a local folder).
         updates: optimizer steps that changed the adapter (`TrainerState.updates`); recorded in the
             file's metadata; after one, every lora_B must be non-zero.
@@ -227,19 +248,13 @@ def save_adapter(
     del full
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out))
-    try:
-        metadata = {"format": "pt", UPDATES_METADATA: str(updates)}
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
-        check_adapter_file(tmp / ADAPTER_WEIGHTS, lora_module_names(peft_model), trained=updates > 0)
-        peft_config = copy.deepcopy(peft_model.peft_config[adapter_name])
-        peft_config.inference_mode = True
-        peft_config.base_model_name_or_path = _base_reference(base_model)
-        peft_config.save_pretrained(str(tmp))
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    metadata = {"format": "pt", UPDATES_METADATA: str(updates)}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata=metadata)
+    check_adapter_file(out / ADAPTER_WEIGHTS, lora_module_names(peft_model), trained=updates > 0)
+    peft_config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    peft_config.inference_mode = True
+    peft_config.base_model_name_or_path = _base_reference(base_model)
+    peft_config.save_pretrained(str(out))
     return out / ADAPTER_WEIGHTS
 
 
@@ -267,13 +282,11 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str | os.PathLike[
 
 
 def copy_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy adapter_model.safetensors + adapter_config.json from one folder to another (atomically per file)."""
+    """Copy adapter_model.safetensors + adapter_config.json from one folder into a stage."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        tmp = dst / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, dst / name)
+        shutil.copyfile(src / name, dst / name)
 
 
 # ------------------------------------------------------------------ training state (optimizer, scheduler, RNG)
@@ -508,17 +521,6 @@ def prune_checkpoints(
     return removed
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Rename a finished checkpoint into place; a folder of the same step (saved again after a resume)
-    is moved aside first and deleted only once the new one is in place."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1; the recipe finishes the current optimizer step, checkpoints and exits 75."""
 
@@ -554,21 +556,34 @@ class PreemptionFlag:
 # ------------------------------------------------------------------ model folders
 
 
-def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
-    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+def _prepared(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         report = json.loads((Path(data_dir) / PREPARE_REPORT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    workspace = report.get("workspace") if isinstance(report, dict) else None
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def prepared_workspace(data_dir: str | os.PathLike[str]) -> str | None:
+    """The workspace name `prepare` put into the records' system prompts (its report.json), if known."""
+    workspace = _prepared(data_dir).get("workspace")
     return workspace if isinstance(workspace, str) and workspace else None
+
+
+def prepared_persona(data_dir: str | os.PathLike[str]) -> str | None:
+    """The ``--as`` that `prepare` made the records with (its report.json), if any."""
+    config = _prepared(data_dir).get("config")
+    persona = config.get("persona") if isinstance(config, dict) else None
+    return persona if isinstance(persona, str) and persona else None
 
 
 def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
     """How the trained model is prompted: training's system prompt for #general (the template and
-    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack")
-    and the chat template its tokenizer renders."""
+    persona of `cfg.data`; the workspace of `data.workspace`, else of the prepared data, else "Slack";
+    the persona(s) of `data.persona`, else of the prepared data) and the chat template its tokenizer
+    renders."""
     workspace = cfg.data.workspace or prepared_workspace(cfg.train.data_dir) or UNKNOWN_WORKSPACE
+    personas = persona_names(cfg.data.persona or prepared_persona(cfg.train.data_dir))
 
     def prompt(persona: str | None) -> str:
         return format_system_prompt(
@@ -579,15 +594,41 @@ def model_info(cfg: Config, tokenizer: Any) -> ModelInfo:
         workspace=workspace,
         system_prompt=prompt(None),
         persona_system_prompt=prompt(PERSONA_PLACEHOLDER),
-        persona=cfg.data.persona,
+        persona=persona_label(personas) or None,
         chat_template=chat_template_name(tokenizer),
+        personas=personas,
+    )
+
+
+RUN_RECORDS = (CHECKPOINTS, RUNS_DIR, METRICS_FILE, BEST, PROVENANCE_FILE)
+"""What a run writes into OUT while it runs (and a resumed run continues); the rest of OUT is the
+final output, installed with them in one rename at the end (`OutputFolder.install_final`)."""
+OUTPUT_MARKERS = (CHECKPOINTS, CONFIG_FILE, INFO_FILE, METRICS_FILE, RUNS_DIR, BEST)
+"""A folder holding one of these is a training output (`check_output`)."""
+
+
+def check_output(cfg: Config, *, overwrite: bool = False) -> None:
+    """OUT may be trained into: new, empty, an earlier training output, or `overwrite`; never the
+    current folder or one holding the training data or base model (the final install replaces OUT
+    whole). Read-only: every rank may call it.
+
+    Raises:
+        SlackdistError: one line naming OUT (`slackdist.files.check_output_dir`).
+    """
+    check_output_dir(
+        cfg.train.output_dir,
+        markers=OUTPUT_MARKERS,
+        what="a training output folder",
+        overwrite=overwrite,
+        inputs=[cfg.train.data_dir, cfg.model.base_model],
     )
 
 
 class OutputFolder:
     """OUT of one run and the saves into it (module docstring). Saves are collective: every rank
     calls them (weights are gathered, sharded state is written per rank); the main process writes
-    the rest, each file or folder under a temporary name first."""
+    the rest. Every folder is built under a temporary name and renamed into place whole: each
+    checkpoint, best/, and at the end OUT itself (`install_final`)."""
 
     def __init__(self, cfg: Config, *, accelerator: Accelerator, topology: Topology, tokenizer: Any) -> None:
         self.path = Path(cfg.train.output_dir)
@@ -597,16 +638,19 @@ class OutputFolder:
         self.tokenizer = tokenizer
         self.info = model_info(cfg, tokenizer)
         self.metrics_file = self.path / METRICS_FILE
-        self.loss_plot = self.path / LOSS_PLOT
         self.best = self.path / BEST
         self.checkpoints = self.path / CHECKPOINTS
         self.merged = self.path / MERGED_DIR
+        self.final: Stage | None = None
+        """The final output being built (main process, from `save_final` to `install_final`)."""
 
     def create(self) -> None:
-        """Make OUT and put the resolved config in it first (main process)."""
+        """Make OUT (main process) and copy the data's provenance into it: from the first checkpoint
+        on, OUT says whose messages it is trained on. An earlier run's final output at its root stays
+        whole until this run's replaces it (`install_final`); each checkpoint carries this run's config."""
         if self.topology.is_main_process:
             self.path.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.path / CONFIG_FILE)
+            copy_provenance(Path(self.cfg.train.data_dir) / PROVENANCE_FILE, self.path)
 
     def _describe(self, folder: Path) -> None:
         """What makes a model folder loadable alone: tokenizer, config, model info (main process)."""
@@ -640,25 +684,33 @@ class OutputFolder:
         """
         accelerator, topology = self.accelerator, self.topology
         final = checkpoint_dir(self.path, state.global_step)
-        tmp = final.with_name(f".tmp-{final.name}")
+        tmp = final.with_name(f".tmp-{final.name}")  # every rank writes into it: a name all of them know
         if topology.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        save_training_state(accelerator, topology, model, optimizer, scheduler, tmp)
-        self._adapter(model, tmp, state)
+        try:
+            save_training_state(accelerator, topology, model, optimizer, scheduler, tmp)
+            self._adapter(model, tmp, state)
+            if topology.is_main_process:
+                self._describe(tmp)
+                write_json_atomic(tmp / TRAINER_STATE, state.state_dict())
+            accelerator.wait_for_everyone()  # every rank's files are in tmp
+            if topology.is_main_process:
+                write_manifest(
+                    tmp,
+                    step=state.global_step,
+                    backend=topology.backend,
+                    world_size=topology.world_size,
+                    layout=topology.checkpoint_layout,
+                )
+                # a folder of the same step (saved again after a resume) is replaced whole
+                install_dir(tmp, final)
+        except BaseException:  # an error or Ctrl-C mid-save: no half checkpoint folder left behind
+            if topology.is_main_process:
+                with signals_deferred():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if topology.is_main_process:
-            self._describe(tmp)
-            write_json_atomic(tmp / TRAINER_STATE, state.state_dict())
-        accelerator.wait_for_everyone()  # every rank's files are in tmp
-        if topology.is_main_process:
-            write_manifest(
-                tmp,
-                step=state.global_step,
-                backend=topology.backend,
-                world_size=topology.world_size,
-                layout=topology.checkpoint_layout,
-            )
-            _install(tmp, final)
             prune_checkpoints(
                 self.path,
                 self.cfg.train.keep_last_n_checkpoints,
@@ -691,29 +743,70 @@ class OutputFolder:
             )
 
     def save_best(self, model: torch.nn.Module, state: TrainerState, eval_loss: float) -> None:
-        """The adapter of a new best eval into OUT/best, with its eval.json."""
-        self._adapter(model, self.best, state)
-        if self.topology.is_main_process:
-            self._describe(self.best)
-            write_json_atomic(self.best / BEST_EVAL, {"step": state.global_step, "eval_loss": eval_loss})
+        """The adapter of a new best eval as OUT/best, with its eval.json (built in a temporary
+        folder on the main process, then renamed over the previous best/)."""
+        main = self.topology.is_main_process
+        with staged_dir(self.best) if main else contextlib.nullcontext(self.best) as folder:
+            self._adapter(model, folder, state)
+            if main:
+                self._describe(folder)
+                write_json_atomic(folder / BEST_EVAL, {"step": state.global_step, "eval_loss": eval_loss})
 
     def save_final(self, model: torch.nn.Module, state: TrainerState) -> None:
-        """The final adapter at OUT's root, with tokenizer, config, model info and trainer state.
+        """Build the final output in a temporary folder next to OUT (`self.final`): the adapter with
+        tokenizer, config, model info, trainer state and the loss plot. `install_final` puts it in
+        place; `discard_final` removes it when the run ends otherwise.
 
-        The root adapter is the best-eval one when an eval ran (as `load_best_model_at_end`),
-        else the last weights.
+        The adapter is the best-eval one when an eval ran (as `load_best_model_at_end`), else the
+        last weights.
         """
+        main = self.topology.is_main_process
+        if main:
+            self.final = Stage(self.path)
+            self.final.create()
+        folder = self.final.path if self.final is not None and self.final.path is not None else self.path
         use_best = (
             state.best_step not in (None, state.global_step) and (self.best / ADAPTER_WEIGHTS).is_file()
         )
         if not use_best:
-            self._adapter(model, self.path, state)
-        if self.topology.is_main_process:
+            self._adapter(model, folder, state)
+        if main:
             if use_best:
-                copy_adapter(self.best, self.path)
+                copy_adapter(self.best, folder)
                 logger.warning(
                     "final adapter = best eval (step %d, loss %.4f)", state.best_step, state.best_eval_loss
                 )
-            self._describe(self.path)
-            write_json_atomic(self.path / TRAINER_STATE, state.state_dict())
+            self._describe(folder)
+            write_json_atomic(folder / TRAINER_STATE, state.state_dict())
+            if self.metrics_file.is_file():
+                plot_losses(self.metrics_file, folder / LOSS_PLOT)
         self.accelerator.wait_for_everyone()
+
+    def install_final(self, *, keep_best: bool) -> None:
+        """With `train.merge_after_training`, merge the final adapter into merged/ of the stage; then
+        put the final output in OUT's place by one rename (main process, after the run's last write:
+        trackers closed).
+
+        The new OUT = the final output + the run's records (`RUN_RECORDS`), hard-linked from the old
+        OUT (no data copied, and the old OUT stays whole until the rename). Anything else the old
+        OUT held (an earlier run's adapter files, merged/, eval/ and gguf/ outputs made from it) is
+        replaced: it described an earlier adapter. best/ is kept only when this run (or the one it
+        resumed) had a best eval (`keep_best`); else it is an earlier run's.
+        """
+        stage = self.final
+        if stage is None or stage.path is None:
+            raise RuntimeError("install_final before save_final")
+        for name in RUN_RECORDS:
+            source = self.path / name
+            if (source.exists() or source.is_symlink()) and (name != BEST or keep_best):
+                link_into(source, stage.path / name)
+        if self.cfg.train.merge_after_training:  # after the records: merged/ takes the provenance
+            merge_adapter(stage.path, stage.path / MERGED_DIR, max_shard_size=self.cfg.train.max_shard_size)
+        stage.install()
+        self.final = None
+
+    def discard_final(self) -> None:
+        """Remove a final output that was not installed (an error, Ctrl-C, SIGTERM after the last step)."""
+        if self.final is not None:
+            self.final.discard()
+            self.final = None

@@ -5,7 +5,8 @@ re-quantize the sum and lose most of the adapter. The result loads with plain
 `AutoModelForCausalLM.from_pretrained(MERGED)`.
 
 The merged folder describes itself like the adapter folder it came from: the training config
-(`slackdist_config.yaml`) and the model info (`slackdist_inference.json`) are copied with it.
+(`slackdist_config.yaml`) and the model info (`slackdist_inference.json`) are copied with it, and so
+is the provenance of its training data (`provenance.jsonl`: whose messages it holds, for `slackdist forget`).
 
 Tied embeddings (Llama 3.2 1B/3B) are untied when a LoRA sits on `lm_head`, and both weights are
 saved (`slackdist.model.merging`).
@@ -17,14 +18,15 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from slackdist.data.provenance import copy_provenance, find_provenance
 from slackdist.errors import SlackdistError, first_line
+from slackdist.files import check_model_folder, staged_dir
 from slackdist.model.info import CONFIG_FILE, INFO_FILE, read_model_info
 from slackdist.model.load import attach_adapter, load_tokenizer
 from slackdist.model.merging import merge_lora
@@ -56,6 +58,7 @@ def merge_adapter(
     base: str | None = None,
     dtype: str = "bf16",
     max_shard_size: str = "2GB",
+    overwrite: bool = False,
 ) -> Path:
     """Merge an adapter into its base model and save the result.
 
@@ -63,17 +66,20 @@ def merge_adapter(
         adapter_dir: a training output folder or a checkpoint (adapter_config.json + adapter_model.safetensors).
         output_dir: folder for config.json, model-*.safetensors (+ index), tokenizer and chat template,
             and the adapter folder's slackdist_config.yaml / slackdist_inference.json; written to a temp
-            folder next to it, then renamed (an existing folder is replaced).
+            folder next to it, then renamed into place (`slackdist.files.staged_dir`: an earlier
+            model folder there is replaced whole).
         base: base model (default: `base_model_name_or_path` of adapter_config.json).
         dtype: bf16, fp16 or fp32 for the merged weights.
         max_shard_size: largest safetensors shard ("2GB", "500MB", ...).
+        overwrite: replace `output_dir` even when it is non-empty and not a model folder.
 
     Returns:
         The output folder.
 
     Raises:
-        SlackdistError: not an adapter folder, no base model, a base that cannot load, or an adapter
-            with missing tensors or zeroed lora_B (`slackdist.model.adapter`).
+        SlackdistError: not an adapter folder, no base model, a base that cannot load, an adapter
+            with missing tensors or zeroed lora_B (`slackdist.model.adapter`), or an `output_dir`
+            that is not a model folder or holds the adapter or base (`check_model_folder`).
     """
     if dtype not in _DTYPES:
         raise SlackdistError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
@@ -84,6 +90,7 @@ def merge_adapter(
         raise SlackdistError(
             f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; pass --base"
         )
+    check_model_folder(output_dir, overwrite=overwrite, inputs=[adapter_dir, base])
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], device_map={"": "cpu"})
     except (OSError, ValueError) as e:
@@ -96,26 +103,25 @@ def merge_adapter(
         str(adapter_dir) if has_tokenizer else base, chat_template=info.chat_template if info else "auto"
     )
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
         for name in (CONFIG_FILE, INFO_FILE):
             if (adapter_dir / name).is_file():
                 shutil.copyfile(adapter_dir / name, tmp / name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        copy_provenance(find_provenance(adapter_dir), tmp)  # whose messages the merged model holds
     return output_dir
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist merge --adapter OUT --output MERGED [--base ...] [--max-shard-size 2GB] [--dtype bf16]`."""
     out = merge_adapter(
-        args.adapter, args.output, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size
+        args.adapter,
+        args.output,
+        base=args.base,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
     )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"merged model written to {out} ({len(shards)} safetensors file{'s' if len(shards) != 1 else ''})")

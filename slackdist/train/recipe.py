@@ -52,13 +52,13 @@ from slackdist.train.checkpoint import (
     OutputFolder,
     PreemptionFlag,
     TrainerState,
+    check_output,
     resolve_resume,
     resume_point,
 )
 from slackdist.train.distributed import Topology, log_main, make_accelerator, trainable_parameters, wrap
 from slackdist.train.memory import apply_memory_cap, plan_memory
-from slackdist.train.merge import merge_adapter
-from slackdist.train.metrics import MetricsLog, Phases, peak_memory_gib, plot_losses
+from slackdist.train.metrics import MetricsLog, Phases, peak_memory_gib
 from slackdist.train.packing import PackedRow
 from slackdist.train.step import StepStats, eval_loss, make_step_inputs, train_step
 
@@ -335,9 +335,7 @@ class LoRARecipe:
         if self.last_saved_step != state.global_step:
             self.save_checkpoint()
         with self.phases.timed("final save"):
-            self.out.save_final(self.model, state)
-            if self.topology.is_main_process and self.out.metrics_file.is_file():
-                plot_losses(self.out.metrics_file, self.out.loss_plot)
+            self.out.save_final(self.model, state)  # into a temporary folder: `train` installs it
 
     # ------------------------------------------------------------ cleanup
     def cleanup(self) -> TrainResult:
@@ -373,13 +371,20 @@ class LoRARecipe:
         return result
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
     """Fine-tune `cfg.model.base_model` with LoRA on `cfg.train.data_dir`; write `cfg.train.output_dir`.
+
+    The final output (adapter, tokenizer, config, loss plot, merged/) is built in a temporary folder
+    and installed with the run's checkpoints and logs as the new OUT by one rename once the run is
+    done (`OutputFolder.install_final`); an error or interrupt before that leaves OUT's earlier
+    output as it was, and the temporary folder is removed.
 
     Raises:
         SlackdistError: bad data, a model that cannot load, a resume path that is not a checkpoint,
-            an output folder holding another run's checkpoints, or an adapter that fails verification.
+            an output folder holding another run's checkpoints or not a training output (unless
+            `overwrite`), or an adapter that fails verification.
     """
+    check_output(cfg, overwrite=overwrite)
     out = Path(cfg.train.output_dir)
     done = finished_run(cfg)
     if done is not None:
@@ -398,17 +403,21 @@ def train(cfg: Config) -> TrainResult:
         recipe.setup()
     except BaseException:
         if fresh and _is_main_rank():
-            # Only setup wrote into it (config, TensorBoard's first events): a folder holding no model
-            # would make `chat`/`--test` say "not a model folder" and a rerun ask for --resume.
+            # Setup made OUT (provenance, TensorBoard's first events) before the data failed: a folder
+            # holding no model would make `chat`/`--test` say "not a model folder".
             shutil.rmtree(out, ignore_errors=True)
         raise
-    recipe.fit()
-    if not recipe.result.preempted:
-        recipe.save()
-    result = recipe.cleanup()
-    if cfg.train.merge_after_training and not result.preempted and recipe.topology.is_main_process:
-        merged = merge_adapter(result.output_dir, recipe.out.merged, max_shard_size=cfg.train.max_shard_size)
-        print(f"merged model in {merged}")
+    try:
+        recipe.fit()
+        if not recipe.result.preempted:
+            recipe.save()
+        result = recipe.cleanup()
+        if not result.preempted and recipe.topology.is_main_process:
+            recipe.out.install_final(keep_best=result.best_step is not None)
+            if cfg.train.merge_after_training:
+                print(f"merged model in {recipe.out.merged}")
+    finally:
+        recipe.out.discard_final()
     return result
 
 
@@ -467,5 +476,5 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     # Packed batches change shape every step; growable segments keep the allocator from fragmenting
     # (reserved stays close to allocated, which is what lets the plan's budget hold on a small card).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    result = train(cfg)
+    result = train(cfg, overwrite=args.overwrite)
     return PREEMPTED_EXIT_CODE if result.preempted else 0
