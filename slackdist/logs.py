@@ -18,9 +18,10 @@ VERBOSE_ENV = "SLACKDIST_VERBOSE"
 PREFIX = "slackdist: "
 
 # Library notices that are noise on a first run. bitsandbytes' CPU backend tries to fetch an
-# optional faster kernel from the hub when it is imported and warns when it cannot (offline, or an
-# unverified publisher); its own CPU kernel then runs, which is what every test here measured.
-_QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
+# optional faster kernel from the hub when it is imported (through the `kernels` package, which says
+# it skips its publisher check offline) and warns when it cannot (offline, or an unverified
+# publisher); its own CPU kernel then runs, which is what every test here measured.
+_QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR, "kernels._internals.hf_hub": logging.ERROR}
 
 
 class _StderrHandler(logging.StreamHandler):
