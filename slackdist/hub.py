@@ -3,7 +3,7 @@
 Left alone, transformers and datasets answer an unreachable hub with a minute of retry warnings
 and then an error with no hint, and a gated model (the default, Llama 3.2) with an error that does
 not say what to do. `ensure_hub_repo` asks the hub once, without retries (one HEAD request for a
-model's config.json, one API call for a dataset) and:
+model's config.json or a dataset's README.md) and:
 
 - the hub answers and grants access: nothing to say, the libraries download as usual;
 - the hub cannot be reached (no network, a firewall, DNS) and the repository is in the local cache:
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import constants, get_hf_file_metadata, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 from slackdist.errors import SlackdistError, first_line
@@ -79,20 +79,24 @@ def in_cache(repo_id: str, repo_type: RepoType) -> bool:
     return converted.is_dir()
 
 
+def _probe_url(repo_id: str, repo_type: RepoType) -> str:
+    """The file the probe asks for: a model's config.json, a dataset's README.md (a missing file in a
+    readable repository is an answer too), on the hub the process points at now (HF_ENDPOINT)."""
+    folder, name = ("", "config.json") if repo_type == "model" else ("datasets/", "README.md")
+    return f"{constants.ENDPOINT}/{folder}{repo_id}/resolve/main/{name}"
+
+
 @functools.cache
-def _probe(repo_id: str, repo_type: RepoType) -> str | None:
+def _probe(url: str) -> str | None:
     """Ask the hub once, without retries: None when it grants access, else why not ("gated", "missing",
     or the network error's first line). Any other HTTP answer counts as reachable: the loader reports it."""
     try:
-        if repo_type == "model":
-            get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=PROBE_TIMEOUT_S)
-        else:
-            HfApi().dataset_info(repo_id, timeout=PROBE_TIMEOUT_S)
+        get_hf_file_metadata(url, timeout=PROBE_TIMEOUT_S)
     except GatedRepoError:
         return "gated"
     except RepositoryNotFoundError:
         return "missing"
-    except HfHubHTTPError:
+    except HfHubHTTPError:  # e.g. a dataset without README.md: the repository answered
         return None
     except Exception as e:  # httpx's connection and timeout errors, OSError: the hub cannot be reached
         return f"unreachable: {first_line(e)}"
@@ -125,7 +129,7 @@ def ensure_hub_repo(
             f"{subject} not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
             f"forbids downloading it; {local_hint}, or unset HF_HUB_OFFLINE on a machine with network access"
         )
-    problem = _probe(repo_id, repo_type)
+    problem = _probe(_probe_url(repo_id, repo_type))
     if problem is None:
         return
     if problem == "gated":
