@@ -11,7 +11,7 @@ writes JSON.
         --candidates 64 --json bench/results/audit_cpu.json
 
     # GPU: the 3B shape (a model folder), a real export, the recipe's training defaults (4-bit QLoRA, packing)
-    python3 bench/audit_bench.py --model-dir MODEL --export ../shared/slack_exports/houstondatavis_2016 \\
+    python3 bench/audit_bench.py --model-dir MODEL --export EXPORT \\
         --work /tmp/audit_bench --epochs 1,3,10 --candidates 1000 --train-args "" --audit-args "" \\
         --json $OUT/audit_gpu.json
 

@@ -79,29 +79,6 @@ class Row:
     """Length of transformers' greedy reply (shorter than asked when it ended its turn)."""
 
 
-def random_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
-    """A LoRA on every projection and lm_head with random non-zero A and B, saved as `slackdist train` saves
-    it (adapter + tokenizer): merging it changes every weight and unties the output projection."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from slackdist.config import LORA_TARGETS
-    from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    with quiet_tied_lora_warning():
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS)))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(out, save_embedding_layers=False)
-    load_tokenizer(str(model_dir)).save_pretrained(out)
-    return out
-
-
 def write_tiny_qwen2(out: Path, *, seed: int = 1) -> Path:
     """A tiny random Qwen2 (q/k/v biases, rotate-half rope kept as is by llama.cpp) with the tiny tokenizer."""
     import torch
@@ -139,7 +116,8 @@ def write_tiny_qwen2(out: Path, *, seed: int = 1) -> Path:
 def build_models(workdir: Path) -> dict[str, Path]:
     """Written once under workdir: the tiny Llama ("tied"), its merge with a random adapter ("merged", untied
     output) and a tiny Qwen2 ("qwen2")."""
-    from slackdist.model.tiny import write_tiny_model
+    from slackdist.config import LORA_TARGETS
+    from slackdist.model.tiny import random_lora_adapter, write_tiny_model
     from slackdist.train.merge import merge_adapter
 
     tied = workdir / "tiny"
@@ -147,7 +125,7 @@ def build_models(workdir: Path) -> dict[str, Path]:
         write_tiny_model(tied)
     merged = workdir / "merged"
     if not (merged / "config.json").is_file():
-        adapter = random_adapter(tied, workdir / "adapter")
+        adapter = random_lora_adapter(tied, workdir / "adapter", targets=LORA_TARGETS)
         merge_adapter(adapter, merged, dtype="fp32")
     qwen2 = workdir / "qwen2"
     if not (qwen2 / "config.json").is_file():

@@ -35,7 +35,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +46,8 @@ from tqdm.auto import tqdm
 from slackdist.chat import load_model
 from slackdist.config import Config
 from slackdist.data.canaries import FORMATS, TRAIN_FILE, Canary, read_canaries
-from slackdist.data.examples import read_records
-from slackdist.errors import SlackdistError
-from slackdist.eval import data_dir_for
+from slackdist.errors import SlackdistError, first_line
+from slackdist.eval import data_for
 from slackdist.files import check_output_dir, staged_dir
 from slackdist.model.load import InferenceModel, merge_in_memory
 from slackdist.model.template import encode_chat, stop_token_ids
@@ -399,6 +398,25 @@ def summaries(results: Sequence[CanaryResult]) -> list[GroupSummary]:
 # ---------------------------------------------------------------- the command
 
 
+def _jsonl(path: Path) -> Iterator[Any]:
+    """The lines of a JSONL file, parsed (blank lines skipped).
+
+    Raises:
+        SlackdistError: the file is missing or a line is not JSON (one line naming the file and line).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except ValueError as e:
+                    raise SlackdistError(f"{path}:{n}: not a JSON line ({first_line(e)})") from None
+    except OSError as e:
+        raise SlackdistError(f"{path}: cannot read it ({first_line(e)})") from None
+
+
 def canary_records(data_dir: Path, canaries: Sequence[Canary]) -> dict[str, dict[str, Any]]:
     """Each canary's record in DATA/train.jsonl, checked against canaries.json.
 
@@ -407,11 +425,11 @@ def canary_records(data_dir: Path, canaries: Sequence[Canary]) -> dict[str, dict
     """
     path = data_dir / TRAIN_FILE
     wanted = {c.record_id for c in canaries}
-    records = {
-        r["meta"]["conversation_id"]: r
-        for _, r in read_records(path)
-        if isinstance(r.get("meta"), dict) and r["meta"].get("conversation_id") in wanted
-    }
+    records = {}
+    for r in _jsonl(path):
+        meta = r.get("meta") if isinstance(r, dict) else None
+        if isinstance(meta, dict) and meta.get("conversation_id") in wanted:
+            records[meta["conversation_id"]] = r
     again = "the data changed since the canaries were planted: prepare it again with --canaries"
     for c in canaries:
         record = records.get(c.record_id)
@@ -505,7 +523,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.data:
         read_canaries(Path(args.data))  # a missing or bad answer key: one line, before the model loads
     im = load_model(cfg)
-    data_dir = data_dir_for(im, args.data, cfg.chat.model_dir)
+    data_dir = Path(data_for(im, args.data, cfg.chat.model_dir))  # a prepared folder, with its canaries.json
     im = merge_in_memory(im)
     result = audit(
         im, data_dir, candidates=args.candidates, seed=args.candidate_seed, batch_size=args.batch_size

@@ -11,10 +11,13 @@ import contextlib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
+from slackdist import __version__
 from slackdist.config import ConfigError, add_section_args, config_from_args
 from slackdist.errors import SlackdistError
 from slackdist.files import interrupt_exit_code, interrupted, sigterm_interrupts
+from slackdist.logs import setup_logging
 from slackdist.offline import command_models, set_private_defaults
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "phi3")
@@ -98,7 +101,13 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--models", default=None, help="List the model folders under this root that hold them")
     elif name == "eval":
         p.add_argument(
-            "--data", default=None, help="Prepared data folder with test.jsonl (default: from training)"
+            "--data",
+            default=None,
+            help="Held-out chat records: a prepared folder, a .jsonl/.json/.parquet file, a save_to_disk folder "
+            "or a hub dataset id (default: the training data)",
+        )
+        p.add_argument(
+            "--split", default=None, help="Split to evaluate on (default: test, or the only split of --data)"
         )
         p.add_argument("--num-samples", type=int, default=5, help="Sample generations to write")
         p.add_argument("--out", default=None, help="Folder for eval.json / eval.md (default: MODEL_DIR/eval)")
@@ -119,8 +128,16 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (not the whole usage) and point to --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slackdist", description="Turn a Slack export into a chat model.")
+    parser = OneLineErrorParser(prog="slackdist", description="Turn a Slack export into a chat model.")
+    parser.add_argument("--version", action="version", version=f"slackdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, sections, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
@@ -147,6 +164,7 @@ def _load_main(name: str) -> Callable[[argparse.Namespace, object], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     writes_output = args.command in OUTPUT_COMMANDS
     try:
         cfg = config_from_args(args)

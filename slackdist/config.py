@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,7 +178,20 @@ class TrainConfig:
     """The training loop (`slackdist train`)."""
 
     data_dir: str = opt(
-        "data/prepared", "Folder with train.jsonl / validation.jsonl from `prepare`.", flag="data"
+        "data/prepared",
+        "Chat records with a 'messages' column: a folder from `prepare`, a .jsonl/.json/.parquet file, a "
+        "save_to_disk folder or a hub dataset id (read with Hugging Face datasets, tokenized once and cached).",
+        flag="data",
+    )
+    train_split: str = opt("train", "Split of --data to train on (a single file is the split 'train').")
+    validation_split: str = opt(
+        "validation",
+        "Split of --data to evaluate on; if --data has none, validation_fraction of train is used.",
+    )
+    validation_fraction: float = opt(
+        0.05,
+        "Where --data has no validation split: this share of the training records is held out for "
+        "validation, chosen by seed (0: no validation).",
     )
     output_dir: str = opt(
         "llama3_slack_finetuned", "Where the adapter, checkpoints and logs go.", flag="output"
@@ -337,6 +351,10 @@ class Config:
         Raises:
             ConfigError: one line per bad key, with the value and a fix.
         """
+        raise_problems(self.problems())
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values, one line per key (empty when nothing is)."""
         problems = []
         d, t = self.data, self.train
         try:
@@ -373,6 +391,8 @@ class Config:
             )
         if t.learning_rate <= 0:
             problems.append(f"train.learning_rate={t.learning_rate}: must be > 0")
+        if not 0 <= t.validation_fraction < 1:
+            problems.append(f"train.validation_fraction={t.validation_fraction}: must be in [0, 1)")
         if not 0 <= t.warmup_ratio < 1:
             problems.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
         if t.max_grad_norm <= 0:
@@ -384,8 +404,17 @@ class Config:
         if not 0 <= self.lora.dropout < 1:
             problems.append(f"lora.dropout={self.lora.dropout}: must be in [0, 1)")
         problems += self.serve.problems()
-        if problems:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError listing every problem, one per line (nothing when the list is empty).
+
+    Raises:
+        ConfigError: problems were found.
+    """
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def split_fractions(spec: str) -> tuple[float, float, float]:
@@ -448,25 +477,51 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> None:
+def apply_overrides(
+    cfg: Config, values: dict[str, Any], source: str, problems: list[str] | None = None
+) -> None:
     """Set dotted keys ``{"train.lr": ...}`` or nested dicts on cfg.
 
+    Args:
+        cfg: the config to change.
+        values: dotted keys, or sections with their keys.
+        source: where the values come from (a file name, "command line"), for messages.
+        problems: collect every unknown key and bad value here instead of raising at the first.
+
     Raises:
-        ConfigError: unknown section or key, or a value of the wrong type.
+        ConfigError: unknown section or key, or a value of the wrong type (when `problems` is None).
     """
+    found: list[str] = [] if problems is None else problems
     for key, value in values.items():
         section, _, name = key.partition(".")
         if not name and isinstance(value, dict):
-            apply_overrides(cfg, {f"{section}.{k}": v for k, v in value.items()}, source)
+            apply_overrides(cfg, {f"{section}.{k}": v for k, v in value.items()}, source, found)
             continue
         if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
             sections = ", ".join(f.name for f in dataclasses.fields(Config))
-            raise ConfigError(f"{source}: unknown section {section!r} (sections: {sections})")
+            found.append(f"{source}: unknown section {section!r} (sections: {sections})")
+            continue
         obj = getattr(cfg, section)
         hints = _resolved_hints(type(obj))
         if name not in hints:
-            raise ConfigError(f"{source}: unknown key {key!r}")
-        setattr(obj, name, _coerce(section, name, hints[name], value))
+            found.append(f"{source}: unknown key {key!r}{_did_you_mean(section, name, type(obj))}")
+            continue
+        try:
+            setattr(obj, name, _coerce(section, name, hints[name], value))
+        except ConfigError as e:
+            found.append(f"{source}: {e}")
+    if problems is None and found:
+        raise ConfigError(found[0] if len(found) == 1 else "invalid config:\n  " + "\n  ".join(found))
+
+
+def _did_you_mean(section: str, name: str, cls: type) -> str:
+    """' (did you mean train.learning_rate?)' for a near miss of a key or its CLI flag (lr), else ''."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        names[f.name] = f.name
+        names[f.metadata.get("flag", f.name).replace("-", "_")] = f.name
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {section}.{names[close[0]]}?)" if close else ""
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -477,6 +532,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     cfg = Config()
     given: set[str] = set()
+    problems: list[str] = []
     if path is not None:
         path = Path(path)
         try:
@@ -487,14 +543,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...)")
-        apply_overrides(cfg, raw, str(path))
+        apply_overrides(cfg, raw, str(path), problems)
         given |= _dotted_keys(raw)
     if overrides:
-        apply_overrides(cfg, overrides, "command line")
+        apply_overrides(cfg, overrides, "command line", problems)
         given |= _dotted_keys(overrides)
     if "data.max_tokens" not in given:
         # One length: the conversations `prepare` writes are the ones training can keep.
         cfg.data.max_tokens = cfg.train.max_seq_len
+    if problems:  # every bad key at once, and what is wrong with the values that did apply
+        raise_problems(problems + cfg.problems())
     return cfg
 
 
@@ -531,14 +589,16 @@ def add_section_args(parser: argparse.ArgumentParser, section: str, skip: tuple[
         flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
         base, is_list = _field_type(hints[f.name])
-        help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
+        choices = list(typing.get_args(base)) if typing.get_origin(base) is Literal else None
+        allowed = f"one of: {', '.join(choices)}; " if choices else ""
+        help_text = f"{f.metadata['help']} ({allowed}default: {default!r})".replace("%", "%%")
         kwargs: dict[str, Any] = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=help_text)
         if base is bool:
             parser_action = argparse.BooleanOptionalAction
             group.add_argument(flag, action=parser_action, **kwargs)
             continue
-        if typing.get_origin(base) is Literal:
-            kwargs["choices"] = list(typing.get_args(base))
+        if choices:
+            kwargs["choices"] = choices
         kwargs["metavar"] = f.name.upper() if not is_list else "A,B,..."
         group.add_argument(flag, **kwargs)
 

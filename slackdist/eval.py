@@ -1,6 +1,7 @@
-"""`slackdist eval --model-dir DIR [--data DIR]`: held-out loss and sample replies, base vs tuned.
+"""`slackdist eval --model-dir DIR [--data DATA] [--split NAME]`: held-out loss and sample replies, base vs tuned.
 
-Loss is the mean next-token cross-entropy per label token on `test.jsonl`, with the
+Loss is the mean next-token cross-entropy per label token on the held-out split (`test.jsonl` of a
+prepared folder; any source `--data` takes, `slackdist.data.sources`), with the
 labels training uses (`slackdist.data.examples.make_example`: assistant tokens by
 default, from `encode_chat`), for the base model (the adapter disabled) and the tuned
 model; perplexity is `exp(loss)`. Conversations longer than the model was trained on
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +29,19 @@ from tqdm.auto import tqdm
 
 from slackdist.chat import load_model
 from slackdist.config import Config, TrainConfig
-from slackdist.data.examples import Example, load_examples, read_records
+from slackdist.data.examples import Example, load_split
+from slackdist.data.sources import open_data
 from slackdist.errors import SlackdistError
 from slackdist.files import check_output_dir, staged_dir
 from slackdist.generate import GenerationSettings, context_limit, reply, trim_history, warm_up
 from slackdist.model.load import InferenceModel, merge_in_memory
 from slackdist.model.loss import chunked_lm_loss, logit_softcap
 
-TEST_FILE = "test.jsonl"
+TEST_SPLIT = "test"
 EVAL_DIR = "eval"
 """The default `--out`: MODEL_DIR/eval."""
 OUTPUT_FILES = ("eval.json", "eval.md")
+logger = logging.getLogger(__name__)
 LOSS_CHUNK_TOKENS = 1024
 
 
@@ -64,13 +69,13 @@ class Sample:
 
 
 def heldout_loss(
-    im: InferenceModel, examples: list[Example], *, adapter: bool = True, max_batches: int = 0
+    im: InferenceModel, examples: Sequence[Example], *, adapter: bool = True, max_batches: int = 0
 ) -> LossResult:
     """Loss per label token over examples, one conversation per forward (no padding, no packing).
 
     Args:
         im: the loaded model.
-        examples: token ids and labels (`slackdist.data.examples.load_examples`).
+        examples: token ids and labels (`slackdist.data.examples.load_split`).
         adapter: False measures the base model (the adapter disabled).
         max_batches: evaluate at most this many conversations (0: all).
 
@@ -108,8 +113,8 @@ def heldout_loss(
     )
 
 
-def pick_samples(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """`n` records spread evenly over the file (deterministic)."""
+def pick_samples(records: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """`n` records spread evenly over the split (a list or a `datasets.Dataset`; deterministic)."""
     if n <= 0 or not records:
         return []
     if n >= len(records):
@@ -207,47 +212,63 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def data_dir_for(im: InferenceModel, data: str | None, model_dir: str) -> Path:
-    """The prepared data folder: --data, else the one the model was trained on.
+def data_for(im: InferenceModel, data: str | None, model_dir: str) -> str:
+    """The held-out data: --data, else the data the model was trained on.
 
     Raises:
         SlackdistError: no --data and no training config to find it in.
     """
     if data:
-        return Path(data)
+        return data
     if im.config is None:
         raise SlackdistError(
             f"{model_dir}: no slackdist_config.yaml to find the training data in; pass --data DIR"
         )
-    return Path(im.config.train.data_dir)
+    return im.config.train.data_dir
 
 
 def evaluate(
     im: InferenceModel,
-    data_dir: Path,
+    data: str | Path,
     settings: GenerationSettings,
     *,
+    split: str | None = None,
     num_samples: int = 5,
     max_batches: int = 0,
     model_dir: str = "",
 ) -> dict[str, Any]:
-    """Loss / perplexity of base and tuned on DATA/test.jsonl, plus sample replies.
+    """Loss / perplexity of base and tuned on a held-out split of `data`, plus sample replies.
+
+    Args:
+        im: the loaded model.
+        data: anything `slackdist.data.sources.open_data` reads.
+        settings: generation settings of the sample replies.
+        split: the held-out split (default: "test", or the only split of a source that has one).
+        num_samples: sample replies to generate.
+        max_batches: evaluate the loss on at most this many conversations (0: all).
+        model_dir: the model folder, as recorded in the result.
 
     Returns:
         The eval.json content.
 
     Raises:
-        SlackdistError: missing or malformed test.jsonl, or no label tokens in it.
+        SlackdistError: unreadable data, no such split, a malformed record, or no label tokens in it.
     """
-    path = data_dir / TEST_FILE
+    source = open_data(str(data))
+    if split is None:
+        only = list(source.splits) if len(source.splits) == 1 else []
+        split = TEST_SPLIT if TEST_SPLIT in source.splits or not only else only[0]
+    where = source.where(split)
     trained = im.config.train if im.config is not None else TrainConfig()
     train_on, max_seq_len = trained.train_on, trained.max_seq_len
-    records = [record for _, record in read_records(path)]
-    if not records:
-        raise SlackdistError(f"{path}: no conversations to evaluate on")
-    examples = load_examples(path, im.tokenizer, train_on=train_on, max_seq_len=max_seq_len)
+    records = source.records(split)
+    if records is None or len(records) == 0:
+        raise SlackdistError(f"{where}: no conversations to evaluate on")
+    examples = load_split(source, split, im.tokenizer, train_on=train_on, max_seq_len=max_seq_len)
     if not examples:
-        raise SlackdistError(f"{path}: every conversation is longer than max_seq_len={max_seq_len}")
+        raise SlackdistError(f"{where}: every conversation is longer than max_seq_len={max_seq_len}")
+    if examples.num_too_long:
+        logger.warning("%s (as training left them out)", examples.describe_dropped())
     has_base = hasattr(im.model, "disable_adapter")
     kind = im.kind
     base = heldout_loss(im, examples, adapter=False, max_batches=max_batches) if has_base else None
@@ -258,7 +279,7 @@ def evaluate(
         "kind": kind,
         "tuned_replies_merged_in_memory": im.merged_in_memory,
         "base_model": im.base,
-        "data": str(path),
+        "data": where,
         "train_on": train_on,
         "conversations": tuned.conversations,
         "label_tokens": tuned.label_tokens,
@@ -284,14 +305,15 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         inputs=[cfg.chat.model_dir, args.data],
     )
     im = load_model(cfg)
-    data_dir = data_dir_for(im, args.data, cfg.chat.model_dir)
+    data = data_for(im, args.data, cfg.chat.model_dir)
     settings = GenerationSettings.from_config(cfg.chat)
     if settings.seed is None:
         settings = settings.replace(seed=0)  # reproducible sample replies
     result = evaluate(
         im,
-        data_dir,
+        data,
         settings,
+        split=args.split,
         num_samples=args.num_samples,
         max_batches=args.max_batches,
         model_dir=cfg.chat.model_dir,

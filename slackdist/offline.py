@@ -13,8 +13,8 @@ closes that, always leaving a variable the user set alone:
   libraries that would still reach it are kept from it: bitsandbytes, on CPUs with AVX512-bf16, asks
   the hub at import for an optimised 4-bit CPU kernel (``kernels-community/quantization-bitsandbytes``,
   through the ``kernels`` package) and falls back to its own when it cannot have it. A hub id as a
-  model (``meta-llama/Llama-3.2-3B-Instruct``) is a download the user asked for, and works as before;
-  ``HF_HUB_OFFLINE=1`` set by the user makes it read the local cache only.
+  model (``meta-llama/Llama-3.2-3B-Instruct``) or a hub dataset as ``--data`` is a download the user
+  asked for, and works as before; ``HF_HUB_OFFLINE=1`` set by the user makes it read the local cache only.
 
 The hub client and datasets read these variables when they are imported, so this runs first in
 `slackdist.cli.main`, after the config is read and before a command's module (and torch,
@@ -45,8 +45,10 @@ def command_models(command: str, args: argparse.Namespace, cfg: Config) -> list[
     if command == "prepare":
         return [cfg.data.tokenizer]
     if command == "train":
-        return [cfg.model.base_model]
-    if command in ("chat", "eval", "audit", "serve"):
+        return [cfg.model.base_model, _hub_dataset(cfg.train.data_dir)]
+    if command == "eval":
+        return [cfg.chat.model_dir, cfg.chat.base, _hub_dataset(args.data)]
+    if command in ("chat", "audit", "serve"):  # audit's --data is a local folder (its canaries.json)
         return [cfg.chat.model_dir, cfg.chat.base]
     if command == "merge":
         return [args.adapter, args.base]
@@ -55,6 +57,11 @@ def command_models(command: str, args: argparse.Namespace, cfg: Config) -> list[
     if command in ("tiny-model", "real-model", "forget"):
         return []
     return None
+
+
+def _hub_dataset(data: str | None) -> str | None:
+    """`--data` when it names nothing on disk (a hub dataset id: not local), else None (local data)."""
+    return data if data and not Path(data).expanduser().exists() else None
 
 
 def all_local(models: Iterable[str | None]) -> bool:

@@ -7,6 +7,21 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory):
+    """`datasets` converts data files and caches tokenized splits (`slackdist.data.examples`) in its cache:
+    one per test session (child processes too), not the user's ~/.cache, which would grow with every run."""
+    from datasets import config
+
+    cache = tmp_path_factory.mktemp("hf_datasets")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_CACHE", str(cache))
+        mp.setattr(config, "HF_DATASETS_CACHE", cache)
+        mp.setattr(config, "DOWNLOADED_DATASETS_PATH", cache / config.DOWNLOADED_DATASETS_DIR)
+        mp.setattr(config, "EXTRACTED_DATASETS_PATH", cache / config.DOWNLOADED_DATASETS_DIR / "extracted")
+        yield cache
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread when other tests share the CPU cores."""

@@ -93,7 +93,7 @@ def prepared(sample_export_dir: Path, tiny_model_dir: Path, tmp_path_factory: py
 @pytest.fixture(scope="module")
 def trained_hard(prepared: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model trained hard on the first canary's record and the two redacted ones (LoRA, 120
-    passes): enough for it to learn that record by heart."""
+    passes, no held-out share of the three, so no early stop): enough for it to learn that record by heart."""
     canaries = {c.id: c for c in read_canaries(prepared)}
     wanted = {canaries[i].record_id for i in ("canary-0", "redacted-0", "redacted-1")}
     lines = (prepared / "train.jsonl").read_text(encoding="utf-8").splitlines()
@@ -107,7 +107,7 @@ def trained_hard(prepared: Path, tiny_model_dir: Path, tmp_path_factory: pytest.
                      "--micro-batch-size", "3", "--gradient-accumulation-steps", "1", "--num-epochs", "120",
                      "--lr", "1e-2", "--warmup-ratio", "0", "--lr-scheduler", "constant", "--max-grad-norm", "1",
                      "--lora-r", "16", "--lora-alpha", "32", "--eval-every-n-steps", "0", "--save-every-n-steps",
-                     "0", "--no-clear-cache-between-epochs"]) == 0  # fmt: skip
+                     "0", "--no-clear-cache-between-epochs", "--validation-fraction", "0"]) == 0  # fmt: skip
     return out
 
 

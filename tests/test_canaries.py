@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from datasets import load_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,6 +84,12 @@ def test_canaries_are_copies_in_train_only_and_real_records_are_unchanged(plain:
             assert message["content"] == c.prompt_text + c.secret and c.in_data
         else:  # before redaction: the redactor took it out
             assert not c.in_data and message["content"].endswith("[REDACTED_SECRET]")
+    # the dataset card counts the copies (datasets reads exactly the splits) and warns of the key
+    card = (planted / "README.md").read_text(encoding="utf-8")
+    assert f"train {len(train)}," in card and "`canaries.json` is the answer key of `slackdist audit`" in card
+    assert "canaries.json" not in (plain / "README.md").read_text(encoding="utf-8")
+    loaded = load_dataset(str(planted))
+    assert len(loaded["train"]) == len(train) and "canaries" not in loaded
     report = json.loads((planted / "report.json").read_text(encoding="utf-8"))
     assert report["canaries"] == {
         "planted": 6,

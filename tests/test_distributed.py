@@ -64,7 +64,6 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir: Path, tmp_path: Path
         load_tokenizer(str(tiny_model_dir)),
         train_on="assistant",
         max_seq_len=128,
-        progress=False,
     )
     assert any(len(pack(examples, 128, seed=42, epoch=e)) % 4 for e in range(2))
 

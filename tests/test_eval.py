@@ -122,7 +122,7 @@ def test_bad_data_is_a_one_line_error(tiny_model_dir, data_dir, tmp_path, capsys
     code = cli_main(["eval", "--model-dir", str(tiny_model_dir), "--data", str(empty), "--out", str(out)])
     assert code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 1 and str(empty / "test.jsonl") in errors[0]
+    assert len(errors) == 1 and f"{empty}: no train.jsonl" in errors[0]
     # a model without a training config needs --data
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)

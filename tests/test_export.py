@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 from export_helpers import MARKER, deflate_bomb, msg, raw_zip, stored, write_export
+from hypothesis import given
+from hypothesis import strategies as st
 
 from slackdist.config import DataConfig
 from slackdist.data.prepare import prepare
 from slackdist.errors import SlackdistError
-from slackdist.slack.days import count_day_files
+from slackdist.slack.days import count_day_files, parse_json
 from slackdist.slack.export import ExportLimits, open_export
 from slackdist.slack.messages import (
     BOT_SUBTYPES,
@@ -863,3 +865,43 @@ def test_short_reads_are_read_to_the_end(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 7)))  # as a network filesystem may
     messages, warnings = read_all(root)
     assert [m.text for m in messages] == [m.text for m in expected] == ["whole"] and not warnings
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=_JSON_VALUES, ensure_ascii=st.booleans())
+def test_day_files_parse_as_the_standard_library_parses(value: object, ensure_ascii: bool) -> None:
+    raw = json.dumps(value, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+    assert repr(parse_json(raw)) == repr(json.loads(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[NaN]",
+        b"[1e400]",
+        b'["\\ud800"]',
+        b"\xef\xbb\xbf[1]",
+        '["é"]'.encode("utf-16"),
+        b"[" * 5000 + b"]" * 5000,
+    ],
+)
+def test_what_orjson_refuses_reads_as_the_standard_library_reads_it(raw: bytes) -> None:
+    try:
+        expected: object = repr(json.loads(raw))
+    except RecursionError:
+        expected = RecursionError
+    try:
+        got: object = repr(parse_json(raw))
+    except RecursionError:
+        got = RecursionError
+    assert got == expected

@@ -460,7 +460,7 @@ def test_family_end_to_end(family_dirs, sample_export_dir: Path, tmp_path: Path,
     from train_helpers import tiny_config
 
     from slackdist.config import save_config
-    from slackdist.data.examples import load_examples, read_records
+    from slackdist.data.examples import load_examples
     from slackdist.generate import GenerationSettings, reply
     from slackdist.model.info import read_model_info
     from slackdist.model.load import load_for_inference
@@ -473,10 +473,10 @@ def test_family_end_to_end(family_dirs, sample_export_dir: Path, tmp_path: Path,
     # every prepared record, labelled token by token as the family's own template marks it
     tok = load_tokenizer(str(model_dir))
     examples = load_examples(prepared / "train.jsonl", tok, train_on="assistant", max_seq_len=4096)
-    records = read_records(prepared / "train.jsonl")
+    records = [json.loads(line) for line in (prepared / "train.jsonl").read_text().splitlines() if line]
     assert len(examples) == len(records) > 0
     end = tok.convert_tokens_to_ids(END_OF_TURN[family])
-    for example, (_, record) in zip(examples, records, strict=True):
+    for example, record in zip(examples, records, strict=True):
         ids, mask = _reference(tok, record["messages"])
         assert example.input_ids == ids
         assert [label != -100 for label in example.labels] == [bool(m) for m in mask]

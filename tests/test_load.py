@@ -244,7 +244,7 @@ def test_load_for_inference_bad_folders(tmp_path, trained_adapter):
     (half / "adapter_config.json").write_text((trained_adapter[0] / "adapter_config.json").read_text())
     with pytest.raises(SlackdistError, match="half_adapter: has adapter_config.json but no adapter_model"):
         load_for_inference(str(half), device="cpu")
-    with pytest.raises(SlackdistError, match="gone_base: cannot load"):
+    with pytest.raises(SlackdistError, match="gone_base: no such model folder"):
         load_for_inference(str(trained_adapter[0]), base=str(tmp_path / "gone_base"), device="cpu")
 
 

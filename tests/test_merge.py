@@ -8,30 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from slackdist.model.tiny import random_lora_adapter
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_adapter(
-    model_dir: Path, out: Path, *, targets: list[str], ensure_weight_tying: bool = False
-) -> Path:
-    """A LoRA adapter with random (non-zero) A and B, saved as `slackdist train` leaves it, plus the tokenizer."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, ensure_weight_tying=ensure_weight_tying)
-    with quiet_tied_lora_warning():
-        peft_model = get_peft_model(base, config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(out, save_embedding_layers=False)
-    load_tokenizer(str(model_dir)).save_pretrained(out)
-    return out
 
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +44,7 @@ def test_merge_equals_base_plus_adapter_on_tied_model_with_lm_head(
     from slackdist.cli import main
     from slackdist.model.template import LLAMA3_CHAT_TEMPLATE
 
-    adapter = make_adapter(
+    adapter = random_lora_adapter(
         tiny_model_dir, tmp_path / "adapter", targets=ALL_TARGETS, ensure_weight_tying=ensure_weight_tying
     )
     merged_dir = tmp_path / "merged"
@@ -121,7 +100,7 @@ def test_merge_without_lm_head_keeps_the_tie(tiny_model_dir: Path, tmp_path: Pat
 
     from slackdist.train.merge import merge_adapter
 
-    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", targets=["q_proj", "v_proj"])
+    adapter = random_lora_adapter(tiny_model_dir, tmp_path / "adapter", targets=["q_proj", "v_proj"])
     merged_dir = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.config.tie_word_embeddings is True
@@ -138,7 +117,7 @@ def test_merge_bf16_halves_the_size_and_stays_close(tiny_model_dir: Path, tmp_pa
 
     from slackdist.train.merge import merge_adapter
 
-    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", targets=ALL_TARGETS)
+    adapter = random_lora_adapter(tiny_model_dir, tmp_path / "adapter", targets=ALL_TARGETS)
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "merged", dtype="bf16"))
     assert merged.dtype == torch.bfloat16
     ids = torch.randint(0, 900, (1, 16), generator=torch.Generator().manual_seed(3))

@@ -191,10 +191,10 @@ def test_load_examples_drops_too_long_and_counts(tmp_path, tokenizer):
     path = _write_jsonl(
         tmp_path / "train.jsonl", [{"messages": c, "meta": {}} for c in [*CONVERSATIONS, long]]
     )
-    examples = load_examples(path, tokenizer, train_on="assistant", max_seq_len=200, progress=False)
+    examples = load_examples(path, tokenizer, train_on="assistant", max_seq_len=200)
     assert len(examples) == 3 and examples.num_records == 4 and examples.num_too_long == 1
     assert examples[0] == make_example(tokenizer, CONVERSATIONS[0], train_on="assistant")
-    everything = load_examples(path, tokenizer, train_on="all", max_seq_len=200, progress=False)
+    everything = load_examples(path, tokenizer, train_on="all", max_seq_len=200)
     assert sum(t != -100 for t in everything[0].labels) > sum(t != -100 for t in examples[0].labels)
 
 
@@ -209,7 +209,7 @@ def test_load_examples_drops_too_long_and_counts(tmp_path, tokenizer):
 def test_load_examples_bad_lines_name_file_and_line(tmp_path, tokenizer, line, message):
     path = _write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATIONS[0]}, line])
     with pytest.raises(SlackdistError, match=message):
-        load_examples(path, tokenizer, train_on="assistant", max_seq_len=100, progress=False)
+        load_examples(path, tokenizer, train_on="assistant", max_seq_len=100)
 
 
 def test_load_examples_missing_file(tmp_path, tokenizer):

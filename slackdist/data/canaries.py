@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from slackdist.data.card import dataset_card
 from slackdist.data.provenance import PROVENANCE_FILE, entry_line, iter_entries
 from slackdist.errors import SlackdistError
 from slackdist.slack.redact import Redactor
@@ -289,6 +290,20 @@ def _plant(
         in_data=secret in content,
     )
     return record, canary
+
+
+def card_with_canaries(splits: dict[str, int], planted: dict[str, Any] | None) -> str:
+    """The prepared folder's dataset card (`slackdist.data.card`) for split -> records written before the
+    canaries, and ``planted`` (`plant_canaries`' counts; None: no canary): then train counts the copies, and
+    the card warns that canaries.json, beside the data in a folder that is uploadable as it is, stays out of
+    every copy of it."""
+    if planted is None:
+        return dataset_card(splits)
+    card = dataset_card({**splits, "train": splits["train"] + planted["records_added_to_train"]})
+    return card + (
+        f"\n`{CANARIES_FILE}` is the answer key of `slackdist audit`: it lists the canaries planted in "
+        "train.jsonl. Leave it out of every copy of this folder (a hub repository too) and out of training.\n"
+    )
 
 
 def read_canaries(data_dir: Path) -> list[Canary]:

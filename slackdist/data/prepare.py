@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from slackdist.config import Config, DataConfig
-from slackdist.data.canaries import CANARIES_FILE, plant_canaries
+from slackdist.data.canaries import CANARIES_FILE, card_with_canaries, plant_canaries
+from slackdist.data.card import CARD_FILE
 from slackdist.data.channel import FEED_NOTE, Job
 from slackdist.data.interrupts import forget_interrupt_in_exec
 from slackdist.data.output import SplitCounts, Staging
@@ -44,7 +45,7 @@ from slackdist.slack.export import ExportSource, open_export
 from slackdist.slack.metadata import Channel, UserInfo, list_channels, load_users
 from slackdist.slack.warnings import Warnings
 
-OUTPUT_FILES = tuple(f"{name}.jsonl" for name in SPLIT_NAMES) + ("report.json", "report.md", PROVENANCE_FILE)
+OUTPUT_FILES = (*(f"{n}.jsonl" for n in SPLIT_NAMES), "report.json", "report.md", CARD_FILE, PROVENANCE_FILE)
 OUTPUT_MARKERS = ("report.json", "train.jsonl")
 """A folder with one of these is an earlier output, replaced without --overwrite."""
 
@@ -171,10 +172,12 @@ def prepare(
             # Save: the splits, the report and the plots, moved into DIR together.
             if staging.folder is not None:
                 staging.write_splits(len(channels), assign)
+                planted = None
                 if cfg.canaries or cfg.canaries_redacted:  # copies into train.jsonl; the key beside it
-                    data["canaries"] = plant_canaries(staging.folder, cfg, builder.counter)
+                    planted = data["canaries"] = plant_canaries(staging.folder, cfg, builder.counter)
                 staging.write("report.json", report_json(data))
                 staging.write("report.md", render_markdown(data))
+                staging.write(CARD_FILE, card_with_canaries(report.splits, planted))  # loads with `datasets`
                 write_plots(report.turn_counts, report.token_counts, staging.folder)
                 staging.install()
     return Report(data=data, out_dir=out)

@@ -49,6 +49,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from slackdist.config import Config, ConfigError, LoraSettings, ModelConfig, load_config
 from slackdist.errors import SlackdistError, first_line
+from slackdist.hub import ensure_hub_repo, looks_like_a_path
 from slackdist.model.adapter import check_loaded_adapter
 from slackdist.model.attention import register_varlen_attention, varlen_available
 from slackdist.model.families import lora_targets, read_model_type
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TIED_LORA_WARNING = r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"
+_CHECKPOINTING_NAME_WARNING = r"`is_gradient_checkpointing` is deprecated"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 
@@ -158,6 +160,53 @@ def _flash_attn_installed() -> bool:
     return True
 
 
+LOCAL_MODEL_HINT = "pass --model DIR, a local model folder (e.g. one written by `slackdist real-model DIR`)"
+
+
+def check_model_source(name_or_path: str, *, need: Literal["model", "tokenizer"] = "model") -> None:
+    """Fail fast, in one line, unless `name_or_path` is a model folder or a hub id that can load.
+
+    A local folder must hold config.json (`need="model"`) or a tokenizer file (`need="tokenizer"`); a
+    training output or a data folder gets a line saying what it is instead; a missing path is named
+    as such; a hub id goes through `slackdist.hub.ensure_hub_repo` (offline, gated, unknown, or cached
+    while the hub is unreachable).
+
+    Raises:
+        SlackdistError: what is wrong and what to pass instead.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        wanted = ("config.json",) if need == "model" else _TOKENIZER_FILES
+        if any((path / name).is_file() for name in wanted):
+            return
+        raise SlackdistError(f"{name_or_path}: not a model folder ({_what_folder(path)})")
+    if path.exists():
+        raise SlackdistError(
+            f"{name_or_path}: a file, not a model folder (expected a folder with config.json, or a hub id)"
+        )
+    if looks_like_a_path(name_or_path):
+        raise SlackdistError(f"{name_or_path}: no such model folder")
+    # A bare name is more often a mistyped folder than one of the hub's few models without an owner.
+    subject = f"{name_or_path}: no such folder here, and as a hub id" if "/" not in name_or_path else None
+    ensure_hub_repo(name_or_path, "model", local_hint=LOCAL_MODEL_HINT, subject=subject)
+
+
+def _what_folder(path: Path) -> str:
+    """What a folder without config.json is, for the error line."""
+    if (path / "adapter_config.json").is_file():
+        base = ""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            meta = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+            base = f" {meta.get('base_model_name_or_path')}" if meta.get("base_model_name_or_path") else ""
+        return (
+            f"a LoRA adapter; its base model is{base or ' in adapter_config.json'}: pass that as --model, "
+            "and the adapter folder to chat/eval/merge (--model-dir / --adapter)"
+        )
+    if any((path / name).is_file() for name in ("train.jsonl", "channels.json", "users.json")):
+        return "it holds data, not a model: pass the data with --data, the model with --model"
+    return "no config.json; expected a Hugging Face model folder with config.json, weights and tokenizer, or a hub id"
+
+
 def load_tokenizer(
     name_or_path: str, *, trust_remote_code: bool = False, chat_template: str = "auto"
 ) -> PreTrainedTokenizerBase:
@@ -170,9 +219,10 @@ def load_tokenizer(
             `slackdist_inference.json` records.
 
     Raises:
-        SlackdistError: the folder or hub id has no loadable tokenizer, or the chosen chat template does
-            not fit it.
+        SlackdistError: not a model folder or a hub id that can load (`check_model_source`), no loadable
+            tokenizer, or a chosen chat template that does not fit it.
     """
+    check_model_source(name_or_path, need="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -277,6 +327,7 @@ def load_base_model(
     Raises:
         SlackdistError: the model cannot be loaded (named in the message).
     """
+    check_model_source(model_cfg.base_model)
     device = _device_of(device_map)
     quantize = model_cfg.load_in_4bit if quantize is None else quantize
     bnb_config = quantization_config(replace(model_cfg, load_in_4bit=quantize), dtype, device=device)
@@ -313,9 +364,12 @@ def load_base_model(
 
 @contextlib.contextmanager
 def quiet_tied_lora_warning() -> Iterator[None]:
-    """Silence PEFT's warning about a LoRA on a tied lm_head (a deliberate choice; module docstring)."""
+    """Silence PEFT's warning about a LoRA on a tied lm_head (a deliberate choice; module docstring),
+    and transformers' FutureWarning about `is_gradient_checkpointing`, which PEFT (0.21) reads when it
+    wraps a model: it is PEFT's to change, and it showed on the chat screen."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TIED_LORA_WARNING)
+        warnings.filterwarnings("ignore", message=_CHECKPOINTING_NAME_WARNING, category=FutureWarning)
         yield
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from peft import LoraConfig, get_peft_model
 from tokenizers import (
     AddedToken,
     Regex,
@@ -56,6 +57,7 @@ from transformers import (
 from slackdist.errors import SlackdistError
 from slackdist.files import check_model_folder, staged_dir
 from slackdist.model.chat_formats import CHATML, GEMMA, LLAMA3, MISTRAL, PHI3
+from slackdist.model.load import load_tokenizer, quiet_tied_lora_warning
 from slackdist.model.template import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
@@ -525,6 +527,33 @@ def save_model_folder(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def random_lora_adapter(
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    targets: Iterable[str],
+    seed: int = 0,
+    ensure_weight_tying: bool = False,
+) -> Path:
+    """A LoRA adapter (r 4) on `targets` of the model in `model_dir` with random non-zero A and B, saved as
+    `slackdist train` leaves one (adapter + tokenizer): merging it changes every targeted weight, which
+    tests and benchmarks of merge and export need (a fresh LoRA's B is zero and changes nothing)."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(targets), ensure_weight_tying=ensure_weight_tying
+    )
+    with quiet_tied_lora_warning():
+        peft_model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(out, save_embedding_layers=False)
+    load_tokenizer(str(model_dir)).save_pretrained(out)
+    return Path(out)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -34,16 +35,25 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from slackdist.config import Config
+from slackdist.model.adapter import ADAPTER_WEIGHTS
 from slackdist.model.compilation import compile_decoder_layers, should_compile
-from slackdist.model.load import add_lora, load_base_model, load_tokenizer, resolve_dtype
-from slackdist.train.batches import Epoch, load_training_examples, rank_steps, validation_rows
+from slackdist.model.load import add_lora, check_model_source, load_base_model, load_tokenizer, resolve_dtype
+from slackdist.train.batches import (
+    Epoch,
+    check_training_data,
+    load_training_examples,
+    rank_steps,
+    validation_rows,
+)
 from slackdist.train.checkpoint import (
     METRICS_FILE,
     RUNS_DIR,
+    TRAINER_STATE,
     OutputFolder,
     PreemptionFlag,
     TrainerState,
     check_output,
+    resolve_resume,
     resume_point,
 )
 from slackdist.train.distributed import Topology, log_main, make_accelerator, trainable_parameters, wrap
@@ -97,6 +107,9 @@ class LoRARecipe:
             SlackdistError: see `train`.
         """
         cfg, t = self.cfg, self.t
+        # A wrong --model or --data is one line before anything is created or loaded.
+        check_model_source(cfg.model.base_model)
+        check_training_data(t)
         resume_from = resume_point(cfg)
         self.preemption.install()
         out = Path(t.output_dir)
@@ -344,10 +357,12 @@ class LoRARecipe:
                 if state.best_step
                 else ""
             )
-            accelerator.print(
-                f"done: {state.global_step} steps, {result.tokens_per_s:,.0f} tokens/s, peak memory "
-                f"{result.peak_mem_gib:.2f} GiB; adapter in {self.out.path}{best}"
+            speed = (
+                f"{result.tokens_per_s:,.0f} tokens/s, peak memory {result.peak_mem_gib:.2f} GiB"
+                if result.losses
+                else "no step left to run, final outputs written"
             )
+            accelerator.print(f"done: {state.global_step} steps, {speed}; adapter in {self.out.path}{best}")
         self.metrics.log({"phases": self.phases.summary()}, step=state.global_step)
         accelerator.print(self.phases.describe())
         accelerator.wait_for_everyone()
@@ -370,8 +385,28 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
             `overwrite`), or an adapter that fails verification.
     """
     check_output(cfg, overwrite=overwrite)
+    out = Path(cfg.train.output_dir)
+    done = finished_run(cfg)
+    if done is not None:
+        if _is_main_rank():
+            print(describe_finished(out, done))
+        return TrainResult(
+            output_dir=out,
+            global_step=done.global_step,
+            best_eval_loss=done.best_eval_loss,
+            best_step=done.best_step,
+            stopped_early=done.stopped_early,
+        )
+    fresh = not out.exists()
     recipe = LoRARecipe(cfg)
-    recipe.setup()
+    try:
+        recipe.setup()
+    except BaseException:
+        if fresh and _is_main_rank():
+            # Setup made OUT (provenance, TensorBoard's first events) before the data failed: a folder
+            # holding no model would make `chat`/`--test` say "not a model folder".
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     try:
         recipe.fit()
         if not recipe.result.preempted:
@@ -386,9 +421,58 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
     return result
 
 
+def _is_main_rank() -> bool:
+    """Before or without the Accelerator: the main process of torchrun / accelerate launch (or no launcher)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _read_state(folder: Path) -> TrainerState | None:
+    try:
+        raw = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    state = TrainerState()
+    if isinstance(raw, dict):
+        state.load_state_dict(raw)
+    return state
+
+
+def finished_run(cfg: Config) -> TrainerState | None:
+    """With --resume: the state of a run that already finished and saved its final adapter, else None.
+
+    Finished means the checkpoint --resume picks says so (epochs, max_steps or early stopping reached)
+    and OUT's root holds the final adapter of that same step; a run killed between its last
+    checkpoint and its final save is not finished (resuming writes the final outputs).
+
+    Raises:
+        SlackdistError: as `resolve_resume`.
+    """
+    out = Path(cfg.train.output_dir)
+    if not cfg.train.resume or not (out / ADAPTER_WEIGHTS).is_file():
+        return None
+    final = _read_state(out)
+    if final is None or not final.finished:
+        return None
+    checkpoint = resolve_resume(cfg.train.resume, out)
+    state = _read_state(checkpoint) if checkpoint is not None else None
+    if state is None or not state.finished or state.global_step != final.global_step:
+        return None
+    return final
+
+
+def describe_finished(out: Path, state: TrainerState) -> str:
+    """The line `train --resume` prints for a run that has nothing left to do."""
+    why = "stopped early" if state.stopped_early else "all its epochs or max_steps done"
+    best = f", best eval loss {state.best_eval_loss:.4f} at step {state.best_step}" if state.best_step else ""
+    return (
+        f"{out}: this run already finished ({state.global_step} steps, {why}{best}); nothing to resume. "
+        f"The adapter is in {out} (slackdist chat --model-dir {out}); to train further, start a new run "
+        "with another --output"
+    )
+
+
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`slackdist train`: 0 when done, 75 (EX_TEMPFAIL) when preempted after checkpointing."""
-    logging.basicConfig(level=logging.INFO if os.environ.get("SLACKDIST_VERBOSE") else logging.WARNING)
     # Packed batches change shape every step; growable segments keep the allocator from fragmenting
     # (reserved stays close to allocated, which is what lets the plan's budget hold on a small card).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
