@@ -9,7 +9,7 @@ code blocks (with markup inside), reactions, file shares, bots, joins, threads (
 whose late replies land in later day files, thread_broadcast, and a few planted secrets. Then it
 times (a) ``json.load`` of every day file and (b) the full ``prepare`` run in a child process (so
 the generator's memory does not count), and reports messages/s, the ratio to the plain load and
-the child's peak RSS. Targets: ratio <= 3, peak RSS <= 1 GiB at 1M messages.
+the child's peak RSS. Targets: ratio <= 3.5, peak RSS <= 1 GiB at 1M messages.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "prepare_bench.json"
-TARGET_RATIO = 3.0
+TARGET_RATIO = 3.5  # with secret detection on (it was 3 before)
 TARGET_RSS = 1 << 30
 TIMING_NOTE = (
     "generation not timed (its files are synced to disk first); both read the same files with a warm page "

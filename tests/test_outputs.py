@@ -29,6 +29,7 @@ from slackdist.files import (
     check_output_dir,
     install_dir,
     interrupt_exit_code,
+    json_line,
     signals_deferred,
     sigterm_interrupts,
     staged_dir,
@@ -424,3 +425,30 @@ def test_an_interrupt_leaves_no_temporary_folder_and_the_previous_output_intact(
     assert leftovers(s.out.parent) == []
     assert not [p for p in s.out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert s.kept(s.out) == before
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=_JSON)
+def test_a_json_line_reads_back_as_the_value(value: object) -> None:
+    line = json_line(value)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # one line, whatever the strings hold
+    try:
+        expected = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: refused as the standard library refuses it
+        return
+    assert json.loads(line) == json.loads(expected)
+
+
+def test_a_lone_surrogate_fails_as_with_the_standard_library() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        json_line({"text": "\ud800"})

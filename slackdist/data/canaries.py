@@ -248,7 +248,7 @@ def _add_provenance(path: Path, canaries: list[Canary]) -> None:
         if host is None:
             raise SlackdistError(f"{path}: no provenance line for {c.host_id}, which {c.id} copies")
         lines.append(entry_line(c.record_id, map(tuple, host["messages"]), host["mentions"]))
-    with open(path, "a", encoding="utf-8") as out:
+    with open(path, "ab") as out:
         out.writelines(lines)
 
 

@@ -132,7 +132,7 @@ def _channel_conversations(
     report.end_channel(channel)
 
 
-def provenance_line(record_id: str, turns: list[Turn]) -> str:
+def provenance_line(record_id: str, turns: list[Turn]) -> bytes:
     """The provenance of one record: the messages of the turns it holds, their writers, who they mention."""
     posts = [post for turn in turns for post in turn.posts]
     return entry_line(

@@ -12,7 +12,6 @@ the others (by time) go into a spool that is routed once every conversation's st
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections import Counter
@@ -24,10 +23,7 @@ from slackdist.data.interrupts import interrupts_deferred
 from slackdist.data.provenance import PROVENANCE_FILE
 from slackdist.data.records import SPLIT_NAMES, Split, group_of
 from slackdist.errors import SlackdistError
-from slackdist.files import install_dir
-
-# Same bytes as json.dumps(record, ensure_ascii=False); one encoder instead of a new one per record.
-_RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False)
+from slackdist.files import install_dir, json_line
 
 
 @dataclass
@@ -68,17 +64,17 @@ class PartWriter:
         self.parts, self.index, self.split = parts, index, split
         self.counts = SplitCounts()
         self._group_split: dict[str, int | None] = {}
-        self._files: dict[str, IO[str]] = {}
+        self._files: dict[str, IO[bytes]] = {}
 
-    def _file(self, suffix: str) -> IO[str] | None:
+    def _file(self, suffix: str) -> IO[bytes] | None:
         if self.parts is None:
             return None
         fh = self._files.get(suffix)
         if fh is None:
-            fh = self._files[suffix] = open(self.parts / f"{self.index:06d}.{suffix}", "w", encoding="utf-8")  # noqa: SIM115
+            fh = self._files[suffix] = open(self.parts / f"{self.index:06d}.{suffix}", "wb")  # noqa: SIM115
         return fh
 
-    def add(self, record: dict[str, Any], provenance: str | None = None) -> None:
+    def add(self, record: dict[str, Any], provenance: bytes | None = None) -> None:
         """Write one record (and its provenance line, which goes to the channel's ``.prov`` part)."""
         group = group_of(record)
         if group in self._group_split:
@@ -93,14 +89,14 @@ class PartWriter:
             counts.pending[group] += 1
             groups = self._file("groups")  # the join reads each line's group here, not by parsing the line
             if groups is not None:
-                groups.write(group + "\n")
+                groups.write(group.encode("utf-8") + b"\n")
             suffix = "spool"
         else:
             counts.known[split] += 1
             suffix = SPLIT_NAMES[split]
         fh = self._file(suffix)
         if fh is not None:
-            fh.write(_RECORD_ENCODER.encode(record) + "\n")
+            fh.write(json_line(record))
         if provenance is not None and (prov := self._file("prov")) is not None:
             prov.write(provenance)
 

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from slackdist.errors import SlackdistError, first_line
+from slackdist.files import json_line
 
 PROVENANCE_FILE = "provenance.jsonl"
 VERSION = 1
-_ENCODER = json.JSONEncoder(ensure_ascii=False)  # one encoder for every line (this runs once per record)
 _METADATA_FILES = ("users.json", "org_users.json", "channels.json", "groups.json", "dms.json", "mpims.json")
 
 
@@ -78,7 +78,7 @@ def header_line(identity: str, name: str, path: str | os.PathLike[str]) -> str:
 
 def entry_line(
     record_id: str, messages: Iterable[tuple[str, str, str | None]], mentions: Iterable[str]
-) -> str:
+) -> bytes:
     """One record's line of provenance.jsonl: its messages as (channel id, ts, writer) and who they mention."""
     messages = list(messages)
     entry = {
@@ -87,7 +87,7 @@ def entry_line(
         "users": list(dict.fromkeys(m[2] for m in messages if m[2])),
         "mentions": list(dict.fromkeys(mentions)),
     }
-    return _ENCODER.encode(entry) + "\n"
+    return json_line(entry)
 
 
 @dataclass(frozen=True)
