@@ -362,7 +362,8 @@ class LoRARecipe:
                 if result.losses
                 else "no step left to run, final outputs written"
             )
-            accelerator.print(f"done: {state.global_step} steps, {speed}; adapter in {self.out.path}{best}")
+            steps = f"{state.global_step} step{'' if state.global_step == 1 else 's'}"
+            accelerator.print(f"done: {steps}, {speed}; adapter in {self.out.path}{best}")
         self.metrics.log({"phases": self.phases.summary()}, step=state.global_step)
         accelerator.print(self.phases.describe())
         accelerator.wait_for_everyone()
