@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from slackdist.data.card import dataset_card
 from slackdist.data.provenance import PROVENANCE_FILE, entry_line, iter_entries
 from slackdist.errors import SlackdistError
+from slackdist.files import json_line
 from slackdist.slack.redact import Redactor
 
 if TYPE_CHECKING:
@@ -213,9 +214,8 @@ def plant_canaries(folder: Path, cfg: DataConfig, counter: TokenCounter) -> dict
             numbers[group] += 1
             copies.append(made[0])
             canaries.append(made[1])
-    with open(train, "a", encoding="utf-8") as out:
-        for record in copies:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(train, "ab") as out:  # written as prepare wrote the records before them
+        out.writelines(json_line(record) for record in copies)
     _add_provenance(folder / PROVENANCE_FILE, canaries)
     key = {"note": NOTE, "seed": cfg.seed, "canaries": [asdict(c) for c in canaries]}
     (folder / CANARIES_FILE).write_text(
