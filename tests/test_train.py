@@ -146,6 +146,13 @@ def test_train_end_to_end(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, 
     assert reloaded == pytest.approx(state["best_eval_loss"], abs=1e-4 if load_in_4bit else 1e-5)
     assert state["best_eval_loss"] == pytest.approx(min(evals.values()))
 
+    # the final adapter is best/'s file, linked: the same weights are not gathered and written twice;
+    # with the best eval at the last step the final checkpoint links it too
+    best_inode = (out / "best" / "adapter_model.safetensors").stat().st_ino
+    assert (out / "adapter_model.safetensors").stat().st_ino == best_inode
+    last_checkpoint = out / "checkpoints" / f"step-{steps[-1]:06d}" / "adapter_model.safetensors"
+    assert (last_checkpoint.stat().st_ino == best_inode) == (state["best_step"] == steps[-1])
+
     # train.merge_after_training: a plain transformers model in OUT/merged
     if not load_in_4bit:
         from transformers import AutoModelForCausalLM
@@ -206,6 +213,30 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir: Path, data_dir: P
     ).read_bytes()
     assert json.loads((out / "best" / "eval.json").read_text())["step"] == 1
     assert json.loads((out / "trainer_state.json").read_text())["stopped_early"] is True
+
+
+def test_a_run_ending_on_its_best_eval_writes_its_adapter_once(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """best/, the final checkpoint and the final output share one adapter file (hard links), which
+    loads and passes the adapter check; best/ being replaced later does not touch the others."""
+    from safetensors.torch import load_file
+
+    from slackdist.model.adapter import check_adapter_file
+    from slackdist.train.recipe import train
+
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_model_dir, data_dir, out, **{"train.max_steps": 3, "train.eval_every_n_steps": 3})
+    result = train(cfg)
+    assert result.global_step == 3 and result.best_step == 3  # the first eval is always the best
+    files = [
+        out / "best" / "adapter_model.safetensors",
+        out / "checkpoints" / "step-000003" / "adapter_model.safetensors",
+        out / "adapter_model.safetensors",
+    ]
+    assert len({f.stat().st_ino for f in files}) == 1 and files[0].stat().st_nlink == 3
+    assert all((f.parent / "adapter_config.json").is_file() for f in files)
+    assert check_adapter_file(files[2], [k.split(".lora_")[0] for k in load_file(files[2])], trained=True)
 
 
 def test_keep_last_k_checkpoints_plus_best(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -281,12 +281,14 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str | os.PathLike[
         )
 
 
-def copy_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy adapter_model.safetensors + adapter_config.json from one folder into a stage."""
+def link_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """adapter_model.safetensors + adapter_config.json of one folder into a stage as hard links (a
+    saved file is never written again, so no data need be copied; copies where the file system has
+    no hard links)."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        shutil.copyfile(src / name, dst / name)
+        link_into(src / name, dst / name)
 
 
 # ------------------------------------------------------------------ training state (optimizer, scheduler, RNG)
@@ -643,6 +645,8 @@ class OutputFolder:
         self.merged = self.path / MERGED_DIR
         self.final: Stage | None = None
         """The final output being built (main process, from `save_final` to `install_final`)."""
+        self.best_saved_step: int | None = None
+        """The step whose adapter this process last wrote to best/ (the same on every rank)."""
 
     def create(self) -> None:
         """Make OUT (main process) and copy the data's provenance into it: from the first checkpoint
@@ -659,6 +663,13 @@ class OutputFolder:
         write_model_info(self.info, folder)
 
     def _adapter(self, model: torch.nn.Module, folder: Path, state: TrainerState) -> None:
+        """The adapter's current weights into `folder` (collective). When best/ was written at this
+        very step (an eval improved at the last step, the usual end of a run), its files are linked
+        instead: the same weights, not gathered and written again."""
+        if self.best_saved_step == state.global_step:
+            if self.topology.is_main_process:
+                link_adapter(self.best, folder)
+            return
         save_adapter(
             self.accelerator,
             self.topology,
@@ -746,11 +757,13 @@ class OutputFolder:
         """The adapter of a new best eval as OUT/best, with its eval.json (built in a temporary
         folder on the main process, then renamed over the previous best/)."""
         main = self.topology.is_main_process
+        self.best_saved_step = None  # best/ is being replaced: its files are not this step's yet
         with staged_dir(self.best) if main else contextlib.nullcontext(self.best) as folder:
             self._adapter(model, folder, state)
             if main:
                 self._describe(folder)
                 write_json_atomic(folder / BEST_EVAL, {"step": state.global_step, "eval_loss": eval_loss})
+        self.best_saved_step = state.global_step
 
     def save_final(self, model: torch.nn.Module, state: TrainerState) -> None:
         """Build the final output in a temporary folder next to OUT (`self.final`): the adapter with
@@ -772,7 +785,7 @@ class OutputFolder:
             self._adapter(model, folder, state)
         if main:
             if use_best:
-                copy_adapter(self.best, folder)
+                link_adapter(self.best, folder)
                 logger.warning(
                     "final adapter = best eval (step %d, loss %.4f)", state.best_step, state.best_eval_loss
                 )
