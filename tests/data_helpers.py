@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from slackdist.data.conversations import ChannelGrouper, Conversation
-from slackdist.slack.clean import Post
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 
 def grouped(channel: Channel, posts: Iterable[Post], *, gap_hours: float = 2.0) -> list[Conversation]:

@@ -20,10 +20,11 @@ from slackdist.data.conversations import (
     truncate_turn,
     window_bounds,
 )
-from slackdist.slack.clean import Cleaner, Post
+from slackdist.slack.clean import Cleaner
 from slackdist.slack.markup import MarkupContext
 from slackdist.slack.messages import Message
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 GENERAL = Channel(id="C1", name="general", kind="public", folder="general")
 RANDOM = Channel(id="C2", name="random", kind="public", folder="random")

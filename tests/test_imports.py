@@ -127,3 +127,11 @@ def test_inference_needs_only_merge_from_train_and_no_data_pipeline(module: str)
 def test_imports_are_at_the_top_unless_optional(module: str) -> None:
     inside = {name for name, in_function in _imports(module) if in_function}
     assert inside <= LAZY, f"{module} imports {sorted(inside - LAZY)} inside a function"
+
+
+def test_training_does_not_import_the_cleaner_or_its_secret_scanners() -> None:
+    """Redaction runs in `prepare`; training reads records already redacted and does not pay for
+    importing the scanners (detect-secrets, libphonenumber: 0.3 s of start-up on the GPU machine)."""
+    reachable = _reachable("slackdist.train.recipe")
+    assert {"slackdist.data.records", "slackdist.slack.post"} <= reachable  # the walk reaches the reader
+    assert not {"slackdist.slack.clean", "slackdist.slack.redact", "slackdist.slack.secrets"} & reachable

@@ -16,8 +16,8 @@ from slackdist.config import Config, DataConfig
 from slackdist.data.prepare import prepare
 from slackdist.data.records import PersonaMatcher, RecordBuilder, persona_label, persona_names
 from slackdist.model.info import ModelInfo
-from slackdist.slack.clean import Post
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 SAMPLE = Path(__file__).parent / "fixtures" / "sample_export"
 INFRA = Channel(id="C1", name="infra", kind="public", folder="infra")

@@ -24,8 +24,8 @@ from slackdist.data.records import (
     validate_record,
 )
 from slackdist.errors import SlackdistError
-from slackdist.slack.clean import Post
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 INFRA = Channel(id="C9", name="infra", kind="public", folder="infra")
 

@@ -16,8 +16,8 @@ from slackdist.config import DataConfig
 from slackdist.data.prepare import prepare, summary_lines
 from slackdist.data.records import SPLIT_NAMES, RecordBuilder
 from slackdist.data.report import ReportBuilder, window_group
-from slackdist.slack.clean import Post
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 DAY = 86400.0
 T0 = 1_600_000_000.0

@@ -29,8 +29,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from slackdist.slack.clean import Post
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 #: Appended to a message cut to fit the token budget (see :func:`truncate_turn`).
 TRUNCATION_MARK = " […]"

@@ -18,9 +18,9 @@ from typing import Any
 from slackdist.config import split_fractions
 from slackdist.data.conversations import TRUNCATION_MARK, Conversation, WindowPlan
 from slackdist.data.records import SPLIT_NAMES, BuiltRecord, validate_record
-from slackdist.slack.clean import Post
 from slackdist.slack.markup import find_raw_markup
 from slackdist.slack.metadata import Channel
+from slackdist.slack.post import Post
 
 PLOTS = {"turns": "turns_per_conversation.png", "tokens": "tokens_per_conversation.png"}
 _TURN_BINS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 41, 64, 128]
