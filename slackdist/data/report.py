@@ -1,6 +1,6 @@
 """What `prepare` did: counts per drop reason, channel and redaction kind, warnings, quality figures.
 
-The quality figures are the ones DESIGN.md "Quality figures `prepare` reports" lists; each is
+The quality figures are the ones the README's "Prepare" section lists; each is
 measured on what is actually written (the records), not assumed from the code. Examples in the
 report are built from the records, which hold only cleaned, redacted text.
 """

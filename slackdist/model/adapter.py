@@ -1,8 +1,8 @@
 """Is an adapter file whole? Every LoRA module's A and B, and trained B matrices that are not zero.
 
 A LoRA adapter adds `B @ A` to each targeted weight, and B starts at zero. So an adapter file that
-lost tensors (the silent FSDP1 save bug of ../shared/notes/fsdp_qlora_measured.md, a file written
-by hand, a bad copy) or whose B matrices were zeroed loads without any error in PEFT and answers
+lost tensors (peft 0.21's silent FSDP1 save bug, see `slackdist.train.checkpoint`; a file written
+by hand; a bad copy) or whose B matrices were zeroed loads without any error in PEFT and answers
 exactly as the base model. Training checks every adapter it writes (`slackdist.train.checkpoint`),
 and chat, eval, serve and merge check every adapter they load, with the same function.
 

@@ -2,7 +2,7 @@
 
 Compiling layer by layer rather than the whole model keeps the graphs small and shared: every
 layer runs the same code, so a handful of graphs serve all of them (9 for the 28 layers of
-Llama-3.2-3B in ../shared/gpu/README.md's measurements), and the chunked loss, the data pipeline and
+Llama-3.2-3B as measured on an H100), and the chunked loss, the data pipeline and
 PEFT's wrapper stay eager. Inductor fuses what eager runs as separate kernels: RMSNorm, RoPE, SiLU x up, the LoRA
 dropout, scaling and add, and the casts between them.
 

@@ -1,6 +1,6 @@
 """Slack mrkdwn -> plain text: mentions, channels, links, escapes and emoji; code left as written.
 
-Rules (DESIGN.md "Cleaning rules"):
+Rules (the README's "Prepare" section, "Cleaning keeps knowledge"):
 
 - ``<@U123>`` / ``<@U123|name>`` -> ``@Display Name`` (the label when the id is unknown, else
   ``@unknown-user``; never the raw id); ``<#C123|general>`` -> ``#general``; ``<!here>`` -> ``@here``;

@@ -42,7 +42,7 @@ processes; DeepSpeed ones on the number that wrote them. A run stopped by SIGTER
 Every model folder here (OUT, best/, each checkpoint) carries the tokenizer, the config and
 `slackdist_inference.json` (`slackdist.model.info`), so chat, eval and serve load any of them alone.
 
-Why the adapter is written by hand (workaround B of ../shared/notes/fsdp_qlora_measured.md):
+Why the adapter is written by hand (measured with FSDP1 and FSDP2 + 4-bit on a GPU):
 peft 0.21 picks adapter keys by walking the live module tree and strips only a *leading*
 `_fsdp_wrapped_module.`, so under FSDP1 a stock `save_pretrained(state_dict=...)` silently
 drops every layer's LoRA and writes an (almost) empty adapter. `accelerator.get_state_dict`

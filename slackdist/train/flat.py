@@ -1,7 +1,7 @@
 """Trainable parameters as views into one contiguous buffer, so the optimizer steps one tensor.
 
 bitsandbytes' paged AdamW launches one kernel per parameter from Python: over the 394 LoRA
-matrices of Llama-3.2-3B that is 41-56 ms of host time per step on an H100 (../shared/gpu/README.md),
+matrices of Llama-3.2-3B that is 41-56 ms of host time per step on an H100 (measured with the profiler),
 about a tenth of a fast step. With the parameters laid end to end in one fp32 buffer, the
 optimizer steps one flat parameter in one launch and clipping reads one tensor. Each LoRA matrix
 stays an ordinary `nn.Parameter` (a view into the buffer), so the model, PEFT's saves and loads
