@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,12 +95,7 @@ def sample_export_zip_nested(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_secrets():
     """tests/fixtures/sample_secrets.py as a module: PLANTED_SECRETS, PLANTED_EMAILS, PLANTED_PHONES, ..."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sample_secrets", FIXTURES / "sample_secrets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(FIXTURES / "sample_secrets.py")
 
 
 @pytest.fixture(scope="session")

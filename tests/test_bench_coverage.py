@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_bench
 
 from slackdist.config import DataConfig
 from slackdist.data.prepare import prepare
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "coverage_bench.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("coverage_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["coverage_bench"] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("coverage_bench")
 
 
 @pytest.fixture(scope="module")

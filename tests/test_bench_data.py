@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from script_helpers import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_data_bench_rows_feed_the_same_batches(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("data_bench", REPO / "bench" / "data_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("data_bench")
     out = tmp_path / "d.json"
     argv = ["--model", str(tiny_model_dir), "--baseline", str(REPO), "--messages", "3000"]
     assert bench.main([*argv, "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0

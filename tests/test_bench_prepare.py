@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "prepare_bench.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("prepare_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_helpers import load_bench
 
 
 def test_generator_is_deterministic_and_realistic(tmp_path):
-    bench = load_bench()
+    bench = load_bench("prepare_bench")
     a = bench.generate_export(tmp_path / "a", 2000, seed=1)
     b = bench.generate_export(tmp_path / "b", 2000, seed=1)
     assert a == b and a["messages"] == 2000
@@ -55,7 +46,7 @@ def test_generator_is_deterministic_and_realistic(tmp_path):
 
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_bench("prepare_bench")
     out = tmp_path / "result.json"
     assert bench.main(["--messages", "2000", "--json", str(out), "--workdir", str(tmp_path)]) == 0
     row = json.loads(out.read_text())

@@ -8,16 +8,15 @@ they uploaded, a group DM's folder name, the report's config and previews, the p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from export_helpers import msg, write_export
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from script_helpers import load_bench
 
 from slackdist.config import DataConfig
 from slackdist.data.prepare import prepare
@@ -30,7 +29,6 @@ from slackdist.slack.metadata import UserInfo, list_channels, load_users
 from slackdist.slack.warnings import Warnings
 
 SAMPLE = Path(__file__).parent / "fixtures" / "sample_export"
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "consent_bench.py"
 
 GONE = "UXAN00001"
 
@@ -219,11 +217,7 @@ def test_scrub_replaces_each_form_and_nothing_else(words: list[str], sep: str) -
 @pytest.fixture(scope="module")
 def bench():
     """bench/consent_bench.py, whose runs and counts the test below checks."""
-    spec = importlib.util.spec_from_file_location("consent_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["consent_bench"] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("consent_bench")
 
 
 def _human_messages_of(export: Path, user_ids: set[str]) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from export_helpers import MARKER, deflate_bomb, raw_zip, stored, write_export
 from export_helpers import msg as slack_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from script_helpers import load_bench
 
 from slackdist.cli import main as cli_main
 from slackdist.config import DataConfig
@@ -649,9 +649,7 @@ def test_a_zip_bomb_is_one_line_and_never_inflated(tmp_path):
 @pytest.fixture(scope="module")
 def big_export(tmp_path_factory) -> Path:
     """A synthetic export large enough that prepare is still running when it is interrupted (~2 s)."""
-    spec = importlib.util.spec_from_file_location("prepare_bench", REPO / "bench" / "prepare_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("prepare_bench")
     root = tmp_path_factory.mktemp("big") / "export"
     bench.generate_export(root, 30_000, seed=3)
     return root
