@@ -42,14 +42,17 @@ VARIANTS: dict[str, list[str]] = {
     "default": ["--compile-min-steps", "0"],
     # the shipped defaults as a short run gets them (eager: fewer steps than compile_min_steps)
     "default_short": [],
+    # the long-run defaults with PEFT's own LoRA forward (a dropout mask and an A matmul per projection)
+    "unshared": ["--compile-min-steps", "0", "--no-lora-share-inputs"],
     # the defaults held to 16 GiB on a big GPU
     "budget16": ["--memory-budget-gib", "16"],
+    "budget16_unshared": ["--memory-budget-gib", "16", "--no-lora-share-inputs"],
     "eager": ["--compile", "off"],
     # what session 1 shipped: checkpointing on, the configured 2 x 2 micro-batches, eager
     "fixed": ["--memory-plan", "fixed", "--compile", "off"],
-    # every optimisation off: SDPA over whole packed rows, full-vocabulary logits, checkpointing
+    # every optimisation off: SDPA over whole packed rows, full-vocabulary logits, checkpointing, PEFT's LoRA forward
     "plain": ["--attn-implementation", "sdpa", "--loss-chunk-size", "0", "--memory-plan", "fixed",
-              "--compile", "off"],
+              "--compile", "off", "--no-lora-share-inputs"],
     "fused_adamw": ["--optimizer", "adamw_torch_fused"],
     # a 24 GB card (23.99e9 bytes): the process may allocate no more, the defaults otherwise
     "card24": ["--max-memory-gib", "22.3"],

@@ -165,6 +165,12 @@ class LoraSettings:
     init: Literal["gaussian", "default"] = opt(
         "gaussian", "LoRA A init (B starts at zero).", flag="lora-init"
     )
+    share_inputs: bool = opt(
+        True,
+        "Projections that read one input (q/k/v, gate/up) share one dropout mask and one stacked A matmul "
+        "(Llama, Mistral, Mixtral, Qwen2/3, Gemma families); off: PEFT's forward, a mask per projection.",
+        flag="lora-share-inputs",
+    )
     target_modules: list[str] = opt(
         None,
         "Modules that get an adapter (comma-separated).",

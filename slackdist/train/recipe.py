@@ -38,6 +38,7 @@ from slackdist.config import Config
 from slackdist.model.adapter import ADAPTER_WEIGHTS
 from slackdist.model.compilation import compile_decoder_layers, should_compile
 from slackdist.model.load import add_lora, check_model_source, load_base_model, load_tokenizer, resolve_dtype
+from slackdist.model.shared_lora import share_lora_inputs
 from slackdist.train.batches import (
     Epoch,
     check_training_data,
@@ -145,6 +146,11 @@ class LoRARecipe:
         with phases.timed("load"):
             model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
             model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
+            if cfg.lora.share_inputs:
+                shared = share_lora_inputs(model)
+                log_main(
+                    topology, f"LoRA: {shared} blocks share one dropout and A matmul (lora.share_inputs)"
+                )
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
         self.chunk_size = topology.loss_chunk_size(t.loss_chunk_size)
         with phases.timed("plan"):

@@ -1,0 +1,113 @@
+"""Shared-input LoRA (slackdist/model/shared_lora.py): PEFT's results, one dropout and one A matmul a group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slackdist.config import LoraSettings, ModelConfig
+from slackdist.model.compilation import compile_decoder_layers
+from slackdist.model.shared_lora import share_lora_inputs
+from slackdist.train.packing import PackedRow, collate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _peft_model(model_dir: Path, *, dropout: float = 0.0, checkpointing: bool = False):
+    from slackdist.model.attention import register_varlen_attention
+    from slackdist.model.load import add_lora, load_base_model
+
+    model = load_base_model(ModelConfig(base_model=str(model_dir)), dtype=torch.float32, quantize=False)
+    model.set_attn_implementation(register_varlen_attention())
+    torch.manual_seed(0)
+    lora = LoraSettings(r=4, alpha=8, dropout=dropout)
+    peft_model = add_lora(model, lora, gradient_checkpointing=checkpointing)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters matter
+            torch.nn.init.normal_(p, std=0.02)
+    return peft_model.train()
+
+
+def _batch(length: int, seed: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+    half = length // 2
+    positions = list(range(half)) + list(range(length - half))
+    labels = [-100 if p == 0 else t for p, t in zip(positions, ids, strict=True)]
+    row = PackedRow(input_ids=ids, labels=labels, position_ids=positions, seq_lens=[half, length - half])
+    return collate([row], pad_id=0, varlen_kwargs=True)
+
+
+def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    from accelerate import Accelerator
+
+    from slackdist.train.step import forward_loss
+
+    loss = forward_loss(model, batch, accelerator=Accelerator(cpu=True), chunk_size=16)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
+    assert b[0] == pytest.approx(a[0], rel=1e-5)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name, g in a[1].items():
+        torch.testing.assert_close(b[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_inputs_give_peft_loss_and_gradients(tiny_model_dir: Path, checkpointing: bool) -> None:
+    peft = _peft_model(tiny_model_dir, checkpointing=checkpointing)
+    shared = _peft_model(tiny_model_dir, checkpointing=checkpointing)
+    blocks = share_lora_inputs(shared)
+    assert blocks == 2 * peft.config.num_hidden_layers  # one attention and one MLP a layer
+    for length, seed in ((40, 1), (57, 2)):
+        batch = _batch(length, seed, peft.config.vocab_size)
+        _assert_same(_loss_and_grads(peft, batch), _loss_and_grads(shared, batch))
+
+
+def test_compiled_shared_inputs_match_eager(tiny_model_dir: Path) -> None:
+    """Through dynamo and autograd (aot_eager, as inductor traces), over packed rows of three lengths."""
+    torch._dynamo.reset()
+    eager = _peft_model(tiny_model_dir)
+    compiled = _peft_model(tiny_model_dir)
+    share_lora_inputs(compiled)
+    compile_decoder_layers(compiled, backend="aot_eager")
+    for length, seed in ((40, 1), (57, 2), (33, 3)):
+        batch = _batch(length, seed, eager.config.vocab_size)
+        _assert_same(_loss_and_grads(eager, batch), _loss_and_grads(compiled, batch))
+    torch._dynamo.reset()
+
+
+def test_a_group_draws_one_dropout_mask_and_keeps_peft_parameters(tiny_model_dir: Path) -> None:
+    model = _peft_model(tiny_model_dir, dropout=0.1)
+    keys = set(model.state_dict())
+    share_lora_inputs(model)
+    assert set(model.state_dict()) == keys  # the saved adapter is PEFT's
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout.default"):
+            module.register_forward_hook(
+                lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)
+            )
+    _loss_and_grads(model, _batch(40, 1, model.config.vocab_size))
+    by_projection = {name.split(".")[-3]: n for name, n in calls.items() if ".layers.0." in name}
+    # the group's first projection draws the mask for all of it; o_proj and down_proj keep their own
+    assert by_projection == {"q_proj": 1, "gate_proj": 1, "o_proj": 1, "down_proj": 1}
+
+
+def test_disabled_adapters_give_the_base_model(tiny_model_dir: Path) -> None:
+    model = _peft_model(tiny_model_dir)
+    batch = _batch(40, 1, model.config.vocab_size)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**inputs).logits
+    share_lora_inputs(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**inputs).logits, base)
+        assert not torch.allclose(model(**inputs).logits, base)  # the adapters are back, and matter
