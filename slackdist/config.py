@@ -168,7 +168,8 @@ class LoraSettings:
     share_inputs: bool = opt(
         True,
         "Projections that read one input (q/k/v, gate/up) share one dropout mask and one stacked A matmul "
-        "(Llama, Mistral, Mixtral, Qwen2/3, Gemma families); off: PEFT's forward, a mask per projection.",
+        "(Llama, Mistral, Mixtral, Qwen2/3, Gemma families; unsharded runs); off: PEFT's forward, a mask per "
+        "projection.",
         flag="lora-share-inputs",
     )
     target_modules: list[str] = opt(

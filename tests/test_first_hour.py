@@ -212,6 +212,8 @@ def test_log_lines_are_plain_and_printed_once(tmp_path: Path, tiny_model_dir: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
     assert any(line.startswith("slackdist: memory plan:") for line in lines)
+    # two layers: each attention's q/k/v and each MLP's gate/up draw one dropout mask
+    assert "slackdist: LoRA: 4 blocks share one dropout and A matmul (lora.share_inputs)" in lines
     assert not [line for line in lines if "WARNING:" in line or "Warning" in line], proc.stderr
     logged = [line for line in lines if line.startswith("slackdist: ")]
     assert len(logged) == len(set(logged)), "a log line printed twice"

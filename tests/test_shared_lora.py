@@ -15,12 +15,13 @@ from slackdist.train.packing import PackedRow, collate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _peft_model(model_dir: Path, *, dropout: float = 0.0, checkpointing: bool = False):
+def _peft_model(model_dir: Path, *, dropout: float = 0.0, checkpointing: bool = False, varlen: bool = True):
     from slackdist.model.attention import register_varlen_attention
     from slackdist.model.load import add_lora, load_base_model
 
     model = load_base_model(ModelConfig(base_model=str(model_dir)), dtype=torch.float32, quantize=False)
-    model.set_attn_implementation(register_varlen_attention())
+    if varlen:
+        model.set_attn_implementation(register_varlen_attention())
     torch.manual_seed(0)
     lora = LoraSettings(r=4, alpha=8, dropout=dropout)
     peft_model = add_lora(model, lora, gradient_checkpointing=checkpointing)
@@ -30,14 +31,14 @@ def _peft_model(model_dir: Path, *, dropout: float = 0.0, checkpointing: bool = 
     return peft_model.train()
 
 
-def _batch(length: int, seed: int, vocab: int) -> dict[str, torch.Tensor]:
+def _batch(length: int, seed: int, vocab: int, *, varlen: bool = True) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (length,), generator=g).tolist()
     half = length // 2
     positions = list(range(half)) + list(range(length - half))
     labels = [-100 if p == 0 else t for p, t in zip(positions, ids, strict=True)]
     row = PackedRow(input_ids=ids, labels=labels, position_ids=positions, seq_lens=[half, length - half])
-    return collate([row], pad_id=0, varlen_kwargs=True)
+    return collate([row], pad_id=0, varlen_kwargs=varlen)
 
 
 def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -68,6 +69,20 @@ def test_shared_inputs_give_peft_loss_and_gradients(tiny_model_dir: Path, checkp
     for length, seed in ((40, 1), (57, 2)):
         batch = _batch(length, seed, peft.config.vocab_size)
         _assert_same(_loss_and_grads(peft, batch), _loss_and_grads(shared, batch))
+
+
+@pytest.mark.parametrize(("family", "blocks"), [("qwen2", 4), ("mistral", 4), ("gemma2", 4), ("phi3", 0)])
+def test_other_families(tmp_path: Path, family: str, blocks: int) -> None:
+    """Qwen2 (biases on q/k/v), Mistral and Gemma 2 share their groups' input with PEFT's results; Phi-3's
+    projections are fused already (qkv_proj, gate_up_proj): nothing to share, PEFT's forward."""
+    from slackdist.model.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / family, family=family)
+    peft = _peft_model(model_dir, varlen=False)
+    shared = _peft_model(model_dir, varlen=False)
+    assert share_lora_inputs(shared) == blocks
+    batch = _batch(40, 1, peft.config.vocab_size, varlen=False)
+    _assert_same(_loss_and_grads(peft, batch), _loss_and_grads(shared, batch))
 
 
 def test_compiled_shared_inputs_match_eager(tiny_model_dir: Path) -> None:

@@ -12,7 +12,8 @@ still sees the configured dropout rate, and without dropout the outputs are PEFT
 state-dict keys and the saved adapter are PEFT's, unchanged.
 
 A projection called outside its block's forward, with adapters disabled or merged, with several
-adapters or a LoRA variant (DoRA) runs PEFT's own forward.
+adapters or a LoRA variant (DoRA) runs PEFT's own forward. Training installs it only on a model it
+does not shard: DeepSpeed ZeRO-3 gathers a LoRA weight only when that weight's own module runs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 FAMILIES = ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3")
 """Model families whose attention and MLP code calls each group on the same tensor, once a forward."""
 
+_BLOCKS = {family + suffix: members for suffix, members in GROUPS.items() for family in FAMILIES}
 _PART = "_slackdist_lora_part"
 
 
@@ -56,11 +58,10 @@ def share_lora_inputs(model: torch.nn.Module) -> int:
 
 
 def _group_of(module: torch.nn.Module) -> tuple[str, ...] | None:
-    cls = type(module).__name__
-    for suffix, members in GROUPS.items():
-        if cls in {family + suffix for family in FAMILIES}:
-            if all(isinstance(getattr(module, m, None), LoraLayer) for m in members):
-                return members
+    """The projections of `module` to share an input, when it is such a block and all of them have LoRA."""
+    members = _BLOCKS.get(type(module).__name__)
+    if members and all(isinstance(getattr(module, m, None), LoraLayer) for m in members):
+        return members
     return None
 
 

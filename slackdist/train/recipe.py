@@ -146,10 +146,10 @@ class LoRARecipe:
         with phases.timed("load"):
             model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
             model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
-            if cfg.lora.share_inputs:
-                shared = share_lora_inputs(model)
+            if cfg.lora.share_inputs and not topology.sharded:  # ZeRO-3 gathers a weight as its module runs
+                blocks = share_lora_inputs(model)
                 log_main(
-                    topology, f"LoRA: {shared} blocks share one dropout and A matmul (lora.share_inputs)"
+                    topology, f"LoRA: {blocks} blocks share one dropout and A matmul (lora.share_inputs)"
                 )
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
         self.chunk_size = topology.loss_chunk_size(t.loss_chunk_size)
