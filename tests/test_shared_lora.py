@@ -6,51 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import loss_and_grads, packed_batch, tiny_peft_model
 
-from slackdist.config import LoraSettings, ModelConfig
 from slackdist.model.compilation import compile_decoder_layers
 from slackdist.model.shared_lora import share_lora_inputs
-from slackdist.train.packing import PackedRow, collate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _peft_model(model_dir: Path, *, dropout: float = 0.0, checkpointing: bool = False, varlen: bool = True):
-    from slackdist.model.attention import register_varlen_attention
-    from slackdist.model.load import add_lora, load_base_model
-
-    model = load_base_model(ModelConfig(base_model=str(model_dir)), dtype=torch.float32, quantize=False)
-    if varlen:
-        model.set_attn_implementation(register_varlen_attention())
-    torch.manual_seed(0)
-    lora = LoraSettings(r=4, alpha=8, dropout=dropout)
-    peft_model = add_lora(model, lora, gradient_checkpointing=checkpointing)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make the adapters matter
-            torch.nn.init.normal_(p, std=0.02)
-    return peft_model.train()
-
-
-def _batch(length: int, seed: int, vocab: int, *, varlen: bool = True) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (length,), generator=g).tolist()
-    half = length // 2
-    positions = list(range(half)) + list(range(length - half))
-    labels = [-100 if p == 0 else t for p, t in zip(positions, ids, strict=True)]
-    row = PackedRow(input_ids=ids, labels=labels, position_ids=positions, seq_lens=[half, length - half])
-    return collate([row], pad_id=0, varlen_kwargs=varlen)
-
-
-def _loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    from accelerate import Accelerator
-
-    from slackdist.train.step import forward_loss
-
-    loss = forward_loss(model, batch, accelerator=Accelerator(cpu=True), chunk_size=16)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
 
 
 def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
@@ -62,13 +23,13 @@ def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_inputs_give_peft_loss_and_gradients(tiny_model_dir: Path, checkpointing: bool) -> None:
-    peft = _peft_model(tiny_model_dir, checkpointing=checkpointing)
-    shared = _peft_model(tiny_model_dir, checkpointing=checkpointing)
+    peft = tiny_peft_model(tiny_model_dir, checkpointing=checkpointing)
+    shared = tiny_peft_model(tiny_model_dir, checkpointing=checkpointing)
     blocks = share_lora_inputs(shared)
     assert blocks == 2 * peft.config.num_hidden_layers  # one attention and one MLP a layer
     for length, seed in ((40, 1), (57, 2)):
-        batch = _batch(length, seed, peft.config.vocab_size)
-        _assert_same(_loss_and_grads(peft, batch), _loss_and_grads(shared, batch))
+        batch = packed_batch(length, seed, peft.config.vocab_size)
+        _assert_same(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
 
 
 @pytest.mark.parametrize(("family", "blocks"), [("qwen2", 4), ("mistral", 4), ("gemma2", 4), ("phi3", 0)])
@@ -78,28 +39,28 @@ def test_other_families(tmp_path: Path, family: str, blocks: int) -> None:
     from slackdist.model.tiny import write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / family, family=family)
-    peft = _peft_model(model_dir, varlen=False)
-    shared = _peft_model(model_dir, varlen=False)
+    peft = tiny_peft_model(model_dir, varlen=False)
+    shared = tiny_peft_model(model_dir, varlen=False)
     assert share_lora_inputs(shared) == blocks
-    batch = _batch(40, 1, peft.config.vocab_size, varlen=False)
-    _assert_same(_loss_and_grads(peft, batch), _loss_and_grads(shared, batch))
+    batch = packed_batch(40, 1, peft.config.vocab_size, varlen=False)
+    _assert_same(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
 
 
 def test_compiled_shared_inputs_match_eager(tiny_model_dir: Path) -> None:
     """Through dynamo and autograd (aot_eager, as inductor traces), over packed rows of three lengths."""
     torch._dynamo.reset()
-    eager = _peft_model(tiny_model_dir)
-    compiled = _peft_model(tiny_model_dir)
+    eager = tiny_peft_model(tiny_model_dir)
+    compiled = tiny_peft_model(tiny_model_dir)
     share_lora_inputs(compiled)
     compile_decoder_layers(compiled, backend="aot_eager")
     for length, seed in ((40, 1), (57, 2), (33, 3)):
-        batch = _batch(length, seed, eager.config.vocab_size)
-        _assert_same(_loss_and_grads(eager, batch), _loss_and_grads(compiled, batch))
+        batch = packed_batch(length, seed, eager.config.vocab_size)
+        _assert_same(loss_and_grads(eager, batch), loss_and_grads(compiled, batch))
     torch._dynamo.reset()
 
 
 def test_a_group_draws_one_dropout_mask_and_keeps_peft_parameters(tiny_model_dir: Path) -> None:
-    model = _peft_model(tiny_model_dir, dropout=0.1)
+    model = tiny_peft_model(tiny_model_dir, dropout=0.1)
     keys = set(model.state_dict())
     share_lora_inputs(model)
     assert set(model.state_dict()) == keys  # the saved adapter is PEFT's
@@ -109,15 +70,15 @@ def test_a_group_draws_one_dropout_mask_and_keeps_peft_parameters(tiny_model_dir
             module.register_forward_hook(
                 lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)
             )
-    _loss_and_grads(model, _batch(40, 1, model.config.vocab_size))
+    loss_and_grads(model, packed_batch(40, 1, model.config.vocab_size))
     by_projection = {name.split(".")[-3]: n for name, n in calls.items() if ".layers.0." in name}
     # the group's first projection draws the mask for all of it; o_proj and down_proj keep their own
     assert by_projection == {"q_proj": 1, "gate_proj": 1, "o_proj": 1, "down_proj": 1}
 
 
 def test_disabled_adapters_give_the_base_model(tiny_model_dir: Path) -> None:
-    model = _peft_model(tiny_model_dir)
-    batch = _batch(40, 1, model.config.vocab_size)
+    model = tiny_peft_model(tiny_model_dir)
+    batch = packed_batch(40, 1, model.config.vocab_size)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad(), model.disable_adapter():
         base = model(**inputs).logits

@@ -106,3 +106,56 @@ def step_losses(out_dir: Path) -> dict[int, float]:
 def torchrun(processes: int) -> list[str]:
     """`torchrun --standalone --nproc_per_node N` through this interpreter (add the script or `-m module`)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+
+
+# ---- a tiny PEFT model, a packed batch and its loss + LoRA gradients (the optimisation tests) ------------
+
+
+def tiny_peft_model(
+    model_dir: Path, *, dropout: float = 0.0, checkpointing: bool = False, varlen: bool = True
+):
+    """The tiny model in fp32 with r=4 LoRA adapters whose B is random (so they matter), in train mode."""
+    import torch
+
+    from slackdist.config import LoraSettings, ModelConfig
+    from slackdist.model.attention import register_varlen_attention
+    from slackdist.model.load import add_lora, load_base_model
+
+    model = load_base_model(ModelConfig(base_model=str(model_dir)), dtype=torch.float32, quantize=False)
+    if varlen:
+        model.set_attn_implementation(register_varlen_attention())
+    torch.manual_seed(0)
+    lora = LoraSettings(r=4, alpha=8, dropout=dropout)
+    peft_model = add_lora(model, lora, gradient_checkpointing=checkpointing)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero
+            torch.nn.init.normal_(p, std=0.02)
+    return peft_model.train()
+
+
+def packed_batch(length: int, seed: int, vocab: int, *, varlen: bool = True) -> dict:
+    """One packed row of two random conversations (the first token of each unlabelled)."""
+    import torch
+
+    from slackdist.train.packing import PackedRow, collate
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+    half = length // 2
+    positions = list(range(half)) + list(range(length - half))
+    labels = [-100 if p == 0 else t for p, t in zip(positions, ids, strict=True)]
+    row = PackedRow(input_ids=ids, labels=labels, position_ids=positions, seq_lens=[half, length - half])
+    return collate([row], pad_id=0, varlen_kwargs=varlen)
+
+
+def loss_and_grads(model, batch: dict) -> tuple[float, dict]:
+    """The chunked loss of `batch` and the gradient of every trainable parameter (then cleared)."""
+    from accelerate import Accelerator
+
+    from slackdist.train.step import forward_loss
+
+    loss = forward_loss(model, batch, accelerator=Accelerator(cpu=True), chunk_size=16)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
