@@ -46,11 +46,13 @@ def test_other_families(tmp_path: Path, family: str, blocks: int) -> None:
     _assert_same(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
 
 
-def test_compiled_shared_inputs_match_eager(tiny_model_dir: Path) -> None:
-    """Through dynamo and autograd (aot_eager, as inductor traces), over packed rows of three lengths."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_shared_inputs_match_eager(tiny_model_dir: Path, checkpointing: bool) -> None:
+    """Through dynamo and autograd (aot_eager, as inductor traces), over packed rows of three lengths,
+    with and without recomputation (which runs each block's forward twice)."""
     torch._dynamo.reset()
     eager = tiny_peft_model(tiny_model_dir)
-    compiled = tiny_peft_model(tiny_model_dir)
+    compiled = tiny_peft_model(tiny_model_dir, checkpointing=checkpointing)
     share_lora_inputs(compiled)
     compile_decoder_layers(compiled, backend="aot_eager")
     for length, seed in ((40, 1), (57, 2), (33, 3)):
