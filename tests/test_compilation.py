@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import loss_and_grads, packed_batch, tiny_peft_model
+from train_helpers import assert_same_loss_and_grads, loss_and_grads, packed_batch, tiny_peft_model
 
 from slackdist.model.compilation import compile_decoder_layers, decoder_layers, should_compile
 
@@ -29,12 +29,7 @@ def test_compiled_layers_match_eager(tiny_model_dir: Path) -> None:
     assert compile_decoder_layers(compiled, backend="aot_eager") == eager.config.num_hidden_layers
     for length, seed in ((40, 1), (57, 2), (33, 3)):
         batch = packed_batch(length, seed, eager.config.vocab_size)
-        loss_e, grads_e = loss_and_grads(eager, batch)
-        loss_c, grads_c = loss_and_grads(compiled, batch)
-        assert loss_c == pytest.approx(loss_e, rel=1e-5)
-        assert grads_c.keys() == grads_e.keys() and grads_e
-        for name, g in grads_e.items():
-            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_loss_and_grads(loss_and_grads(eager, batch), loss_and_grads(compiled, batch))
     torch._dynamo.reset()
 
 

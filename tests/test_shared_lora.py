@@ -6,19 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import loss_and_grads, packed_batch, tiny_peft_model
+from train_helpers import assert_same_loss_and_grads, loss_and_grads, packed_batch, tiny_peft_model
 
 from slackdist.model.compilation import compile_decoder_layers
 from slackdist.model.shared_lora import share_lora_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
-    assert b[0] == pytest.approx(a[0], rel=1e-5)
-    assert a[1].keys() == b[1].keys() and a[1]
-    for name, g in a[1].items():
-        torch.testing.assert_close(b[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -29,7 +22,7 @@ def test_shared_inputs_give_peft_loss_and_gradients(tiny_model_dir: Path, checkp
     assert blocks == 2 * peft.config.num_hidden_layers  # one attention and one MLP a layer
     for length, seed in ((40, 1), (57, 2)):
         batch = packed_batch(length, seed, peft.config.vocab_size)
-        _assert_same(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
+        assert_same_loss_and_grads(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
 
 
 @pytest.mark.parametrize(("family", "blocks"), [("qwen2", 4), ("mistral", 4), ("gemma2", 4), ("phi3", 0)])
@@ -43,7 +36,7 @@ def test_other_families(tmp_path: Path, family: str, blocks: int) -> None:
     shared = tiny_peft_model(model_dir, varlen=False)
     assert share_lora_inputs(shared) == blocks
     batch = packed_batch(40, 1, peft.config.vocab_size, varlen=False)
-    _assert_same(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
+    assert_same_loss_and_grads(loss_and_grads(peft, batch), loss_and_grads(shared, batch))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -57,7 +50,7 @@ def test_compiled_shared_inputs_match_eager(tiny_model_dir: Path, checkpointing:
     compile_decoder_layers(compiled, backend="aot_eager")
     for length, seed in ((40, 1), (57, 2), (33, 3)):
         batch = packed_batch(length, seed, eager.config.vocab_size)
-        _assert_same(loss_and_grads(eager, batch), loss_and_grads(compiled, batch))
+        assert_same_loss_and_grads(loss_and_grads(eager, batch), loss_and_grads(compiled, batch))
     torch._dynamo.reset()
 
 

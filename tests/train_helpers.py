@@ -159,3 +159,14 @@ def loss_and_grads(model, batch: dict) -> tuple[float, dict]:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
+
+
+def assert_same_loss_and_grads(want: tuple[float, dict], got: tuple[float, dict]) -> None:
+    """Two `loss_and_grads` results agree: the loss within 1e-5, every gradient within fp32 noise."""
+    import pytest
+    import torch
+
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    assert got[1].keys() == want[1].keys() and want[1]
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
