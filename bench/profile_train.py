@@ -6,7 +6,9 @@ Runs the real training recipe (`slackdist.train.recipe.LoRARecipe`) in this proc
 Llama-3.2-3B-shaped model and the synthetic chats of `gpu_common.py`, with the flags of a
 `train_throughput.py` variant; profiles `--steps` optimizer steps after `--warm` (compilation and
 the allocator settle there), then prints GPU kernel time by category, the GPU's busy share of the
-wall time (low = launch-bound) and the top kernels, and writes them as JSON.
+wall time (low = launch-bound), the top kernels and host ops, and the GPU's idle gaps between
+kernels (by size, and by the kernel after each: what the GPU waited for the host to queue),
+and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -55,6 +57,67 @@ def device_time_us(event, on_gpu: bool) -> float:
     return 0.0
 
 
+def idle_gaps(events, on_gpu: bool) -> list[tuple[float, str, str]]:
+    """The GPU's idle gaps over the profiled steps: (microseconds, kernel before, kernel after).
+
+    Kernels and copies of all streams are merged into busy intervals; a gap is the time between two
+    of them. The kernel after a gap says what the GPU waited for the host to queue.
+    """
+    import torch
+
+    if not on_gpu:
+        return []
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    gaps, end, before = [], None, ""
+    for start, stop, name in kernels:
+        if end is not None and start > end:
+            gaps.append((float(start - end), before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    return gaps
+
+
+def print_gaps(gaps: list[tuple[float, str, str]], steps: int) -> dict:
+    """Idle time per step, by size and by the kernel after the gap; returns the same as JSON."""
+    if not gaps:
+        return {}
+    total = sum(g for g, _, _ in gaps)
+    sizes = {
+        "< 20 us": (0, 20),
+        "20-200 us": (20, 200),
+        "0.2-1 ms": (200, 1000),
+        ">= 1 ms": (1000, float("inf")),
+    }
+    by_size = {
+        label: sum(g for g, _, _ in gaps if lo <= g < hi) / steps / 1e3 for label, (lo, hi) in sizes.items()
+    }
+    print(
+        f"\nGPU idle between kernels: {total / steps / 1e3:.1f} ms per step in {len(gaps) / steps:.0f} gaps"
+    )
+    print("  by gap size (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in by_size.items()))
+    after: dict[str, float] = {}
+    for g, _, name in gaps:
+        if g >= 200:
+            after[name[:70]] = after.get(name[:70], 0.0) + g
+    print(f"\n{'gaps >= 0.2 ms, by the kernel after the gap':<90}{'ms/step':>10}")
+    for name, g in sorted(after.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"{name:<90}{g / steps / 1e3:>10.1f}")
+    largest = sorted(gaps, reverse=True)[:10]
+    print(
+        "\nlargest gaps: "
+        + "; ".join(f"{g / 1e3:.1f} ms before {n[:40]} (after {b[:30]})" for g, b, n in largest)
+    )
+    return {
+        "idle_ms_per_step": total / steps / 1e3,
+        "idle_ms_per_step_by_size": by_size,
+        "idle_ms_per_step_by_next_kernel": {k: v / steps / 1e3 for k, v in after.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="default", choices=sorted(VARIANTS))
@@ -88,9 +151,9 @@ def main() -> None:
     ) as prof:
 
         class Profiled(LoRARecipe):
-            def step(self, micro_batches):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
+            def step(self, inputs):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
                 started = time.perf_counter()
-                stats = super().step(micro_batches)
+                stats = super().step(inputs)
                 if self.state.global_step > args.warm:
                     self.profiled_seconds = (
                         getattr(self, "profiled_seconds", 0.0) + time.perf_counter() - started
@@ -140,6 +203,7 @@ def main() -> None:
     print(f"\n{'top host (CPU self time) ops':<90}{'ms/step':>10}")
     for name, t in top_host:
         print(f"{name[:88]:<90}{t / args.steps / 1e3:>10.1f}")
+    gaps = print_gaps(idle_gaps(prof.events(), torch.cuda.is_available()), args.steps)
     graphs = dict(torch._dynamo.utils.counters["stats"])
     print(f"\ntorch.compile: {graphs}; graph breaks: {dict(torch._dynamo.utils.counters['graph_break'])}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +222,7 @@ def main() -> None:
                 "top_kernels_ms_per_step": {k: v / args.steps / 1e3 for k, v in top},
                 "top_host_ops_ms_per_step": {k: v / args.steps / 1e3 for k, v in top_host},
                 "dynamo_stats": graphs,
+                "idle": gaps,
             },
             indent=1,
         )

@@ -28,3 +28,29 @@ def test_profile_train_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert result["tokens_per_s"] > 0 and result["step_ms"] > 0
     assert result["categories_ms_per_step"]["attention"] > 0
     assert result["categories_ms_per_step"]["matmul"] > 0
+
+
+def test_idle_gaps_merge_streams_and_name_the_kernel_after_each_gap() -> None:
+    import torch
+    from torch.autograd.profiler_util import FunctionEvent
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from profile_train import idle_gaps, print_gaps
+
+    def kernel(name: str, start: int, end: int) -> FunctionEvent:
+        return FunctionEvent(0, name, 0, start, end, device_type=torch.autograd.DeviceType.CUDA)
+
+    cpu_op = FunctionEvent(0, "aten::mm", 0, 0, 10_000)  # host ops are not GPU time
+    events = [
+        kernel("gemm", 0, 100),
+        kernel("copy_on_side_stream", 50, 300),  # overlaps: busy until 300
+        kernel("triton_fused", 1_300, 1_400),  # 1 ms idle before it
+        kernel("gemm", 1_410, 1_500),  # 10 us idle before it
+        cpu_op,
+    ]
+    gaps = idle_gaps(events, on_gpu=True)
+    assert gaps == [(1_000.0, "copy_on_side_stream", "triton_fused"), (10.0, "triton_fused", "gemm")]
+    summary = print_gaps(gaps, steps=1)
+    assert summary["idle_ms_per_step"] == pytest.approx(1.01)
+    assert summary["idle_ms_per_step_by_size"][">= 1 ms"] == pytest.approx(1.0)
+    assert summary["idle_ms_per_step_by_next_kernel"] == {"triton_fused": pytest.approx(1.0)}

@@ -71,3 +71,24 @@ def test_only_shifted_labels_count():
     assert n == 1
     expected = F.cross_entropy(lm_head(hidden[0, 3]).float()[None], torch.tensor([7]), reduction="sum")
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3, 1000])
+def test_positions_counted_on_the_cpu_give_the_same_loss_and_grads(chunk_size):
+    """`collate`'s label_positions (no GPU sync) select what the label mask selects."""
+    hidden, lm_head, labels = _setup(2)
+    loss, n = chunked_lm_loss(hidden, lm_head, labels, chunk_size)
+    loss.backward()
+    want_h, want_w = hidden.grad.clone(), lm_head.weight.grad.clone()
+    hidden.grad = None
+    lm_head.weight.grad = None
+
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != -100
+    positions = counted.flatten().nonzero().flatten()
+    got, m = chunked_lm_loss(hidden, lm_head, labels, chunk_size, positions=positions)
+    assert m == n > 0
+    torch.testing.assert_close(got, loss)
+    got.backward()
+    torch.testing.assert_close(hidden.grad, want_h)
+    torch.testing.assert_close(lm_head.weight.grad, want_w)

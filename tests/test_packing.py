@@ -141,7 +141,10 @@ def test_collate_padding_is_its_own_sequence(tokenizer):
         assert batch["position_ids"][b, n:].tolist() == list(range(width - n))
     # num_label_tokens counts labels after the one-token shift
     want = sum(sum(1 for t in r.labels[1:] if t != -100) for r in rows)
-    assert int(batch["num_label_tokens"]) == want == int((batch["labels"][:, 1:] != -100).sum())
+    assert batch["num_label_tokens"] == want == int((batch["labels"][:, 1:] != -100).sum())
+    # label_positions: flat b * T + t of every position whose next label counts, counted on the CPU
+    expected = [b * width + t for b, t in (batch["labels"][:, 1:] != -100).nonzero().tolist()]
+    assert batch["label_positions"].tolist() == expected
     # the CPU-built varlen boundaries agree with the ones attention derives from position_ids
     cu, max_len = cu_seqlens_from_position_ids(batch["position_ids"])
     assert torch.equal(batch["cu_seq_lens_q"], cu) and batch["max_length_q"] == max_len

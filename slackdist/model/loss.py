@@ -39,6 +39,7 @@ def chunked_lm_loss(
     chunk_size: int,
     *,
     softcap: float | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, computed in chunks.
 
@@ -53,16 +54,24 @@ def chunked_lm_loss(
             (the plain path).
         softcap: `logit_softcap(model)`: cap the logits at +-softcap with tanh, as the model's own
             forward does after lm_head.
+        positions: the flat indices `b * T + t` of the positions whose next label counts
+            (`collate`'s `label_positions`, counted on the CPU). Without them they are found here
+            on the device, which waits for the forward to finish (a GPU sync) before the loss and
+            the backward can be queued.
 
     Returns:
         (loss_sum, n_tokens): fp32 scalar sum over labelled tokens (divide by the token
         count of the whole optimizer step, across accumulation and ranks), and the number of
         labelled tokens here.
     """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    selected = hidden[:, :-1][keep]  # [N, H]
-    targets = targets[keep]  # [N]
+    if positions is None:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        selected = hidden[:, :-1][keep]  # [N, H]
+        targets = targets[keep]  # [N]
+    else:
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        targets = labels.reshape(-1).index_select(0, positions + 1)  # b*T + t + 1 is labels[b, t + 1]
     n_tokens = targets.numel()
     if n_tokens == 0:
         # Keep the graph connected so backward() and DDP gradient hooks still run.

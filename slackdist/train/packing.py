@@ -137,9 +137,11 @@ def collate(
             here on the CPU from the rows, so varlen attention needs no GPU sync per batch.
 
     Returns:
-        `input_ids`, `labels`, `position_ids` as `[B, T]` long tensors and
-        `num_label_tokens` (0-dim long tensor: labels that count after the one-token shift,
-        i.e. `labels[:, 1:] != -100`), plus the varlen entries when asked.
+        `input_ids`, `labels`, `position_ids` as `[B, T]` long tensors, `num_label_tokens` (int:
+        labels that count after the one-token shift, i.e. `labels[:, 1:] != -100`) and
+        `label_positions` (long tensor: the flat indices `b * T + t` of the positions whose next
+        label counts, for `chunked_lm_loss`), plus the varlen entries when asked. Both label
+        entries are counted here on the CPU, so the loss needs no GPU sync to find its tokens.
     """
     if not rows:
         raise ValueError("collate needs at least one row")
@@ -156,11 +158,15 @@ def collate(
         position_ids[b, :n] = torch.tensor(row.position_ids)
         position_ids[b, n:] = torch.arange(width - n)
         seq_lens += row.seq_lens + ([width - n] if width > n else [])
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    label_positions = counted.flatten().nonzero().flatten()
     batch: dict[str, Any] = {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "num_label_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
+        "num_label_tokens": label_positions.numel(),
+        "label_positions": label_positions,
     }
     if varlen_kwargs:
         cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)

@@ -25,25 +25,43 @@ def _filler_row(pad_id: int) -> PackedRow:
 
 @dataclass
 class StepInputs:
-    """The micro-batches of one optimizer step on this rank, as tensors on the device."""
+    """The micro-batches of one optimizer step on this rank: collated on the CPU, then moved."""
 
     batches: list[dict[str, Any]]
     label_tokens: int
     input_tokens: int
 
+    def to(self, device: torch.device) -> StepInputs:
+        """The batches on `device`. To a GPU the copies go from pinned memory without waiting:
+        the host goes on queueing the step while they run (a pageable copy waits for the GPU
+        to finish everything queued before it)."""
+        cuda = device.type == "cuda"
+
+        def move(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+
+        batches = [{k: move(v) for k, v in batch.items()} for batch in self.batches]
+        return StepInputs(batches, self.label_tokens, self.input_tokens)
+
+
+def collate_step(micro_batches: list[list[PackedRow]], *, pad_id: int, varlen: bool) -> StepInputs:
+    """Collate each micro-batch on the CPU; an empty one becomes a filler row with no label
+    (every rank runs the same number of forwards, as DDP and FSDP need)."""
+    batches = [collate(rows or [_filler_row(pad_id)], pad_id, varlen_kwargs=varlen) for rows in micro_batches]
+    return StepInputs(
+        batches,
+        label_tokens=sum(b["num_label_tokens"] for b in batches),
+        input_tokens=sum(len(row) for rows in micro_batches for row in rows),
+    )
+
 
 def make_step_inputs(
     micro_batches: list[list[PackedRow]], *, pad_id: int, device: torch.device, varlen: bool
 ) -> StepInputs:
-    """Collate each micro-batch onto the device; an empty one becomes a filler row with no label
-    (every rank runs the same number of forwards, as DDP and FSDP need)."""
-    batches, input_tokens = [], 0
-    for rows in micro_batches:
-        input_tokens += sum(len(row) for row in rows)
-        batch = collate(rows or [_filler_row(pad_id)], pad_id, varlen_kwargs=varlen)
-        batches.append({k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
-    label_tokens = sum(int(b["num_label_tokens"]) for b in batches)
-    return StepInputs(batches, label_tokens, input_tokens)
+    """`collate_step`, then on `device`."""
+    return collate_step(micro_batches, pad_id=pad_id, varlen=varlen).to(device)
 
 
 def forward_loss(
@@ -56,7 +74,7 @@ def forward_loss(
     (`Topology.loss_chunk_size`).
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens", "label_positions")}
     if chunk_size > 0:
         # logits_to_keep=1: the model's own lm_head runs on one position only; the last hidden
         # state (after the final norm) feeds the chunked loss.
@@ -65,12 +83,17 @@ def forward_loss(
         unwrapped = accelerator.unwrap_model(model)
         lm_head = unwrapped.get_output_embeddings()
         with accelerator.autocast():
-            if int(batch["num_label_tokens"]) == 0:
+            if batch["num_label_tokens"] == 0:
                 # A filler micro-batch: zero loss, but through lm_head too, so every LoRA parameter
                 # gets a (zero) gradient and DDP's reducer does not wait for lm_head's.
                 return lm_head(hidden[:, :1]).float().sum() * 0.0
             loss_sum, _ = chunked_lm_loss(
-                hidden, lm_head, labels, chunk_size, softcap=logit_softcap(unwrapped)
+                hidden,
+                lm_head,
+                labels,
+                chunk_size,
+                softcap=logit_softcap(unwrapped),
+                positions=batch.get("label_positions"),
             )
         return loss_sum
     logits = model(**inputs, use_cache=False).logits
@@ -118,8 +141,10 @@ def train_step(
     gradient is d(sum of token losses) / (all label tokens of the step).
     """
     device = accelerator.device
-    counts = torch.tensor([inputs.label_tokens], device=device, dtype=torch.long)
-    global_tokens = int(accelerator.reduce(counts, reduction="sum").item())
+    global_tokens = inputs.label_tokens
+    if accelerator.num_processes > 1:
+        counts = torch.tensor([inputs.label_tokens], device=device, dtype=torch.long)
+        global_tokens = int(accelerator.reduce(counts, reduction="sum").item())
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(global_tokens, 1)
     loss_total = torch.zeros((), device=device, dtype=torch.float32)
     grad_norm = None
@@ -179,7 +204,7 @@ def eval_loss(
             inputs = make_step_inputs([rows], pad_id=pad_id, device=accelerator.device, varlen=varlen)
             batch = inputs.batches[0]
             totals[0] += forward_loss(model, batch, accelerator=accelerator, chunk_size=chunk_size).double()
-            totals[1] += float(batch["num_label_tokens"])
+            totals[1] += batch["num_label_tokens"]
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))
