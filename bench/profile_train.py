@@ -151,9 +151,9 @@ def main() -> None:
     ) as prof:
 
         class Profiled(LoRARecipe):
-            def step(self, inputs):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
+            def step(self, micro_batches):  # noqa: ANN001, ANN202 - one profiler step per optimizer step
                 started = time.perf_counter()
-                stats = super().step(inputs)
+                stats = super().step(micro_batches)
                 if self.state.global_step > args.warm:
                     self.profiled_seconds = (
                         getattr(self, "profiled_seconds", 0.0) + time.perf_counter() - started

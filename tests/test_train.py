@@ -396,42 +396,6 @@ def test_shard_rows_same_global_step_contents_for_any_process_count(
 # ------------------------------------------------------------------ adapter saving
 
 
-@given(items=st.lists(st.integers(), max_size=20), stop_at=st.integers(0, 25))
-def test_prefetched_yields_every_item_in_order_and_stops_when_the_caller_does(items, stop_at):
-    from slackdist.train.batches import prefetched
-
-    built: list[int] = []
-
-    def build():
-        for x in items:
-            built.append(x)
-            yield x
-
-    got, received = [], 0
-    for x in prefetched(build()):
-        received += 1
-        if len(got) == stop_at:
-            break
-        got.append(x)
-    assert got == items[:stop_at]
-    # at most one item built ahead of the last one handed out, never more
-    assert len(built) <= min(len(items), received + 1)
-
-
-def test_prefetched_raises_a_build_error_where_the_item_is_used():
-    from slackdist.train.batches import prefetched
-
-    def build():
-        yield 1
-        raise ValueError("row 2 is broken")
-
-    got = []
-    with pytest.raises(ValueError, match="row 2 is broken"):
-        for x in prefetched(build()):
-            got.append(x)
-    assert got == [1]
-
-
 @pytest.mark.parametrize("ensure_weight_tying", [False, True])
 def test_adapter_state_dict_names_tensors_as_peft_does(
     tiny_model_dir: Path, ensure_weight_tying: bool

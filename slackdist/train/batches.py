@@ -15,10 +15,9 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
@@ -31,7 +30,6 @@ from slackdist.train.distributed import Topology
 from slackdist.train.packing import PackedRow, pack, pack_order, packed_row
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PREPARE_REPORT = "report.json"
 
@@ -187,23 +185,6 @@ def rank_steps(
     )
     for step in shards.steps:
         yield [[rows[i] for i in micro] for micro in step]
-
-
-def prefetched(items: Iterator[T]) -> Iterator[T]:
-    """`items` in order, each next one built in a background thread while the caller uses this one.
-
-    The training loop's host work between steps (reading the conversations of the next rows,
-    packing and collating them: a few milliseconds) then happens while the GPU runs the step
-    before, instead of while the GPU waits for the next step's first kernel. One item ahead, as
-    a DataLoader with one worker and `prefetch_factor=1` would, without a worker process or a
-    copy of the dataset. An exception raised building an item is raised here, where it is used.
-    """
-    done = object()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slackdist-batches") as pool:
-        upcoming = pool.submit(next, items, done)
-        while (item := upcoming.result()) is not done:
-            upcoming = pool.submit(next, items, done)
-            yield item
 
 
 class Epoch(Sequence[PackedRow]):

@@ -43,7 +43,6 @@ from slackdist.train.batches import (
     Epoch,
     check_training_data,
     load_training_examples,
-    prefetched,
     rank_steps,
     validation_rows,
 )
@@ -61,7 +60,8 @@ from slackdist.train.checkpoint import (
 from slackdist.train.distributed import Topology, log_main, make_accelerator, trainable_parameters, wrap
 from slackdist.train.memory import apply_memory_cap, plan_memory
 from slackdist.train.metrics import MetricsLog, Phases, peak_memory_gib
-from slackdist.train.step import StepInputs, StepStats, collate_step, eval_loss, train_step
+from slackdist.train.packing import PackedRow
+from slackdist.train.step import StepStats, eval_loss, make_step_inputs, train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "try again later"
 VARLEN_ATTENTIONS = ("slackdist_varlen", "flash_attention_2")
@@ -222,10 +222,8 @@ class LoRARecipe:
                 topology=self.topology,
                 first_row=state.rows_done_in_epoch,
             )
-            # Each step's rows are read and collated on the CPU while the step before runs.
-            host_steps = (collate_step(mb, pad_id=self.pad_id, varlen=self.varlen) for mb in steps)
-            for inputs in prefetched(host_steps):
-                stats = self.step(inputs)
+            for micro_batches in steps:
+                stats = self.step(micro_batches)
                 state.rows_done_in_epoch = min(state.rows_done_in_epoch + self.rows_per_step, len(epoch))
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}")
@@ -237,15 +235,18 @@ class LoRARecipe:
                 self.end_epoch()
         bar.close()
 
-    def step(self, inputs: StepInputs) -> StepStats:
-        """One optimizer step over this rank's micro-batches (collated on the CPU), counted and logged."""
+    def step(self, micro_batches: list[list[PackedRow]]) -> StepStats:
+        """One optimizer step over this rank's micro-batches, counted and logged."""
         state, start = self.state, time.perf_counter()
+        inputs = make_step_inputs(
+            micro_batches, pad_id=self.pad_id, device=self.topology.device, varlen=self.varlen
+        )
         stats = train_step(
             self.accelerator,
             self.model,
             self.optimizer,
             self.scheduler,
-            inputs.to(self.topology.device),
+            inputs,
             chunk_size=self.chunk_size,
             max_grad_norm=self.t.max_grad_norm,
             stop_requested=self.preemption.set,
