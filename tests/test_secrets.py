@@ -130,6 +130,20 @@ EXAMPLES = [
         '"private_key": "',
     ),
     ("ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8", "github_token", "ghp_A1b2C3d4E5f6", ""),
+    # a value followed by a comma is not a type annotation (``key: RSAKey, …``) when it ends in _digits
+    (
+        "ok so rabbitmq_default_pass: BlueLqwVKyEklg_55, then restart",
+        "password",
+        "BlueLqwVKyEklg_55",
+        "rabbitmq_default_pass: ",
+    ),
+    # an XML element named for a key, with a token-shaped value
+    (
+        "<encryptionKey>RmgFGWTQA0FC6jcvVuELL3Q0C084HZLXWayxAnhf</encryptionKey>",
+        "password",
+        "RmgFGWTQA0FC6jcvVuELL3Q0C084HZLXWayxAnhf",
+        "</encryptionKey>",
+    ),
 ]
 
 
@@ -175,6 +189,9 @@ UNCHANGED = [
     "I forgot my password again, resetting it now",
     "cuda_max_grid = (2147483647, 65535, 65535)",
     "[3414372578, 3437564012, 2112038651]",
+    "<key>CFBundleIdentifier</key>",
+    "<primaryKey>order_id</primaryKey><sortKey>created_at</sortKey>",
+    "<encryptionKey>${ENCRYPTION_KEY}</encryptionKey>",
 ]
 
 

@@ -771,10 +771,15 @@ def _assignment(text: str, ks: int, ke: int, key: str) -> _Assignment | None:
 
 
 def _looks_like_type(value: str) -> bool:
-    """``str``, ``RSAKey``, ``typing.Optional``: a name a value is annotated with."""
+    """``str``, ``RSAKey``, ``typing.Optional``: a name a value is annotated with.
+
+    Not ``BlueLqwVKyEklg_55`` (``pass: BlueLqwVKyEklg_55, then restart``): a type name does not end in
+    an underscore or in digits after one.
+    """
     return value.lower() in _STOP_VALUES or (
         value[0].isupper()
         and re.fullmatch(r"[A-Za-z_][\w.]*", value) is not None
+        and re.search(r"_\d*$", value) is None
         and not _token_shaped(value)
     )
 
@@ -872,6 +877,8 @@ _XML_RE = re.compile(
     r"<(?P<tag>[\w:.-]*(?:[Pp]ass(?:word|wd)?|PASSWORD|[Ss]ecret|SECRET|[Tt]oken|TOKEN|[Aa]pi[_-]?[Kk]ey|API_?KEY)[\w.-]*)>"
     r"\s*(?P<v>[^<\n]*[^<\s])\s*</(?P=tag)>"
     r"|<add\s+key=\"[^\"]*(?:[Pp]assword|[Ss]ecret|[Tt]oken|[Aa]pi[Kk]ey)[^\"]*\"\s+value=\"(?P<v2>[^\"]+)\""
+    # ``<encryptionKey>…</encryptionKey>``: any *Key element whose name is a secret's, with a token-shaped value
+    r"|<(?P<ktag>[\w:.-]+(?:Key|KEY|_key))>\s*(?P<v3>[^<\s]+)\s*</(?P=ktag)>"
 )
 
 
@@ -879,6 +886,14 @@ def _xml_spans(text: str) -> Iterator[tuple[int, int, str]]:
     if "<" not in text:
         return
     for m in _XML_RE.finditer(text):
+        if m.group("v3") is not None:
+            if (
+                key_strength(m.group("ktag"))
+                and _token_shaped(m.group("v3"))
+                and not is_placeholder(m.group("v3"))
+            ):
+                yield *m.span("v3"), "password"
+            continue
         group = "v" if m.group("v") is not None else "v2"
         if key_strength(m.group("tag") or "password") and not is_placeholder(m.group(group)):
             yield *m.span(group), "password"
