@@ -46,22 +46,18 @@ class StepInputs:
         return StepInputs(batches, self.label_tokens, self.input_tokens)
 
 
-def collate_step(micro_batches: list[list[PackedRow]], *, pad_id: int, varlen: bool) -> StepInputs:
-    """Collate each micro-batch on the CPU; an empty one becomes a filler row with no label
-    (every rank runs the same number of forwards, as DDP and FSDP need)."""
+def make_step_inputs(
+    micro_batches: list[list[PackedRow]], *, pad_id: int, device: torch.device, varlen: bool
+) -> StepInputs:
+    """Collate each micro-batch on the CPU, then move them to `device`; an empty one becomes a filler
+    row with no label (every rank runs the same number of forwards, as DDP and FSDP need)."""
     batches = [collate(rows or [_filler_row(pad_id)], pad_id, varlen_kwargs=varlen) for rows in micro_batches]
-    return StepInputs(
+    host = StepInputs(
         batches,
         label_tokens=sum(b["num_label_tokens"] for b in batches),
         input_tokens=sum(len(row) for rows in micro_batches for row in rows),
     )
-
-
-def make_step_inputs(
-    micro_batches: list[list[PackedRow]], *, pad_id: int, device: torch.device, varlen: bool
-) -> StepInputs:
-    """`collate_step`, then on `device`."""
-    return collate_step(micro_batches, pad_id=pad_id, varlen=varlen).to(device)
+    return host.to(device)
 
 
 def forward_loss(
