@@ -145,21 +145,19 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['data']:<11}{r['run']:<13}{r['wall_s']:>8.1f}{ratio}{r.get('steps', 0):>7}  {detail}")
 
 
-def warm_imports(peer_pythonpath: str | None) -> dict:
-    """Import what each tool imports once, untimed, before any timed run.
+def warm_imports(peer: str | None, peer_pythonpath: str | None) -> dict[str, float]:
+    """Import what each tool imports once, untimed, before any timed run; return the seconds each took.
 
     A user's installed packages have their bytecode compiled (pip compiles at install) and a second launch
     finds them in the page cache. The GPU machine's wheels are installed with `--no-compile`, so without this
     the first timed process (ours) would also compile every module it imports, and the next one would not.
     """
-    env = dict(os.environ)
-    if peer_pythonpath:
-        env["PYTHONPATH"] = peer_pythonpath
+    peer_env = dict(os.environ, **({"PYTHONPATH": peer_pythonpath} if peer_pythonpath else {}))
+    imports = {"ours": ("import slackdist.cli, slackdist.train.recipe", dict(os.environ))}
+    if peer:
+        imports["trl"] = ("import trl, datasets, peft; from trl import SFTTrainer", peer_env)
     seconds = {}
-    for name, code in (
-        ("ours", "import slackdist.cli, slackdist.train.recipe"),
-        ("trl", "import trl, datasets, peft; from trl import SFTTrainer"),
-    ):
+    for name, (code, env) in imports.items():
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         seconds[name] = round(time.perf_counter() - started, 1)
@@ -174,14 +172,18 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     model = gpu_common.build_model_dir(args.model_dir, tokenizer=tokenizer)
     rows: list[dict] = []
-    first_imports = warm_imports(args.peer_pythonpath)
+    first_imports = warm_imports(args.peer, args.peer_pythonpath)
 
     def keep(row: dict) -> None:  # written after every run: a call cut short still returns what ran
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        result = {"gpu": gpu_common.gpu_name(), "date": time.strftime("%Y-%m-%d"), "first_imports_s": first_imports,
-                  "rows": rows}  # fmt: skip
+        result = {
+            "gpu": gpu_common.gpu_name(),
+            "date": time.strftime("%Y-%m-%d"),
+            "first_imports_s": first_imports,
+            "rows": rows,
+        }
         Path(args.json).write_text(json.dumps(result, indent=1))
 
     for data in [work / "data" / n for n in args.datasets.split(",")]:
