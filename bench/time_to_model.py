@@ -110,16 +110,18 @@ def run_ours(name: str, model: Path, data: Path, work: Path, timeout: float) -> 
     }
 
 
+def peer_env(pythonpath: str | None) -> dict[str, str] | None:
+    """The peer's environment: ours, with `--peer-pythonpath` as its PYTHONPATH when given."""
+    return dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+
+
 def run_peer(
     script: str, model: Path, data: Path, work: Path, pythonpath: str | None, timeout: float
 ) -> dict:
     out = work / "runs" / f"{data.name}_trl"
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, script, str(model), str(data), str(out)], capture_output=True,
-                          text=True, env=env, timeout=timeout)  # fmt: skip
+                          text=True, env=peer_env(pythonpath), timeout=timeout)  # fmt: skip
     wall = time.perf_counter() - started
     result = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     row = {"data": data.name, "run": "trl", "wall_s": round(wall, 1)}
@@ -152,12 +154,19 @@ def warm_imports(peer: str | None, peer_pythonpath: str | None) -> dict[str, flo
     finds them in the page cache. The GPU machine's wheels are installed with `--no-compile`, so without this
     the first timed process (ours) would also compile every module it imports, and the next one would not.
     """
-    peer_env = dict(os.environ, **({"PYTHONPATH": peer_pythonpath} if peer_pythonpath else {}))
-    imports = {"ours": ("import slackdist.cli, slackdist.train.recipe", dict(os.environ))}
+    # what `slackdist train` imports, at start-up and later (the optimizer; the loss plot at the end)
+    ours = (
+        "import slackdist.cli, slackdist.train.recipe, bitsandbytes.optim\n"
+        "try: import matplotlib.pyplot\n"
+        "except ImportError: pass"
+    )
+    imports = [("ours", ours, None)]
     if peer:
-        imports["trl"] = ("import trl, datasets, peft; from trl import SFTTrainer", peer_env)
+        imports.append(
+            ("trl", "import trl, datasets, peft; from trl import SFTTrainer", peer_env(peer_pythonpath))
+        )
     seconds = {}
-    for name, (code, env) in imports.items():
+    for name, code, env in imports:
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         seconds[name] = round(time.perf_counter() - started, 1)
