@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from slackdist.data.examples import Example
@@ -120,6 +121,12 @@ def pack(
     return [packed_row([examples[i] for i in b]) for b in order]
 
 
+def _longs(values: list[int]) -> torch.Tensor:
+    # Through numpy: torch.tensor(list) takes ~1 ms for an 8k-token row, 8x longer, and a step
+    # collates while the GPU waits for its inputs.
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+
 def collate(
     rows: list[PackedRow], pad_id: int, *, pad_to_multiple_of: int = 1, varlen_kwargs: bool = False
 ) -> dict[str, Any]:
@@ -153,9 +160,9 @@ def collate(
     seq_lens: list[int] = []
     for b, row in enumerate(rows):
         n = len(row)
-        input_ids[b, :n] = torch.tensor(row.input_ids)
-        labels[b, :n] = torch.tensor(row.labels)
-        position_ids[b, :n] = torch.tensor(row.position_ids)
+        input_ids[b, :n] = _longs(row.input_ids)
+        labels[b, :n] = _longs(row.labels)
+        position_ids[b, :n] = _longs(row.position_ids)
         position_ids[b, n:] = torch.arange(width - n)
         seq_lens += row.seq_lens + ([width - n] if width > n else [])
     counted = torch.zeros_like(labels, dtype=torch.bool)
