@@ -107,6 +107,10 @@ def run_ours(
         "final_loss": timed[-1]["loss"] if timed else None,
         "losses": [r["loss"] for r in rows if "step_seconds" in r],
         "wall_s": round(wall, 1),
+        # the untimed warm-up steps one by one: compilation shows here
+        "warm_step_seconds": [
+            round(r["step_seconds"], 2) for r in rows if "step_seconds" in r and r["step"] <= warm
+        ],
         "plan": plan,
     }
 
