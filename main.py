@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from slackdist import __version__
+from slackdist.caches import keep_compile_caches
 from slackdist.cli import OneLineErrorParser, build_parser
 from slackdist.cli import main as slackdist_main
 from slackdist.config import Config, ConfigError, config_from_args
@@ -33,6 +34,7 @@ def train_config(argv: list[str]) -> Config:
     cfg = config_from_args(build_parser().parse_args(argv))
     # Before the hub client is imported (it reads these once); --data is the folder prepare writes.
     set_private_defaults([cfg.model.base_model])
+    keep_compile_caches()
     from slackdist.model.load import check_model_source  # torch and transformers: only for --train
 
     check_model_source(cfg.model.base_model)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from slackdist import __version__
+from slackdist.caches import keep_compile_caches
 from slackdist.config import ConfigError, add_section_args, config_from_args
 from slackdist.errors import SlackdistError
 from slackdist.files import interrupt_exit_code, interrupted, sigterm_interrupts
@@ -61,6 +62,9 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Merged model or training output -> GGUF (llama.cpp) + Ollama Modelfile",
     ),
 }
+COMPILING_COMMANDS = ("train", "chat", "serve", "eval", "audit")
+"""Commands whose work may go through torch.compile (training's layers, the fast decode path): their
+compiled graphs are kept in slackdist's cache folder (`slackdist.caches.keep_compile_caches`)."""
 OUTPUT_COMMANDS = ("prepare", "tiny-model", "real-model", "train", "merge", "eval", "audit", "export")
 """Commands that write an output folder (README "What each output folder holds"): they take
 --overwrite, and SIGTERM cleans up after them as Ctrl-C does (`slackdist.files`)."""
@@ -169,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         set_private_defaults(command_models(args.command, args, cfg))  # before torch & co. are imported
+        if args.command in COMPILING_COMMANDS:
+            keep_compile_caches()
         with sigterm_interrupts() if writes_output else contextlib.nullcontext():
             return int(_load_main(args.command)(args, cfg) or 0)
     except (ConfigError, SlackdistError) as e:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 
+from slackdist.caches import cache_dir
 from slackdist.config import Config
 from slackdist.files import write_json_atomic
 from slackdist.model.load import checkpoint_layers, checkpointable_layers
@@ -370,13 +370,6 @@ def plan_memory(
 # ---------------------------------------------------------------- the probe's cache
 # The probe costs ~2 s of every start (bench/time_to_model.py). Its figures depend only on the model,
 # the LoRA and loss settings, the GPU and the library versions, so they are kept per such key.
-
-
-def cache_dir() -> Path:
-    """`SLACKDIST_CACHE_DIR`, else `$XDG_CACHE_HOME/slackdist`, else `~/.cache/slackdist`."""
-    if os.environ.get("SLACKDIST_CACHE_DIR"):
-        return Path(os.environ["SLACKDIST_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slackdist"
 
 
 def _versions() -> dict[str, str]:
