@@ -10,7 +10,7 @@ its own process what `slackdist train` runs before its first step — the tokeni
 packing — and then builds the micro-batches of 300 optimizer steps exactly as the loop does
 (`Epoch` rows -> `make_step_inputs`, 2 x 2 rows of 2048 tokens a step):
 
-- `jsonl`: the code tree `--baseline` (this repository before the change: JSON Lines read into
+- `baseline tree`: the code tree `--baseline` (this repository before a change; first, 7627c91: JSON Lines read into
   Python lists, tokenized every run);
 - `datasets, first run`: this tree with an empty `datasets` cache (JSONL -> Arrow, then tokenized
   with `Dataset.map`, written to the cache);
@@ -174,13 +174,13 @@ def run(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     prepared = args.prepared or prepare_export(workdir, args.messages)
     report = json.loads((prepared / "report.json").read_text(encoding="utf-8"))
-    caches = {name: workdir / f"cache-{name}" for name in ("jsonl", "datasets", "saved")}
+    caches = {name: workdir / f"cache-{name}" for name in ("baseline", "datasets", "saved")}
     for cache in caches.values():
         shutil.rmtree(cache, ignore_errors=True)
     saved = save_to_disk_copy(prepared, workdir / "saved")
     rows = []
     plan = [
-        ("jsonl", args.baseline, prepared, caches["jsonl"]),
+        ("baseline tree", args.baseline, prepared, caches["baseline"]),
         ("datasets, first run", REPO, prepared, caches["datasets"]),
         ("datasets, second run", REPO, prepared, caches["datasets"]),
         ("save_to_disk folder, first run", REPO, saved, caches["saved"]),
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         type=Path,
         required=True,
-        help="code tree of the JSONL reader (e.g. `git archive 7627c91`)",
+        help="code tree to compare with (`git archive REV`; 7627c91 = the JSONL reader)",
     )
     parser.add_argument(
         "--prepared", type=Path, default=None, help="a prepared folder (default: generate one)"

@@ -18,7 +18,7 @@ def test_data_bench_rows_feed_the_same_batches(tmp_path: Path, tiny_model_dir: P
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [r["path"] for r in rows] == [
-        "jsonl",
+        "baseline tree",
         "datasets, first run",
         "datasets, second run",
         "save_to_disk folder, first run",

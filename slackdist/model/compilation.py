@@ -8,10 +8,10 @@ dropout, scaling and add, and the casts between them.
 
 Attention is left out of the graphs (`torch.compiler.disable` on the attention function): the
 varlen kernel takes per-batch sequence boundaries, and tracing them would recompile for every new
-packing. The layer's inputs change shape with every batch, so the layers are compiled with dynamic
-shapes from the start (`dynamic=True`): dynamo's default, static first and dynamic at the first new
-length, compiled every graph twice, and the first two steps both paid for it (on the CPU with the
-tiny model: 37.5 s + 25.5 s static-first, 47.9 s dynamic).
+packing. The layer's inputs change shape with every batch, so after the first recompilation dynamo
+marks them dynamic and later batches reuse the graphs. Compiling dynamic from the first step
+(`dynamic=True`) compiles each graph once but far more slowly: 92 s for the first step against
+22.5 s + 3.8 s static first, on an H100 at 3B from a cold cache (bench/README.md).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
     """
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=backend, dynamic=True)
+        layer.compile(backend=backend)
     if not layers:
         logger.warning("compile: no decoder layers found (no _no_split_modules); running eager")
     return len(layers)
