@@ -4,9 +4,9 @@
 - `keep_compile_caches()`: torch.compile's on-disk caches (inductor's compiled graphs, AOT autograd's,
   Triton's kernels) go to `cache_dir()/torch-compile` unless `TORCHINDUCTOR_CACHE_DIR` is set. Torch's
   default is under the temporary folder, which a reboot, a fresh container or a SLURM job's private
-  `TMPDIR` empties, and then the next run compiles from scratch: on an H100 at 3B, 34.9 s of training
-  warm-up against 15.9 s with the cache warm, and 27-40 s against 6 s for chat's compiled decode
-  (README, Time to a tuned model; When to hand off to vLLM).
+  `TMPDIR` empties, and then the next run compiles from scratch: on an H100 at 3B, training's first two
+  steps took 22.5 + 3.8 s from a cold cache and 8.9 + 3.0 s from a warm one, chat's compiled decode
+  27-40 s against 6 s (bench/README.md; README, When to hand off to vLLM).
 
 Torch reads the variable the first time anything compiles, and importing bitsandbytes already does,
 so `slackdist.cli.main` calls this before a command's module is imported.
@@ -34,15 +34,15 @@ def keep_compile_caches(environ: MutableMapping[str, str] | None = None) -> Path
 
     Returns:
         The folder torch.compile will use when this set it; None when the variable was already set
-        or the folder cannot be created (a read-only home: torch's default stays).
+        or the folder cannot be created (a read-only or missing home: torch's default stays).
     """
     env = os.environ if environ is None else environ
     if env.get(COMPILE_CACHE):
         return None
-    folder = cache_dir(env) / "torch-compile"
     try:
+        folder = cache_dir(env) / "torch-compile"
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: Path.home() without HOME or a passwd entry
         return None
     env[COMPILE_CACHE] = str(folder)
     return folder

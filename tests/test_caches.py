@@ -50,6 +50,16 @@ def test_file_in_the_way_leaves_torch_default(tmp_path: Path) -> None:
     assert COMPILE_CACHE not in env
 
 
+def test_no_home_leaves_torch_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    env: dict[str, str] = {}
+    assert keep_compile_caches(env) is None
+    assert env == {}
+
+
 @pytest.mark.parametrize("users_choice", [None, "mine"])
 def test_cli_sets_it_before_bitsandbytes_asks_torch(tmp_path: Path, users_choice: str | None) -> None:
     """Importing bitsandbytes makes torch fix its cache folder; the CLI must come first, and torch
