@@ -9,6 +9,10 @@ the same call on the same length distribution, so the ratio is measured on one m
     python bench/train_throughput.py --variants default,plain --peer .peer/peer_trl_qlora.py \
         --peer-configs seed,seed_liger --json $OUT/train_throughput.json
 
+`--repeat N` runs our variants N rounds, interleaved (a, b, a, b, ...), and the table shows each variant's
+median with its range: on one warm H100 the same tree's runs spread by 10% from call to call
+(bench/README.md), so a single run each cannot tell two trees or variants apart by less than that.
+
 `--quality-steps 100` instead trains `default` and `plain` (every optimisation off) for 100 steps with
 the same seed on learnable synthetic chats and reports the gap between their loss curves.
 
@@ -151,7 +155,28 @@ def print_table(rows: list[dict]) -> None:
         ratios = "".join(f"{r['tokens_per_s'] / v:>20.2f}" for v in base.values())
         mfu = f"{r['mfu_6nt']:>10.3f}" if "mfu_6nt" in r else f"{'':>10}"
         reserved = f"{r['peak_reserved_gib']:>10.2f}" if r.get("peak_reserved_gib") else f"{'':>10}"
-        print(f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{reserved}{mfu}{ratios}")
+        spread = f"  (median of {r['runs']}: {r['range'][0]:.0f}-{r['range'][1]:.0f})" if "range" in r else ""
+        print(
+            f"{r['name']:<24}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{reserved}{mfu}{ratios}{spread}"
+        )
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per name: the run of median tokens/s (the lower middle of an even count), with
+    `runs` and `range` (the lowest and highest tokens/s) added when the name ran more than once.
+    Failed runs are left out of a name that has others; order follows each name's first row."""
+    by_name: dict[str, list[dict]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    out = []
+    for runs in by_name.values():
+        ok = sorted((r for r in runs if not r.get("failed")), key=lambda r: r["tokens_per_s"])
+        if len(runs) == 1 or not ok:
+            out.append(runs[0])
+            continue
+        speeds = [r["tokens_per_s"] for r in ok]
+        out.append({**ok[(len(ok) - 1) // 2], "runs": len(runs), "range": [speeds[0], speeds[-1]]})
+    return out
 
 
 def compare_quality(a: dict, b: dict, window: int = 10) -> dict:
@@ -176,6 +201,9 @@ def main() -> None:
     ap.add_argument("--variants", default="default,plain", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warm", type=int, default=8, help="untimed warm-up steps (compilation happens here)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rounds of our variants, interleaved; the table shows medians"
+    )
     ap.add_argument(
         "--quality-steps",
         type=int,
@@ -210,9 +238,11 @@ def main() -> None:
     else:
         data = gpu_common.write_dataset(args.data_dir)
         rows = []
-        for name in args.variants.split(","):
-            rows.append(run_ours(name, VARIANTS[name], args, model, data, warm=args.warm, steps=args.steps))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        for round_ in range(args.repeat):
+            for name in args.variants.split(","):
+                row = run_ours(name, VARIANTS[name], args, model, data, warm=args.warm, steps=args.steps)
+                rows.append({**row, "round": round_})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
         if args.peer:
             rows.extend(run_peer(args.peer, args.peer_configs, args.peer_pythonpath, "trl", args))
         if args.unsloth:
@@ -220,8 +250,10 @@ def main() -> None:
                 run_peer(args.unsloth, args.unsloth_configs, args.unsloth_pythonpath, "unsloth", args)
             )
         print(f"\nGPU: {gpu_common.gpu_name()}, {args.steps} steps timed after {args.warm} warm-up")
-        print_table(rows)
+        medians = median_rows(rows)
+        print_table(medians)
         result["rows"] = rows
+        result["medians"] = [{k: v for k, v in r.items() if k != "losses"} for r in medians]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
 
