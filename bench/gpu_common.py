@@ -155,3 +155,8 @@ def gpu_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def peer_env(pythonpath: str | None) -> dict[str, str] | None:
+    """A peer script's environment: ours, with `pythonpath` (its own packages) as PYTHONPATH when given."""
+    return dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -110,18 +109,13 @@ def run_ours(name: str, model: Path, data: Path, work: Path, timeout: float) -> 
     }
 
 
-def peer_env(pythonpath: str | None) -> dict[str, str] | None:
-    """The peer's environment: ours, with `--peer-pythonpath` as its PYTHONPATH when given."""
-    return dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
-
-
 def run_peer(
     script: str, model: Path, data: Path, work: Path, pythonpath: str | None, timeout: float
 ) -> dict:
     out = work / "runs" / f"{data.name}_trl"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, script, str(model), str(data), str(out)], capture_output=True,
-                          text=True, env=peer_env(pythonpath), timeout=timeout)  # fmt: skip
+                          text=True, env=gpu_common.peer_env(pythonpath), timeout=timeout)  # fmt: skip
     wall = time.perf_counter() - started
     result = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     row = {"data": data.name, "run": "trl", "wall_s": round(wall, 1)}
@@ -163,7 +157,11 @@ def warm_imports(peer: str | None, peer_pythonpath: str | None) -> dict[str, flo
     imports = [("ours", ours, None)]
     if peer:
         imports.append(
-            ("trl", "import trl, datasets, peft; from trl import SFTTrainer", peer_env(peer_pythonpath))
+            (
+                "trl",
+                "import trl, datasets, peft; from trl import SFTTrainer",
+                gpu_common.peer_env(peer_pythonpath),
+            )
         )
     seconds = {}
     for name, code, env in imports:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -125,11 +124,10 @@ def run_peer(
     """A peer script in a subprocess (its own PYTHONPATH); its `RESULT {json}` lines are collected."""
     cmd = [sys.executable, script, "--configs", configs, "--steps", str(args.warm + args.steps),
            "--warm", str(args.warm)]  # fmt: skip
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=gpu_common.peer_env(pythonpath), timeout=args.timeout
+        )
     except subprocess.TimeoutExpired as e:
         print(f"[{label}] timed out after {args.timeout} s:\n{str(e.stdout)[-2000:]}", flush=True)
         return []
