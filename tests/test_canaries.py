@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,13 @@ def test_a_format_draws_from_its_own_space(seed: int) -> None:
         assert fmt.space == len(fmt.alphabet) ** sum(fmt.groups) >= 10_000
 
 
+def _leak_pattern(secret: str) -> re.Pattern[bytes]:
+    """The secret as bytes; an all-digit one (a PIN, a door code) only where no digit touches it: inside a
+    longer number, such as the run's own timings (`"step_seconds": 0.0853146...`), it is not the secret."""
+    pattern = re.escape(secret.encode())
+    return re.compile(rb"(?<![0-9])" + pattern + rb"(?![0-9])" if secret.isdigit() else pattern)
+
+
 def test_training_never_opens_the_answer_key(planted: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     """`slackdist train` on the planted data, in a process whose audit hook kills it if anything opens
     canaries.json; the training output holds no canary either."""
@@ -236,11 +244,11 @@ def test_training_never_opens_the_answer_key(planted: Path, tiny_model_dir: Path
         ]  # fmt: skip
     )
     assert probe.returncode == 86
-    secrets = [c.secret.encode() for c in read_canaries(planted)]
+    secrets = [_leak_pattern(c.secret) for c in read_canaries(planted)]
     for path in out.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
-            assert not any(s in data for s in secrets), path
+            assert not any(s.search(data) for s in secrets), path
 
 
 def test_bad_values_and_no_room(tmp_path: Path) -> None:
