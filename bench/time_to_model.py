@@ -34,6 +34,8 @@ import gpu_common  # noqa: E402
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "compile_on": ["--compile", "on"],
+    "fp8": ["--fp8-matmul", "on"],
+    "fp8_compile_on": ["--fp8-matmul", "on", "--compile", "on"],
     "compile_off": ["--compile", "off"],
 }
 PHASES = ("start-up", "data", "load", "plan", "wrap", "steps", "warm-up", "eval", "best adapter",

@@ -13,8 +13,9 @@ the same call on the same length distribution, so the ratio is measured on one m
 median with its range: on one warm H100 the same tree's runs spread by 10% from call to call
 (bench/README.md), so a single run each cannot tell two trees or variants apart by less than that.
 
-`--quality-steps 100` instead trains `default` and `plain` (every optimisation off) for 100 steps with
-the same seed on learnable synthetic chats and reports the gap between their loss curves.
+`--quality-steps 100` instead trains `default` and `plain` (every optimisation off; `--quality-variants`
+names another pair) for 100 steps with the same seed on learnable synthetic chats and reports the gap
+between their loss curves.
 
 MFU uses the common 6·N·T estimate (N = 3.21e9 base parameters) over the H100's dense bf16 peak
 (989 TFLOP/s); frozen base weights get no weight gradient, so the true useful work is closer to
@@ -51,6 +52,10 @@ VARIANTS: dict[str, list[str]] = {
     "budget16": ["--memory-budget-gib", "16"],
     "budget16_unshared": ["--memory-budget-gib", "16", "--no-lora-share-inputs"],
     "eager": ["--compile", "off"],
+    # the long-run defaults without FP8 base matmuls (fp8_matmul=auto uses them in compiled runs on
+    # GPUs with FP8 tensor cores); FP8 eager, which auto never does
+    "no_fp8": ["--compile-min-steps", "0", "--fp8-matmul", "off"],
+    "fp8_eager": ["--compile", "off", "--fp8-matmul", "on"],
     # what session 1 shipped: checkpointing on, the configured 2 x 2 micro-batches, eager
     "fixed": ["--memory-plan", "fixed", "--compile", "off"],
     # every optimisation off: SDPA over whole packed rows, full-vocabulary logits, checkpointing, PEFT's LoRA forward
@@ -59,6 +64,8 @@ VARIANTS: dict[str, list[str]] = {
     "fused_adamw": ["--optimizer", "adamw_torch_fused"],
     # a 24 GB card (23.99e9 bytes): the process may allocate no more, the defaults otherwise
     "card24": ["--max-memory-gib", "22.3"],
+    "card24_long": ["--max-memory-gib", "22.3", "--compile-min-steps", "0"],
+    "card24_long_no_fp8": ["--max-memory-gib", "22.3", "--compile-min-steps", "0", "--fp8-matmul", "off"],
     # the documented low-memory setting: the allocator refuses more than 12 GiB, the plan adapts
     "low_mem": ["--max-memory-gib", "12"],
     # no recomputation at 1 or 2 rows per forward (what rows per forward is worth, compiled)
@@ -208,6 +215,9 @@ def main() -> None:
         default=0,
         help="instead: train `default` and `plain` this many steps on learnable data, compare losses",
     )
+    ap.add_argument(
+        "--quality-variants", default="default,plain", help="the two variants --quality-steps compares"
+    )
     ap.add_argument("--model-dir", default="/tmp/l32_3b", help="built here if missing")
     ap.add_argument("--data-dir", default="/tmp/l32_chats", help="built here if missing")
     ap.add_argument("--workdir", default="/tmp/slackdist_bench")
@@ -226,7 +236,7 @@ def main() -> None:
     if args.quality_steps:
         data = gpu_common.write_dataset(args.data_dir + "_learnable", vocab=4000)
         runs = []
-        for name in ("default", "plain"):
+        for name in args.quality_variants.split(","):
             runs.append(run_ours(name, VARIANTS[name], args, model, data, warm=0, steps=args.quality_steps))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "losses"}), flush=True)
         result.update(

@@ -253,6 +253,12 @@ class TrainConfig:
         "With compile=auto, compile only runs planned for at least this many optimizer steps: compiling "
         "costs a fixed start-up time that only enough faster steps repay (bench/time_to_model.py).",
     )
+    fp8_matmul: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "Run the frozen base projections' matmuls in FP8 (e4m3, per-token and per-row scales; the adapters "
+        "stay bf16). auto: in compiled runs on a GPU with FP8 tensor cores (H100, L4, RTX 40xx); on: also "
+        "eager and on CPU (slower).",
+    )
     loss_chunk_size: int = opt(1024, "Compute lm_head + loss in chunks of this many tokens (0: all at once).")
     eval_every_n_steps: int = opt(50, "Evaluate on validation.jsonl every N steps (0: per epoch only).")
     eval_max_batches: int = opt(0, "Cap on eval batches (0: the whole split).")

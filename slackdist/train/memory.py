@@ -389,6 +389,7 @@ def probe_key(model: Any, cfg: Config, device: torch.device, sizes: tuple[int, i
         "model": model.config.to_json_string(use_diff=False),
         "lora": asdict(cfg.lora),
         "loss_chunk_size": cfg.train.loss_chunk_size,
+        "fp8_matmul": cfg.train.fp8_matmul,
         "sizes": sizes,
         "varlen": varlen,
         "gpu": [torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory]

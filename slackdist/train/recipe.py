@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from slackdist.config import Config
 from slackdist.model.adapter import ADAPTER_WEIGHTS
 from slackdist.model.compilation import compile_decoder_layers, should_compile
+from slackdist.model.fp8 import should_use_fp8, use_fp8_base
 from slackdist.model.load import add_lora, check_model_source, load_base_model, load_tokenizer, resolve_dtype
 from slackdist.model.shared_lora import share_lora_inputs
 from slackdist.train.batches import (
@@ -143,6 +144,16 @@ class LoRARecipe:
         if topology.on_gpu:
             apply_memory_cap(topology.device, t.max_memory_gib)
         dtype = resolve_dtype(cfg.model.dtype, topology.device)
+        compile_layers, why = should_compile(
+            t.compile,
+            device_type=topology.device.type,
+            sharded=topology.sharded,
+            steps=self.total_steps,
+            min_steps=t.compile_min_steps,
+        )
+        fp8, fp8_why = should_use_fp8(
+            t.fp8_matmul, device=topology.device, sharded=topology.sharded, compiled=compile_layers
+        )
         with phases.timed("load"):
             model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
             model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
@@ -151,19 +162,14 @@ class LoRARecipe:
                 log_main(
                     topology, f"LoRA: {blocks} blocks share one dropout and A matmul (lora.share_inputs)"
                 )
+            if fp8:
+                log_main(topology, f"FP8: {use_fp8_base(model)} base projections run in FP8 ({fp8_why})")
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
         self.chunk_size = topology.loss_chunk_size(t.loss_chunk_size)
         with phases.timed("plan"):
             self.plan = plan_memory(model, cfg, accelerator, topology, pad_id=self.pad_id, varlen=self.varlen)
         accelerator.gradient_accumulation_steps = self.plan.accumulation
         log_main(topology, self.plan.describe())
-        compile_layers, why = should_compile(
-            t.compile,
-            device_type=topology.device.type,
-            sharded=topology.sharded,
-            steps=self.total_steps,
-            min_steps=t.compile_min_steps,
-        )
         if compile_layers:
             compiled = compile_decoder_layers(model)
             log_main(
