@@ -99,7 +99,7 @@ def test_peft_model_in_fp8_keeps_its_parameters_and_compiles_to_the_same_result(
     compiled = tiny_peft_model(tiny_model_dir)
     use_fp8_base(compiled)
     compile_decoder_layers(compiled, backend="aot_eager")
-    for length, seed in ((40, 1), (57, 2), (33, 3)):
+    for length, seed in ((40, 1), (57, 2)):  # the second length recompiles with dynamic shapes
         batch = packed_batch(length, seed, fp8.config.vocab_size)
         (loss, grads), (loss_c, grads_c) = loss_and_grads(fp8, batch), loss_and_grads(compiled, batch)
         # an fp32 difference in the order of operations can round a value to the next FP8 step: compare
