@@ -110,6 +110,27 @@ def test_peft_model_in_fp8_keeps_its_parameters_and_compiles_to_the_same_result(
     torch._dynamo.reset()
 
 
+def test_ddp_does_not_broadcast_the_fp8_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """DDP (broadcast_buffers=True, as Accelerate builds it) would copy every buffer from rank 0 before each
+    forward; a real DDP over gloo (one process) leaves the FP8 copies out and still syncs the rest."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_peft_model(tiny_model_dir)
+    use_fp8_base(model)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        broadcast = [id(b) for b in ddp.modules_buffers]
+        fp8_ids = {id(b) for name, b in model.named_buffers() if ".fp8_" in name}
+        assert fp8_ids and not fp8_ids & set(broadcast)
+        assert any(".rotary_emb." in name for name in dict(model.named_buffers()))  # others still broadcast
+        assert len(broadcast) == len(dict(model.named_buffers())) - len(fp8_ids)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize(
     ("setting", "sharded", "expected"),
     [("off", False, False), ("on", False, True), ("on", True, False), ("auto", False, False)],

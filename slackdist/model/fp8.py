@@ -16,10 +16,11 @@ fp32 scales, bf16 results. No library applies it to a 4-bit (bitsandbytes) base:
 training converts `nn.Linear` modules whose weights train. The adapters (A, B, dropout) and the
 LM head stay as they were, in bf16 under autocast.
 
-The 4-bit weights stay in place (saving and merging read them); the FP8 weight is kept twice, as
-non-persistent buffers in the two layouts the forward and the backward need, two bytes a weight:
-5.6 GB for the 3B model, which the memory plan measures with the rest. The result differs from bf16 by FP8 rounding (3 mantissa bits): training's loss
-curve stays within the quality check's bound (bench/train_throughput.py --quality-steps).
+The 4-bit weights stay in place; the FP8 weight is kept twice, as non-persistent buffers in the two
+layouts the forward and the backward need, two bytes a weight: 5.6 GB for the 3B model, which the
+memory plan measures with the rest. The result differs from bf16 by FP8 rounding (3 mantissa bits):
+100 steps on an H100 traced the loss of the plain bf16 path within 0.25% (bench/train_throughput.py
+--quality-steps; measured before the forward's fast accumulation went in).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def should_use_fp8(setting: str, *, device: torch.device, sharded: bool, compile
 
     "auto" uses FP8 in a compiled run on a GPU that has FP8 tensor cores; "on" also eager and on the
     CPU (slow: for tests); "off" never. Eager, quantizing each input and gradient costs more than the
-    faster matmuls save (on an H100 at 3B, 13,454 against 19,342 tokens/s; compiled, 32,338 against
-    27,242: bench/README.md). FSDP and DeepSpeed shard the weights the FP8 copy is made from.
+    faster matmuls save (on an H100 at 3B, 13,454 against 19,342 tokens/s; compiled, 33,580 against
+    27,364: bench/README.md). FSDP and DeepSpeed shard the weights the FP8 copy is made from.
     """
     if setting == "off":
         return False, "train.fp8_matmul=off"
