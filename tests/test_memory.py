@@ -319,6 +319,16 @@ def test_probe_cache_round_trip_and_key(tiny_model_dir, tmp_path, monkeypatch) -
     other_lora = replace(cfg, lora=replace(cfg.lora, r=8))
     assert memory.probe_key(model, other_lora, cpu, (1024, 2048), varlen=False) != key
     assert memory.probe_key(model, cfg, cpu, (512, 1024), varlen=False) != key
+    # FP8 base matmuls keep other tensors for the backward: train.fp8_matmul=auto decides per run, so the
+    # key says what the model does, not the setting
+    from train_helpers import tiny_peft_model
+
+    from slackdist.model.fp8 import use_fp8_base
+
+    peft = tiny_peft_model(tiny_model_dir)
+    bf16_key = memory.probe_key(peft, cfg, cpu, (1024, 2048), varlen=False)
+    use_fp8_base(peft)
+    assert memory.probe_key(peft, cfg, cpu, (1024, 2048), varlen=False) != bf16_key
     model.config.num_hidden_layers += 1  # another model
     assert memory.probe_key(model, cfg, cpu, (1024, 2048), varlen=False) != key
     (tmp_path / "cache" / "memory_probe.json").write_text("{not json")  # a broken cache is no cache

@@ -147,6 +147,11 @@ def to_fp8(layer: torch.nn.Module) -> None:
     layer.forward = types.MethodType(_fp8_forward, layer)
 
 
+def uses_fp8(model: torch.nn.Module) -> bool:
+    """Whether `use_fp8_base` converted any of `model`'s projections."""
+    return any(name.endswith(".fp8_weight") for name, _ in model.named_buffers())
+
+
 def use_fp8_base(model: torch.nn.Module) -> int:
     """Run the base matmul of every LoRA projection inside the decoder layers in FP8; return how many.
 

@@ -39,6 +39,7 @@ from accelerate import Accelerator
 from slackdist.caches import cache_dir
 from slackdist.config import Config
 from slackdist.files import write_json_atomic
+from slackdist.model.fp8 import uses_fp8
 from slackdist.model.load import checkpoint_layers, checkpointable_layers
 from slackdist.model.loss import IGNORE_INDEX
 from slackdist.train.distributed import Topology, log_main
@@ -384,12 +385,13 @@ def _versions() -> dict[str, str]:
 
 def probe_key(model: Any, cfg: Config, device: torch.device, sizes: tuple[int, int], varlen: bool) -> str:
     """What the probe's figures depend on, hashed: the model's config (architecture, quantization,
-    attention), the LoRA settings, the loss chunking, the probe's sizes, the GPU and the libraries."""
+    attention), FP8 base matmuls or not, the LoRA settings, the loss chunking, the probe's sizes, the
+    GPU and the libraries."""
     what = {
         "model": model.config.to_json_string(use_diff=False),
         "lora": asdict(cfg.lora),
         "loss_chunk_size": cfg.train.loss_chunk_size,
-        "fp8_matmul": cfg.train.fp8_matmul,
+        "fp8": uses_fp8(model),  # what autograd keeps differs (train.fp8_matmul=auto decides per run)
         "sizes": sizes,
         "varlen": varlen,
         "gpu": [torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory]
