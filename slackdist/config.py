@@ -240,7 +240,7 @@ class TrainConfig:
     )
     memory_plan_cache: bool = opt(
         True,
-        "Reuse the memory probe's figures measured earlier for the same model, LoRA, GPU and libraries "
+        "Reuse the memory probe's figures measured earlier for the same model, FP8 use, LoRA, GPU and libraries "
         "(kept in ~/.cache/slackdist; SLACKDIST_CACHE_DIR moves it).",
     )
     compile: Literal["auto", "on", "off"] = opt(
