@@ -33,9 +33,7 @@ import gpu_common  # noqa: E402
 # `slackdist train` flags on top of `--model --data --output` (nothing else: the user's command).
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    "compile_on": ["--compile", "on"],
-    "fp8": ["--fp8-matmul", "on"],
-    "fp8_compile_on": ["--fp8-matmul", "on", "--compile", "on"],
+    "compile_on": ["--compile", "on"],  # and so FP8 base matmuls on a GPU with FP8 tensor cores
     "compile_off": ["--compile", "off"],
 }
 PHASES = ("start-up", "data", "load", "plan", "wrap", "steps", "warm-up", "eval", "best adapter",

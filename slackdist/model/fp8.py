@@ -64,7 +64,7 @@ def should_use_fp8(setting: str, *, device: torch.device, sharded: bool, compile
     if setting == "on":
         return True, "train.fp8_matmul=on"
     if not fp8_supported(device):
-        return False, "no FP8 tensor cores (compute capability < 8.9)"
+        return False, "not a GPU with FP8 tensor cores, compute capability 8.9+"
     if not compiled:
         return False, "the layers run eager, where FP8 is slower"
     return True, f"compiled, on {torch.cuda.get_device_name(device)}'s FP8 tensor cores"

@@ -162,8 +162,8 @@ class LoRARecipe:
                 log_main(
                     topology, f"LoRA: {blocks} blocks share one dropout and A matmul (lora.share_inputs)"
                 )
-            if fp8:
-                log_main(topology, f"FP8: {use_fp8_base(model)} base projections run in FP8 ({fp8_why})")
+            fp8_done = f"{use_fp8_base(model)} base projections run in FP8" if fp8 else "off"
+            log_main(topology, f"FP8: {fp8_done} ({fp8_why})")
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
         self.chunk_size = topology.loss_chunk_size(t.loss_chunk_size)
         with phases.timed("plan"):
