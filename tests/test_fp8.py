@@ -77,14 +77,25 @@ def test_a_4bit_layer_keeps_its_dequantized_values() -> None:
         got = layer(x)
     assert 0 < (got - want).norm() / want.norm() < 0.06
     assert "fp8_weight" not in layer.state_dict()  # a cache, never saved
+    # the 4-bit weight is released; its parameter and quant_state stay (state-dict keys unchanged)
+    assert layer.weight.numel() == 0 and layer.weight.quant_state is not None
+    assert "weight" in layer.state_dict()
 
 
 def test_peft_model_in_fp8_keeps_its_parameters_and_compiles_to_the_same_result(tiny_model_dir: Path) -> None:
     exact = tiny_peft_model(tiny_model_dir)
     fp8 = tiny_peft_model(tiny_model_dir)
     keys = set(fp8.state_dict())
+    before = sum(p.numel() for p in fp8.parameters())
     assert use_fp8_base(fp8) == 7 * fp8.config.num_hidden_layers  # the seven projections; not lm_head
     assert set(fp8.state_dict()) == keys
+    # their base weights are released: only the FP8 copies hold them now
+    released = [
+        m for name, m in fp8.named_modules() if name.endswith(".base_layer") and hasattr(m, "fp8_weight")
+    ]
+    assert len(released) == 7 * fp8.config.num_hidden_layers and all(m.weight.numel() == 0 for m in released)
+    assert sum(p.numel() for p in fp8.parameters()) == before - sum(m.fp8_weight.numel() for m in released)
+    assert use_fp8_base(fp8) == 0  # converted once
     # DDP leaves the FP8 copies alone (it would broadcast every buffer before each forward)
     ignored = fp8._ddp_params_and_buffers_to_ignore
     assert len(ignored) == 3 * 7 * fp8.config.num_hidden_layers and all(".fp8_" in n for n in ignored)

@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from slackdist.caches import cache_dir
 from slackdist.config import Config
 from slackdist.files import write_json_atomic
-from slackdist.model.fp8 import uses_fp8
+from slackdist.model.fp8 import FP8_HOLDS, uses_fp8
 from slackdist.model.load import checkpoint_layers, checkpointable_layers
 from slackdist.model.loss import IGNORE_INDEX
 from slackdist.train.distributed import Topology, log_main
@@ -391,7 +391,8 @@ def probe_key(model: Any, cfg: Config, device: torch.device, sizes: tuple[int, i
         "model": model.config.to_json_string(use_diff=False),
         "lora": asdict(cfg.lora),
         "loss_chunk_size": cfg.train.loss_chunk_size,
-        "fp8": uses_fp8(model),  # what autograd keeps differs (train.fp8_matmul=auto decides per run)
+        # what the layers hold and autograd keeps differs (train.fp8_matmul=auto decides per run)
+        "fp8": FP8_HOLDS if uses_fp8(model) else None,
         "sizes": sizes,
         "varlen": varlen,
         "gpu": [torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory]
