@@ -20,9 +20,9 @@ The FP8 weight is kept twice, as non-persistent buffers in the two layouts the f
 backward need, two bytes a weight: 5.6 GB for the 3B model, which the memory plan measures with the
 rest. The weight it was made from is released (its parameter keeps its place, emptied): nothing in a
 training run reads it again (the adapter is saved alone, `merge_after_training` loads the base anew),
-and on a 24 GB card the 1.4 GB of 4-bit weights of the 3B model are a layer or two less to recompute. The result differs from bf16 by FP8 rounding (3 mantissa bits):
-100 steps on an H100 traced the loss of the plain bf16 path within 0.25% (bench/train_throughput.py
---quality-steps; measured before the forward's fast accumulation went in).
+and on a 24 GB card the 1.4 GB of 4-bit weights of the 3B model are a layer less to recompute
+(bench/README.md). The result differs from bf16 by FP8 rounding (3 mantissa bits): 100 steps on an
+H100 traced the loss of the plain bf16 path within 0.31% (bench/train_throughput.py --quality-steps).
 """
 
 from __future__ import annotations
