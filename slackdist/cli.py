@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from slackdist import __version__
@@ -166,6 +167,30 @@ def _load_main(name: str) -> Callable[[argparse.Namespace, object], int]:
     return module.main
 
 
+@contextlib.contextmanager
+def _loaded_with_libraries_frozen(name: str) -> Iterator[Callable[[argparse.Namespace, object], int]]:
+    """The command's `main`, imported with the collector off; the objects the import made are kept out of
+    the collector's passes (`gc.freeze`) until the command returns.
+
+    Importing torch, transformers and peft makes ~600k objects that live as long as the process; the
+    collector's passes over them, while they are made and at every full collection after, free nothing
+    (training the tiny model on a CPU: start-up 4.5 -> 3.9 s, each epoch's gc.collect 0.19 -> 0.001 s).
+    """
+    enabled, outer = gc.isenabled(), gc.get_freeze_count() > 0
+    gc.disable()
+    try:
+        command = _load_main(name)
+        gc.freeze()
+        if enabled:
+            gc.enable()
+        yield command
+    finally:
+        if not outer:  # an earlier freeze is its owner's to undo
+            gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -175,8 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_private_defaults(command_models(args.command, args, cfg))  # before torch & co. are imported
         if args.command in COMPILING_COMMANDS:
             keep_compile_caches()
-        with sigterm_interrupts() if writes_output else contextlib.nullcontext():
-            return int(_load_main(args.command)(args, cfg) or 0)
+        with (
+            sigterm_interrupts() if writes_output else contextlib.nullcontext(),
+            _loaded_with_libraries_frozen(args.command) as command,
+        ):
+            return int(command(args, cfg) or 0)
     except (ConfigError, SlackdistError) as e:
         print(f"slackdist {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -420,6 +420,7 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
             # holding no model would make `chat`/`--test` say "not a model folder".
             shutil.rmtree(out, ignore_errors=True)
         raise
+    frozen = freeze_long_lived_objects()
     try:
         recipe.fit()
         if not recipe.result.preempted:
@@ -430,8 +431,24 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
             if cfg.train.merge_after_training:
                 print(f"merged model in {recipe.out.merged}")
     finally:
+        if frozen:
+            gc.unfreeze()
         recipe.out.discard_final()
     return result
+
+
+def freeze_long_lived_objects() -> bool:
+    """Collect, then move every object the collector tracks (the libraries, the model: ~600k after
+    setup) out of its passes until `gc.unfreeze()`; True when this freeze is the only one (the caller
+    unfreezes), False when an earlier one (`slackdist.cli`'s, a user's) owns the frozen objects.
+
+    Each epoch's `gc.collect()` (`train.clear_cache_between_epochs`) and the collector's own full passes
+    then scan only what training made: 0.19 s a pass before, 0.001 s after (the tiny model on a CPU).
+    """
+    outer = gc.get_freeze_count() > 0
+    gc.collect()  # garbage of setup (the memory probe's, cycles holding GPU tensors) must not be frozen
+    gc.freeze()
+    return not outer
 
 
 def _is_main_rank() -> bool:
