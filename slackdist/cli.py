@@ -174,7 +174,7 @@ def _loaded_with_libraries_frozen(name: str) -> Iterator[Callable[[argparse.Name
 
     Importing torch, transformers and peft makes ~600k objects that live as long as the process; the
     collector's passes over them, while they are made and at every full collection after, free nothing
-    (training the tiny model on a CPU: start-up 4.5 -> 3.9 s, each epoch's gc.collect 0.19 -> 0.001 s).
+    (training the tiny model on a CPU: start-up 4.2-4.4 -> 3.5-3.6 s, each epoch's gc.collect 0.19 -> 0.001 s).
     """
     enabled, outer = gc.isenabled(), gc.get_freeze_count() > 0
     gc.disable()
