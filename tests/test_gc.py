@@ -1,9 +1,11 @@
 """The garbage collector around long work: paused while a command's libraries import (slackdist/cli.py),
-setup's objects frozen while training runs (slackdist/train/recipe.py), and both restored after."""
+setup's objects frozen while training runs (slackdist/train/recipe.py), and both restored after (with the
+process's signal handlers, also when training fails)."""
 
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 from pathlib import Path
 
@@ -84,8 +86,11 @@ def test_training_freezes_setups_objects_while_it_runs(
     assert gc.get_freeze_count() == 0 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
     cfg = tiny_config(tiny_model_dir, data_dir, tmp_path / "failed", **{"train.max_steps": 2})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     (frozen,) = run_recording_freeze(cfg, monkeypatch, fail=True)
     assert frozen > 10_000 and gc.get_freeze_count() == 0  # unfrozen when the run fails too
+    # and the preemption handlers training installed are gone (they used to stay when `fit` raised)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 def test_someone_elses_freeze_is_left_alone(

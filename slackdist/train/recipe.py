@@ -415,6 +415,7 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
     try:
         recipe.setup()
     except BaseException:
+        recipe.preemption.restore()
         if fresh and _is_main_rank():
             # Setup made OUT (provenance, TensorBoard's first events) before the data failed: a folder
             # holding no model would make `chat`/`--test` say "not a model folder".
@@ -431,6 +432,7 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
             if cfg.train.merge_after_training:
                 print(f"merged model in {recipe.out.merged}")
     finally:
+        recipe.preemption.restore()  # `cleanup` does it too; a run that fails before it must as well
         if frozen:
             gc.unfreeze()
         recipe.out.discard_final()
