@@ -161,7 +161,8 @@ def uses_fp8(model: torch.nn.Module) -> bool:
 def use_fp8_base(model: torch.nn.Module) -> int:
     """Run the base matmul of every LoRA projection inside the decoder layers in FP8; return how many.
 
-    Projections whose dimensions are not multiples of 16, or whose base weight trains, stay as they are.
+    Projections whose dimensions are not multiples of 16, or whose base weight trains, stay as they are;
+    converted ones are not converted again (their base weight is released).
     """
     count = 0
     for block in decoder_layers(model):
