@@ -239,6 +239,54 @@ def test_a_run_ending_on_its_best_eval_writes_its_adapter_once(
     assert check_adapter_file(files[2], [k.split(".lora_")[0] for k in load_file(files[2])], trained=True)
 
 
+def test_best_adapter_is_written_at_checkpoints_not_at_every_eval(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every eval improves (a negative min_delta), 4 evals, checkpoints at steps 2 and 4: best/ is
+    written twice, at each checkpoint, with the best eval that checkpoint's trainer state names; the
+    checkpoints and the final output link it. The optimizer state is saved without zip CRCs (the
+    manifest hashes every byte) and still loads."""
+    import zipfile
+
+    from slackdist.train import checkpoint
+    from slackdist.train.recipe import train
+
+    written: list[tuple[int, str]] = []
+    real_write = checkpoint.write_adapter
+
+    def recording_write(snapshot, peft_model, out_dir, *, base_model):
+        written.append((snapshot.step, Path(out_dir).name))
+        return real_write(snapshot, peft_model, out_dir, base_model=base_model)
+
+    monkeypatch.setattr(checkpoint, "write_adapter", recording_write)
+    out = tmp_path / "out"
+    cfg = tiny_config(
+        tiny_model_dir,
+        data_dir,
+        out,
+        **{
+            "train.num_epochs": 2,
+            "train.max_steps": 4,
+            "train.eval_every_n_steps": 1,
+            "train.save_every_n_steps": 2,
+            "train.early_stopping_min_delta": -100.0,
+        },
+    )
+    result = train(cfg)
+    assert sorted(result.eval_losses) == [1, 2, 3, 4] and result.best_step == 4
+    assert [step for step, _ in written] == [2, 4]  # one write per checkpoint, none per eval
+    assert all(name.startswith(".best.tmp-") for _, name in written)  # best/'s stage; the rest are links
+    for step in (2, 4):
+        folder = out / "checkpoints" / f"step-{step:06d}"
+        assert json.loads((folder / "trainer_state.json").read_text())["best_step"] == step
+        with zipfile.ZipFile(folder / "optimizer.bin") as z:
+            assert {info.CRC for info in z.infolist()} == {0}
+        assert torch.load(folder / "optimizer.bin", weights_only=True)["state"]
+    assert json.loads((out / "best" / "eval.json").read_text())["step"] == 4
+    best_inode = (out / "best" / "adapter_model.safetensors").stat().st_ino
+    assert (out / "adapter_model.safetensors").stat().st_ino == best_inode
+
+
 def test_keep_last_k_checkpoints_plus_best(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     from slackdist.train.recipe import train
 
