@@ -8,11 +8,16 @@
   a model folder carries what inference needs.
 - In the modules that train and run models, imports sit at the top of the module; only optional or
   version-dependent packages are imported where they are used (LAZY).
+- Every package a module imports at its top is installed by `pip install slackdist`: setup.cfg's
+  install_requires or what they depend on (for the modules of an extra, that extra's too).
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
+import importlib.metadata
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,7 @@ LAZY = {
     "deepspeed",  # only where a DeepSpeed launch config is used
     "flash_attn",  # optional: only its presence is asked for
     "torch.nn.attention.varlen",  # torch >= 2.10 only
+    "torch.utils.serialization",  # torch >= 2.6 only
     "matplotlib",  # optional at run time, slow to import, needed at the end of a run
     "matplotlib.pyplot",
     "readline",  # not on every platform
@@ -135,3 +141,65 @@ def test_training_does_not_import_the_cleaner_or_its_secret_scanners() -> None:
     reachable = _reachable("slackdist.train.recipe")
     assert {"slackdist.data.records", "slackdist.slack.post"} <= reachable  # the walk reaches the reader
     assert not {"slackdist.slack.clean", "slackdist.slack.redact", "slackdist.slack.secrets"} & reachable
+
+
+EXTRA_MODULES = {"slackdist.serve": "serve", "slackdist.export_gguf": "gguf", "slackdist.gguf_vocab": "gguf"}
+"""Modules that only an extra's command imports, and the extra that installs what they import."""
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _declared() -> tuple[list[str], dict[str, list[str]]]:
+    """setup.cfg's install_requires and extras_require, as requirement strings."""
+    cfg = configparser.ConfigParser()
+    cfg.read(PACKAGE.parent / "setup.cfg")
+
+    def lines(text: str) -> list[str]:
+        return [
+            line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
+        ]
+
+    extras = {name: lines(value) for name, value in cfg["options.extras_require"].items()}
+    return lines(cfg["options"]["install_requires"]), extras
+
+
+def _with_dependencies(requirements: list[str]) -> set[str]:
+    """The distributions the requirements name and everything they install (their own extras left out)."""
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = _canonical(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            todo += [Requirement(r) for r in importlib.metadata.requires(req.name) or []]
+        except importlib.metadata.PackageNotFoundError:
+            pass  # not installed here: its own dependencies are unknown, itself is declared
+    return seen
+
+
+def test_top_level_imports_are_installed_with_the_package() -> None:
+    """A package imported at a module's top but missing from setup.cfg breaks `pip install slackdist`
+    on a clean machine while passing wherever it happens to be installed (datasets once did)."""
+    required, extras = _declared()
+    base = _with_dependencies(required)
+    provider = importlib.metadata.packages_distributions()
+    missing = set()
+    for module in MODULES:
+        allowed = (
+            base | _with_dependencies(extras[EXTRA_MODULES[module]]) if module in EXTRA_MODULES else base
+        )
+        for name, in_function in _imports(module):
+            root = name.split(".")[0]
+            if in_function or root == "slackdist" or root in sys.stdlib_module_names:
+                continue
+            if not {_canonical(d) for d in provider.get(root, [root])} & allowed:
+                missing.add(f"{module} imports {root}")
+    assert {"torch", "transformers", "huggingface-hub"} <= base  # the walk reads real metadata
+    assert not missing, f"not installed by setup.cfg: {sorted(missing)}"
