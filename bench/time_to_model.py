@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -81,13 +82,26 @@ def prepare(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- run (GPU)
 
 
+def user_env(pythonpath: str | None = None) -> dict[str, str]:
+    """A timed process's environment: this one's (with a peer's own PYTHONPATH when given), as a user's is.
+
+    The GPU machine sets PYTHONDONTWRITEBYTECODE=1 and ships torch without bytecode, so there every
+    process would compile torch's Python source again, at import and in torch.compile's lazily imported
+    modules (15-20 s of start-up against 3-5 s; 2026-12-07). A user's pip install leaves bytecode, and
+    Python writes what is missing on the first import: so does every process timed here.
+    """
+    env = dict(gpu_common.peer_env(pythonpath) or os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def run_ours(name: str, model: Path, data: Path, work: Path, timeout: float) -> dict:
     out = work / "runs" / f"{data.name}_{name}"
     cmd = [sys.executable, "-m", "slackdist", "train", "--model", str(model), "--data", str(data),
            "--output", str(out), *VARIANTS[name]]  # fmt: skip
     subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=user_env(), timeout=timeout)
     wall = time.perf_counter() - started
     row = {"data": data.name, "run": name, "wall_s": round(wall, 1)}
     if proc.returncode != 0:
@@ -115,7 +129,7 @@ def run_peer(
     out = work / "runs" / f"{data.name}_trl"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, script, str(model), str(data), str(out)], capture_output=True,
-                          text=True, env=gpu_common.peer_env(pythonpath), timeout=timeout)  # fmt: skip
+                          text=True, env=user_env(pythonpath), timeout=timeout)  # fmt: skip
     wall = time.perf_counter() - started
     result = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     row = {"data": data.name, "run": "trl", "wall_s": round(wall, 1)}
@@ -145,8 +159,9 @@ def warm_imports(peer: str | None, peer_pythonpath: str | None) -> dict[str, flo
     """Import what each tool imports once, untimed, before any timed run; return the seconds each took.
 
     A user's installed packages have their bytecode compiled (pip compiles at install) and a second launch
-    finds them in the page cache. The GPU machine's wheels are installed with `--no-compile`, so without this
-    the first timed process (ours) would also compile every module it imports, and the next one would not.
+    finds them in the page cache. The GPU machine's wheels are installed with `--no-compile` (and torch
+    there has no bytecode), so without this the first timed process (ours) would also compile every
+    module it imports and write its bytecode (`user_env`), and the next one would not.
     """
     # what `slackdist train` imports, at start-up and later (the optimizer; the loss plot at the end)
     ours = (
@@ -154,13 +169,13 @@ def warm_imports(peer: str | None, peer_pythonpath: str | None) -> dict[str, flo
         "try: import matplotlib.pyplot\n"
         "except ImportError: pass"
     )
-    imports = [("ours", ours, None)]
+    imports = [("ours", ours, user_env())]
     if peer:
         imports.append(
             (
                 "trl",
                 "import trl, datasets, peft; from trl import SFTTrainer",
-                gpu_common.peer_env(peer_pythonpath),
+                user_env(peer_pythonpath),
             )
         )
     seconds = {}

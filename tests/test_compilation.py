@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from train_helpers import assert_same_loss_and_grads, loss_and_grads, packed_batch, tiny_peft_model
 
-from slackdist.model.compilation import compile_decoder_layers, decoder_layers, should_compile
+from slackdist.model.compilation import (
+    compile_decoder_layers,
+    compile_job_id,
+    compiled_before,
+    decoder_layers,
+    should_compile,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,3 +58,74 @@ def test_should_compile(setting: str, device: str, sharded: bool, steps: int, ex
     on, why = should_compile(setting, device_type=device, sharded=sharded, steps=steps, min_steps=150)
     assert on is expected
     assert why
+
+
+@pytest.mark.parametrize(
+    ("steps", "warm", "expected"),
+    [(150, False, True), (149, False, False), (60, True, True), (59, True, False), (59, False, False)],
+)
+def test_a_workload_compiled_before_compiles_for_shorter_runs(steps: int, warm: bool, expected: bool) -> None:
+    on, why = should_compile(
+        "auto", device_type="cuda", sharded=False, steps=steps, min_steps=150, min_steps_warm=60, warm=warm
+    )
+    assert on is expected
+    assert ("compile_min_steps_warm=60" in why) is warm
+
+
+def test_compile_job_id_names_the_workload(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_peft_model(tiny_model_dir)
+    cpu = torch.device("cpu")
+    job = compile_job_id(model, device=cpu, settings={"lora": {"r": 4}})
+    assert job.startswith("slackdist-")
+    assert compile_job_id(model, device=cpu, settings={"lora": {"r": 4}}) == job
+    assert compile_job_id(model, device=cpu, settings={"lora": {"r": 8}}) != job
+    model.config.hidden_size += 1
+    assert compile_job_id(model, device=cpu, settings={"lora": {"r": 4}}) != job
+    monkeypatch.setattr(torch.compiler.config, "job_id", "users-own")
+    assert compile_job_id(model, device=cpu, settings={"lora": {"r": 4}}) == "users-own"
+
+
+COMPILE_TWICE = """
+import json, sys, torch
+from train_helpers import loss_and_grads, packed_batch, tiny_peft_model
+from slackdist.model.compilation import compile_decoder_layers, compile_job, compiled_before
+
+graphs = []
+def counting(gm, inputs):
+    graphs.append(len(inputs))
+    return gm.forward
+
+job = "slackdist-test"
+warm = compiled_before(job)
+torch.manual_seed(0)
+model = tiny_peft_model(sys.argv[1])
+compile_decoder_layers(model, backend=counting)
+with compile_job(job):
+    for length, seed in ((40, 1), (57, 2), (33, 3)):
+        loss_and_grads(model, packed_batch(length, seed, model.config.vocab_size))
+print(json.dumps({"warm": warm, "after": compiled_before(job), "graphs": len(graphs)}))
+"""
+
+
+def test_a_second_run_of_a_workload_compiles_once_dynamic(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The first run compiles static, then again dynamic when the packed length changes, and leaves dynamo's
+    profile of its job in the compile cache; the next process finds it (a warm workload) and compiles
+    each layer graph once, dynamic from the start."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", COMPILE_TWICE, str(tiny_model_dir)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert (first["warm"], first["after"]) == (False, True)
+    assert second["warm"] is True
+    assert 0 < second["graphs"] < first["graphs"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+        assert compiled_before("slackdist-test")
+        assert not compiled_before("slackdist-other")

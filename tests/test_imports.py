@@ -32,6 +32,7 @@ LAZY = {
     "deepspeed",  # only where a DeepSpeed launch config is used
     "flash_attn",  # optional: only its presence is asked for
     "torch.nn.attention.varlen",  # torch >= 2.10 only
+    "torch._dynamo",  # its profiles (`torch._dynamo.pgo`): torch >= 2.6 only
     "torch.utils.serialization",  # torch >= 2.6 only
     "matplotlib",  # optional at run time, slow to import, needed at the end of a run
     "matplotlib.pyplot",

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -36,7 +36,13 @@ from tqdm.auto import tqdm
 
 from slackdist.config import Config
 from slackdist.model.adapter import ADAPTER_WEIGHTS
-from slackdist.model.compilation import compile_decoder_layers, should_compile
+from slackdist.model.compilation import (
+    compile_decoder_layers,
+    compile_job,
+    compile_job_id,
+    compiled_before,
+    should_compile,
+)
 from slackdist.model.fp8 import should_use_fp8, use_fp8_base
 from slackdist.model.load import add_lora, check_model_source, load_base_model, load_tokenizer, resolve_dtype
 from slackdist.model.shared_lora import share_lora_inputs
@@ -100,6 +106,8 @@ class LoRARecipe:
         self.state = TrainerState()
         self.last_saved_step: int | None = None
         self.phases = Phases()
+        self.compile_job: str | None = None
+        """torch.compile's job id when the layers are compiled (`compile_job_id`)."""
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -144,16 +152,6 @@ class LoRARecipe:
         if topology.on_gpu:
             apply_memory_cap(topology.device, t.max_memory_gib)
         dtype = resolve_dtype(cfg.model.dtype, topology.device)
-        compile_layers, why = should_compile(
-            t.compile,
-            device_type=topology.device.type,
-            sharded=topology.sharded,
-            steps=self.total_steps,
-            min_steps=t.compile_min_steps,
-        )
-        fp8, fp8_why = should_use_fp8(
-            t.fp8_matmul, device=topology.device, sharded=topology.sharded, compiled=compile_layers
-        )
         with phases.timed("load"):
             model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
             model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
@@ -162,6 +160,20 @@ class LoRARecipe:
                 log_main(
                     topology, f"LoRA: {blocks} blocks share one dropout and A matmul (lora.share_inputs)"
                 )
+            job = compile_job_id(model, device=topology.device, settings=compile_settings(cfg, topology))
+            compile_layers, why = should_compile(
+                t.compile,
+                device_type=topology.device.type,
+                sharded=topology.sharded,
+                steps=self.total_steps,
+                min_steps=t.compile_min_steps,
+                min_steps_warm=t.compile_min_steps_warm,
+                warm=compiled_before(job),
+            )
+            self.compile_job = job if compile_layers else None
+            fp8, fp8_why = should_use_fp8(
+                t.fp8_matmul, device=topology.device, sharded=topology.sharded, compiled=compile_layers
+            )
             fp8_done = f"{use_fp8_base(model)} base projections run in FP8" if fp8 else "off"
             log_main(topology, f"FP8: {fp8_done} ({fp8_why})")
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
@@ -423,9 +435,10 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
         raise
     frozen = freeze_long_lived_objects()
     try:
-        recipe.fit()
-        if not recipe.result.preempted:
-            recipe.save()
+        with compile_job(recipe.compile_job):
+            recipe.fit()
+            if not recipe.result.preempted:
+                recipe.save()
         result = recipe.cleanup()
         if not result.preempted and recipe.topology.is_main_process:
             recipe.out.install_final(keep_best=result.best_step is not None)
@@ -437,6 +450,29 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
             gc.unfreeze()
         recipe.out.discard_final()
     return result
+
+
+def compile_settings(cfg: Config, topology: Topology) -> dict:
+    """The settings that change what the compiled layers run, for `compile_job_id`."""
+    t = cfg.train
+    unrelated = ("base_model", "chat_template", "trust_remote_code")
+    return {
+        "model": {k: v for k, v in asdict(cfg.model).items() if k not in unrelated},
+        "lora": asdict(cfg.lora),
+        "train": {
+            k: getattr(t, k)
+            for k in (
+                "max_seq_len",
+                "micro_batch_size",
+                "gradient_checkpointing",
+                "memory_plan",
+                "memory_budget_gib",
+                "max_memory_gib",
+                "fp8_matmul",
+            )  # fmt: skip
+        },
+        "world_size": topology.world_size,
+    }
 
 
 def freeze_long_lived_objects() -> bool:
