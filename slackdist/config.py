@@ -254,12 +254,6 @@ class TrainConfig:
         "costs a fixed start-up time that only enough faster steps repay (on an H100 at 3B, 27 s from a cold "
         "cache against 0.17 s saved a step with FP8: bench/time_to_model.py).",
     )
-    compile_min_steps_warm: int = opt(
-        60,
-        "The same for a run whose workload (model, LoRA, memory settings, GPU, torch) compiled before with this "
-        "compile cache: its graphs and the profile of its varying sizes are on disk, and compiling costs a "
-        "fraction of a cold start (bench/time_to_model.py).",
-    )
     fp8_matmul: Literal["auto", "on", "off"] = opt(
         "auto",
         "Run the frozen base projections' matmuls in FP8 (e4m3, per-token and per-row scales; the adapters "

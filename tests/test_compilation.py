@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,8 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import assert_same_loss_and_grads, loss_and_grads, packed_batch, tiny_peft_model
+from train_helpers import (
+    assert_same_loss_and_grads,
+    loss_and_grads,
+    packed_batch,
+    tiny_config,
+    tiny_peft_model,
+    write_dataset,
+)
 
+import slackdist.train.recipe as recipe
 from slackdist.model.compilation import (
     compile_decoder_layers,
     compile_job_id,
@@ -58,18 +68,6 @@ def test_should_compile(setting: str, device: str, sharded: bool, steps: int, ex
     on, why = should_compile(setting, device_type=device, sharded=sharded, steps=steps, min_steps=150)
     assert on is expected
     assert why
-
-
-@pytest.mark.parametrize(
-    ("steps", "warm", "expected"),
-    [(150, False, True), (149, False, False), (60, True, True), (59, True, False), (59, False, False)],
-)
-def test_a_workload_compiled_before_compiles_for_shorter_runs(steps: int, warm: bool, expected: bool) -> None:
-    on, why = should_compile(
-        "auto", device_type="cuda", sharded=False, steps=steps, min_steps=150, min_steps_warm=60, warm=warm
-    )
-    assert on is expected
-    assert ("compile_min_steps_warm=60" in why) is warm
 
 
 def test_compile_job_id_names_the_workload(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,3 +127,31 @@ def test_a_second_run_of_a_workload_compiles_once_dynamic(tiny_model_dir: Path, 
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
         assert compiled_before("slackdist-test")
         assert not compiled_before("slackdist-other")
+
+
+def test_a_compiled_run_compiles_under_its_workloads_job_id(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`slackdist train --compile on` leaves dynamo's profile of its workload in the compile cache, and the
+    next run of the same workload says it compiles from the cache."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    # aot_eager: dynamo and autograd's tracing as inductor runs them, without a C compiler
+    monkeypatch.setattr(
+        recipe, "compile_decoder_layers", functools.partial(compile_decoder_layers, backend="aot_eager")
+    )
+    data = write_dataset(tmp_path / "data", n_train=8, n_val=0)
+    caplog.set_level(logging.WARNING)
+    logs = []
+    for run in range(2):
+        torch._dynamo.reset()
+        cfg = tiny_config(
+            tiny_model_dir, data, tmp_path / f"out{run}", **{"train.compile": "on", "train.max_steps": 2}
+        )
+        recipe.train(cfg)
+        logs.append([r.getMessage() for r in caplog.records if r.getMessage().startswith("compile:")])
+        caplog.clear()
+    profiles = list((tmp_path / "cache" / "dynamo").glob("code_state_slackdist-*.pkl"))
+    assert len(profiles) == 1
+    assert "first steps compile" in logs[0][0]
+    assert "compiled before" in logs[1][0]
+    torch._dynamo.reset()

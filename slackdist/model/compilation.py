@@ -16,7 +16,7 @@ marks them dynamic and later batches reuse the graphs. Compiling dynamic from th
 A run compiles under a job id of its workload (`compile_job_id`): dynamo then keeps its profile of
 which input sizes varied beside inductor's compiled graphs, and the next run of the same workload
 compiles once, dynamic from the start, from the compiled graphs on disk. That profile on disk is also
-how `compiled_before` tells a warm cache from a cold one, which `should_compile` weighs.
+how `compiled_before` tells a warm cache from a cold one (the log says which).
 """
 
 from __future__ import annotations
@@ -65,20 +65,12 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
 
 
 def should_compile(
-    setting: str,
-    *,
-    device_type: str,
-    sharded: bool,
-    steps: int = 0,
-    min_steps: int = 0,
-    min_steps_warm: int | None = None,
-    warm: bool = False,
+    setting: str, *, device_type: str, sharded: bool, steps: int = 0, min_steps: int = 0
 ) -> tuple[bool, str]:
     """`train.compile` decided for one run: (compile or not, why).
 
     "on" and "off" are obeyed. "auto" compiles an unsharded model on a CUDA GPU when the run has at
-    least `min_steps` optimizer steps, or `min_steps_warm` when the same workload compiled before
-    (`warm`: its graphs are on disk): compilation is a fixed cost paid at the first steps, and a
+    least `min_steps` optimizer steps: compilation is a fixed cost paid at the first steps, and a
     short run (a small workspace's export) finishes sooner eager.
     """
     if setting != "auto":
@@ -87,13 +79,9 @@ def should_compile(
         return False, "not on a CUDA GPU"
     if sharded:
         return False, "FSDP / DeepSpeed"
-    if warm and min_steps_warm is not None:
-        limit, name, cache = min_steps_warm, "compile_min_steps_warm", ", compiled before: graphs on disk"
-    else:
-        limit, name, cache = min_steps, "compile_min_steps", ""
-    if steps < limit:
-        return False, f"{steps} steps < train.{name}={limit}{cache}: eager is sooner done"
-    return True, f"{steps} steps >= train.{name}={limit}{cache}"
+    if steps < min_steps:
+        return False, f"{steps} steps < train.compile_min_steps={min_steps}: eager is sooner done"
+    return True, f"{steps} steps >= train.compile_min_steps={min_steps}"
 
 
 def compile_job_id(model: torch.nn.Module, *, device: torch.device, settings: Mapping[str, Any]) -> str:

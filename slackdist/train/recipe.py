@@ -152,6 +152,16 @@ class LoRARecipe:
         if topology.on_gpu:
             apply_memory_cap(topology.device, t.max_memory_gib)
         dtype = resolve_dtype(cfg.model.dtype, topology.device)
+        compile_layers, why = should_compile(
+            t.compile,
+            device_type=topology.device.type,
+            sharded=topology.sharded,
+            steps=self.total_steps,
+            min_steps=t.compile_min_steps,
+        )
+        fp8, fp8_why = should_use_fp8(
+            t.fp8_matmul, device=topology.device, sharded=topology.sharded, compiled=compile_layers
+        )
         with phases.timed("load"):
             model = load_base_model(cfg.model, dtype=dtype, device_map=topology.device_map)
             model = add_lora(model, cfg.lora, gradient_checkpointing=t.gradient_checkpointing)
@@ -160,20 +170,6 @@ class LoRARecipe:
                 log_main(
                     topology, f"LoRA: {blocks} blocks share one dropout and A matmul (lora.share_inputs)"
                 )
-            job = compile_job_id(model, device=topology.device, settings=compile_settings(cfg, topology))
-            compile_layers, why = should_compile(
-                t.compile,
-                device_type=topology.device.type,
-                sharded=topology.sharded,
-                steps=self.total_steps,
-                min_steps=t.compile_min_steps,
-                min_steps_warm=t.compile_min_steps_warm,
-                warm=compiled_before(job),
-            )
-            self.compile_job = job if compile_layers else None
-            fp8, fp8_why = should_use_fp8(
-                t.fp8_matmul, device=topology.device, sharded=topology.sharded, compiled=compile_layers
-            )
             fp8_done = f"{use_fp8_base(model)} base projections run in FP8" if fp8 else "off"
             log_main(topology, f"FP8: {fp8_done} ({fp8_why})")
         self.varlen = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTIONS
@@ -184,10 +180,15 @@ class LoRARecipe:
         log_main(topology, self.plan.describe())
         if compile_layers:
             compiled = compile_decoder_layers(model)
-            log_main(
-                topology,
-                f"compile: {compiled} decoder layers with torch.compile ({why}; first steps compile)",
+            self.compile_job = compile_job_id(
+                model, device=topology.device, settings=compile_settings(cfg, topology)
             )
+            cache = (
+                "compiled before: each graph once, from the cache"
+                if compiled_before(self.compile_job)
+                else "first steps compile"
+            )
+            log_main(topology, f"compile: {compiled} decoder layers with torch.compile ({why}; {cache})")
         else:
             log_main(topology, f"compile: off ({why})")
 
@@ -469,7 +470,7 @@ def compile_settings(cfg: Config, topology: Topology) -> dict:
                 "memory_budget_gib",
                 "max_memory_gib",
                 "fp8_matmul",
-            )  # fmt: skip
+            )
         },
         "world_size": topology.world_size,
     }
